@@ -1,0 +1,43 @@
+# Atlas: `make atlas` builds the default atlas offline, `make test` runs the tests.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch and torchvision: these releases install from local wheels where present; any recent pair works
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+
+MODEL ?= efficientnet_lite0
+PRESET ?= quick
+DEVICE ?= auto
+OUT ?= site
+STORE ?= atlas-data
+LAYERS ?=
+DATA ?=
+WEIGHTS ?=
+ARGS ?=
+
+.PHONY: install atlas test serve clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+atlas: install
+	$(VENV)/bin/atlas build --model '$(MODEL)' --preset $(PRESET) --device $(DEVICE) \
+		--store-dir '$(STORE)' --out '$(OUT)' \
+		$(if $(LAYERS),--layers '$(LAYERS)') $(if $(DATA),--data '$(DATA)') \
+		$(if $(WEIGHTS),--weights '$(WEIGHTS)') $(ARGS)
+	@echo "open $(OUT)/index.html, or run: make serve"
+
+test: install
+	$(PY) -m pytest -q
+
+serve:
+	@echo "serving $(OUT)/ at http://localhost:8000/"
+	$(PY) -m http.server --directory '$(OUT)' 8000
+
+clean:
+	rm -rf '$(OUT)'/* '$(STORE)' .pytest_cache build *.egg-info

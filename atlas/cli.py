@@ -1,0 +1,161 @@
+"""The `atlas` command line: parse options, build one Config, call one function."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from atlas.config import PRESETS, Config, preset
+from atlas.errors import AtlasError
+
+
+class AtlasGroup(click.Group):
+    """Turns AtlasError and Ctrl-C into one line and a non-zero exit, never a traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except AtlasError as exc:
+            click.echo(f"atlas: error: {exc}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("\natlas: interrupted; finished work units are kept, re-run the same command "
+                       "to continue", err=True)
+            sys.exit(130)
+
+
+@click.group(cls=AtlasGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="atlas-microscope")
+def main() -> None:
+    """Atlas: static model atlases for PyTorch vision models."""
+
+
+def _split(values: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(p.strip() for v in values for p in v.split(",") if p.strip())
+
+
+def build_options(f):
+    """The options shared by `build` and the single-stage commands."""
+    options = [
+        click.option("--model", "-m", default="efficientnet_lite0", show_default=True,
+                     help="torchvision name, timm:NAME, efficientnet_lite0 or atlas:NAME"),
+        click.option("--weights", type=click.Path(), help="local state dict replacing the default weights"),
+        click.option("--layers", "-l", multiple=True, help="glob pattern(s) over layer names, comma-separated "
+                     "or repeated (default: the model family's significant layers)"),
+        click.option("--data", "-d", type=click.Path(), help="image folder or list file "
+                     "(default: the embedded sample photos)"),
+        click.option("--preset", "-p", type=click.Choice(sorted(PRESETS)), default="quick", show_default=True),
+        click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps"),
+        click.option("--store-dir", type=click.Path(), default="atlas-data", show_default=True),
+        click.option("--out", "-o", type=click.Path(), default="site", show_default=True, help="site folder"),
+        click.option("--steps", type=int, help="feature-visualization steps (overrides the preset)"),
+        click.option("--size", type=int, help="feature-visualization image size (overrides the preset)"),
+        click.option("--fv-batch", type=int, help="channels rendered together (one work unit)"),
+        click.option("--topk", type=int, help="top and bottom images kept per channel"),
+        click.option("--max-images", type=int, help="use only the first N images"),
+        click.option("--workers", type=int, help="image-decoding processes"),
+        click.option("--methods", multiple=True, help="attribution methods, comma-separated"),
+        click.option("--quiet", "-q", is_flag=True, help="no progress bars"),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def make_config(o: dict) -> Config:
+    """One Config from the preset and the options the user set."""
+    changes = {"model": o["model"], "weights": o["weights"], "layers": _split(o["layers"]),
+               "data": o["data"], "device": o["device"], "store_dir": Path(o["store_dir"]),
+               "site_dir": Path(o["out"])}
+    for option, field in (("steps", "fv_steps"), ("size", "fv_size"), ("fv_batch", "fv_batch"), ("topk", "topk"),
+                          ("max_images", "max_images"), ("workers", "workers")):
+        if o[option] is not None:
+            changes[field] = o[option]
+    if o["methods"]:
+        changes["attr_methods"] = _split(o["methods"])
+    for field, value in changes.items():
+        if isinstance(value, int) and not isinstance(value, bool) and value < (0 if field == "workers" else 1):
+            raise AtlasError(f"--{field.removeprefix('fv_').replace('_', '-')} must be positive, got {value}")
+    return preset(o["preset"]).replace(**changes)
+
+
+@main.command()
+@build_options
+def build(**o) -> None:
+    """Run every stage (feature visualization, dataset examples, attribution) and render the site."""
+    from atlas import pipeline
+    config = make_config(o)
+    path = pipeline.build(config, progress=not o["quiet"])
+    click.echo(f"store: {path}\nsite:  {config.site_dir / 'index.html'}")
+
+
+def _stage_command(name: str, stage: str, doc: str):
+    @build_options
+    def command(**o) -> None:
+        from atlas import pipeline
+        ctx = pipeline.prepare(make_config(o), progress=not o["quiet"])
+        click.echo(f"store: {pipeline.run_stages(ctx, [stage])}")
+    command.__doc__ = doc
+    main.command(name)(command)
+
+
+_stage_command("featurevis", "featurevis", "Render feature visualizations of every selected channel.")
+_stage_command("dataset", "dataset", "Find every channel's top and bottom dataset images in one pass.")
+_stage_command("attribute", "attribution", "Compute attributions for every dataset image.")
+
+
+@main.command()
+@click.argument("store", type=click.Path())
+@click.option("--out", "-o", type=click.Path(), default="site", show_default=True)
+@click.option("--quiet", "-q", is_flag=True)
+def render(store: str, out: str, quiet: bool) -> None:
+    """Render the static site of a consolidated STORE (.h5) into --out."""
+    from atlas import site
+    report = site.render(Path(store), Path(out), progress=not quiet)
+    click.echo(json.dumps(report, indent=1, default=str) if isinstance(report, dict) else str(report))
+
+
+@main.command()
+@click.argument("store", type=click.Path())
+def info(store: str) -> None:
+    """Summarize a consolidated STORE (.h5): model, layers, what each stage has done."""
+    from atlas.summary import summarize
+    click.echo(summarize(Path(store)))
+
+
+@main.command("models")
+@click.option("--all", "show_all", is_flag=True, help="list every timm model too")
+def models_cmd(show_all: bool) -> None:
+    """List the models Atlas can load."""
+    from atlas.models import list_models
+    for source, names in list_models().items():
+        shown = names if show_all or len(names) <= 100 else names[:20]
+        click.echo(f"{source} ({len(names)}):")
+        click.echo("  " + " ".join(shown) + ("" if len(shown) == len(names) else " ... (--all lists them)"))
+
+
+@main.command("layers")
+@click.argument("model")
+@click.option("--weights", type=click.Path())
+@click.option("--layers", "-l", multiple=True, help="show only layers matching these glob patterns")
+@click.option("--selected", is_flag=True, help="show only the default selection")
+def layers_cmd(model: str, weights: str | None, layers: tuple[str, ...], selected: bool) -> None:
+    """List every hookable layer of MODEL: name, kind, channels, spatial size (* = default selection)."""
+    from atlas import layers as L
+    from atlas import models
+    loaded = models.load(model, weights)
+    found = L.discover(loaded.model, loaded.input_size)
+    default = {l.name for l in L.default_selection(loaded.model, found)}
+    shown = L.select(loaded.model, found, _split(layers)) if layers else found
+    if selected:
+        shown = [l for l in shown if l.name in default]
+    click.echo(f"{'':2}{'layer':40} {'kind':26} {'channels':>8}  size")
+    for l in shown:
+        click.echo(f"{'*' if l.name in default else ' ':2}{l.name:40} {l.kind:26} {l.channels:8d}  "
+                   f"{l.height}x{l.width}")
+    picked = [l for l in found if l.name in default]
+    click.echo(f"{len(found)} layers; default selection: {len(picked)} layers, "
+               f"{sum(l.channels for l in picked)} channels")

@@ -1,0 +1,92 @@
+"""Every knob of an atlas build in one frozen dataclass, and its presets.
+
+A preset is just an instance of `Config`; the command line starts from a
+preset and replaces the fields the user set. Nothing else configures Atlas.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from atlas.errors import AtlasError
+
+
+@dataclass(frozen=True)
+class Config:
+    # --- what to build ---
+    model: str = "efficientnet_lite0"  # model spec: torchvision name, timm:NAME, or the embedded default
+    weights: str | None = None  # local state dict replacing the spec's default weights
+    layers: tuple[str, ...] = ()  # glob patterns over layer names; empty = the family's default selection
+    data: str | None = None  # image folder or list file; None = the embedded sample photos
+    preset: str = "quick"  # name of the preset these values started from (recorded, not used)
+
+    # --- where ---
+    store_dir: Path = Path("atlas-data")  # one <model>.h5 (and its parts folder) per model
+    site_dir: Path = Path("site")  # rendered static site
+    device: str = "auto"  # auto | cpu | cuda | mps
+
+    # --- feature visualization ---
+    fv_size: int = 128  # rendered image side in pixels (Lucid: 128)
+    fv_steps: int = 512  # optimizer steps per image (Lucid: 512)
+    fv_lr: float = 0.05  # Adam learning rate (Lucid: 0.05)
+    fv_batch: int = 32  # images optimized together; a work unit is one batch of one layer
+    fv_loss_points: int = 32  # loss-curve samples kept per image
+
+    # --- dataset examples ---
+    topk: int = 10  # top and bottom images kept per channel (Microscope, NetDissect: about 10)
+    data_batch: int = 32  # images per forward pass
+    data_unit: int = 256  # images per work unit (the grain of resume and sharding)
+    workers: int = 2  # DataLoader decoding processes (0 = decode in the main process)
+    max_images: int | None = None  # use only the first N images of the source
+
+    # --- attribution ---
+    attr_methods: tuple[str, ...] = ("gradient",)  # methods computed for every dataset image
+    attr_batch: int = 16  # images per attribution pass
+
+    seed: int = 0  # root of every per-unit seed
+
+    def replace(self, **changes) -> Config:
+        """Returns a copy with `changes` applied; unknown names are an error."""
+        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise AtlasError(f"unknown config field(s): {', '.join(sorted(unknown))}")
+        return dataclasses.replace(self, **changes)
+
+    def to_json(self) -> str:
+        """The config as JSON, the form stored with every store."""
+        return json.dumps(
+            {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self).items()},
+            sort_keys=True,
+        )
+
+    def stage_params(self, stage: str) -> dict:
+        """The fields that change a stage's results (resume must match them)."""
+        prefix = {"featurevis": "fv_", "attribution": "attr_"}.get(stage)
+        common = {"model": self.model, "weights": self.weights, "seed": self.seed}
+        if stage == "dataset":
+            return {**common, "data": self.data, "topk": self.topk,
+                    "data_unit": self.data_unit, "max_images": self.max_images}
+        picked = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                  if prefix and f.name.startswith(prefix) and f.name not in ("fv_batch", "attr_batch")}
+        return {**common, **picked}
+
+
+# The full preset is the reference recipe; the quick one renders every selected
+# layer of the default model on a 2-core CPU in a few minutes: smaller images
+# and far fewer optimizer steps, so its visualizations are rougher.
+PRESETS: dict[str, Config] = {
+    "full": Config(preset="full"),
+    "quick": Config(preset="quick", fv_size=64, fv_steps=48, fv_lr=0.08, fv_batch=64,
+                    fv_loss_points=16),
+}
+
+
+def preset(name: str) -> Config:
+    """Returns the preset called `name`."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise AtlasError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}") from None

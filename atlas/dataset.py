@@ -1,0 +1,239 @@
+"""The dataset stage: one streaming pass that finds every channel's top and bottom images.
+
+Every selected layer is hooked at once. Inside each hook the activation is
+reduced at once to per-channel numbers (spatial max and its position, sums for
+the statistics), so memory never holds more than one batch of feature maps and
+does not grow with the number of images. A work unit is a range of images; it
+keeps its own top-k, and units merge into the same top-k a single pass gives
+(ties broken by image index).
+"""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import torch
+
+from atlas.images import ImageDataset, list_images
+from atlas.layers import Capture, receptive_field
+from atlas.store import Store, read_attrs
+
+STAGE = "dataset"
+STAT_KEYS = ("sum", "sumsq", "count", "max", "min", "zeros")
+
+
+def _reduce(act: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per image and channel: spatial max, its flat position, and sums for the statistics."""
+    flat = act.detach().flatten(2).float()
+    peak, pos = flat.max(dim=2)
+    return {"peak": peak.cpu(), "pos": pos.cpu(), "sum": flat.sum(2).cpu(), "sumsq": (flat * flat).sum(2).cpu(),
+            "min": flat.min(2).values.cpu(), "zeros": (flat <= 0).sum(2).float().cpu(),
+            "count": torch.full_like(peak, flat.shape[2]).cpu()}
+
+
+class TopK:
+    """Running k best (largest or smallest) values per channel with their image and position."""
+
+    def __init__(self, channels: int, k: int, largest: bool):
+        self.k, self.largest = k, largest
+        fill = -np.inf if largest else np.inf
+        self.value = torch.full((channels, 0), fill)
+        self.index = torch.zeros((channels, 0), dtype=torch.long)
+        self.pos = torch.zeros((channels, 0), dtype=torch.long)
+
+    def update(self, value: torch.Tensor, index: torch.Tensor, pos: torch.Tensor) -> None:
+        """Merges candidates shaped [C, n] (index may be [n] for a batch of images)."""
+        if index.dim() == 1:
+            index = index.expand(value.shape[0], -1)
+        value = torch.cat([self.value, value], 1)
+        index = torch.cat([self.index, index], 1)
+        pos = torch.cat([self.pos, pos], 1)
+        order = torch.argsort(index, dim=1, stable=True)  # ties go to the lower image index
+        value, index, pos = value.gather(1, order), index.gather(1, order), pos.gather(1, order)
+        order = torch.argsort(value, dim=1, descending=self.largest, stable=True)[:, :self.k]
+        self.value, self.index, self.pos = value.gather(1, order), index.gather(1, order), pos.gather(1, order)
+
+
+def run(ctx) -> None:
+    """Streams the images the store has not seen through the model, unit by unit."""
+    cfg = ctx.config
+    records = list_images(cfg.data, ctx.loaded.class_names)[:cfg.max_images]
+    done = ctx.store.begin(STAGE, cfg.stage_params(STAGE))
+    spans = [(a, min(a + cfg.data_unit, len(records))) for a in range(0, len(records), cfg.data_unit)]
+    todo = [s for s in spans if unit_key(*s) not in done]
+    if not todo:
+        return
+    size = ctx.loaded.input_size
+    rf = {l.name: receptive_field(ctx.loaded.model, l, size, ctx.device) for l in ctx.layers}
+    source = "embedded sample photos" if cfg.data is None else str(cfg.data)
+    with ctx.bar(sum(b - a for a, b in todo), "dataset examples", "img") as bar:
+        for first, end in todo:
+            arrays = _run_unit(ctx, records, first, end, bar)
+            ctx.store.write_unit(STAGE, unit_key(first, end), arrays, {
+                "rf": rf, "k": cfg.topk, "source": source, "total": len(records),
+                "layers": [l.name for l in ctx.layers]})
+
+
+def unit_key(first: int, end: int) -> str:
+    return f"{first:08d}-{end:08d}"
+
+
+def _run_unit(ctx, records, first: int, end: int, bar) -> dict[str, np.ndarray]:
+    cfg, loaded = ctx.config, ctx.loaded
+    loader = torch.utils.data.DataLoader(ImageDataset(records, loaded.preprocess, range(first, end)),
+                                         batch_size=cfg.data_batch, num_workers=cfg.workers)
+    names = [l.name for l in ctx.layers]
+    top = {l.name: TopK(l.channels, cfg.topk, True) for l in ctx.layers}
+    bottom = {l.name: TopK(l.channels, cfg.topk, False) for l in ctx.layers}
+    stats = {l.name: {k: [] for k in STAT_KEYS} for l in ctx.layers}
+    kept, images, top5, prob5, skipped = [], [], [], [], []
+    with torch.no_grad(), Capture(loaded.model, names, fn=_reduce) as capture:
+        for pixels, index, reasons in loader:
+            ok = torch.tensor([not r for r in reasons])
+            skipped += [(int(i), r) for i, r in zip(index, reasons) if r]
+            bar.update(len(index))
+            if not ok.any():
+                continue
+            out = capture.run(loaded.preprocess.from_uint8(pixels[ok]).to(ctx.device))
+            probs = torch.softmax(capture.returned.float(), dim=1).cpu()
+            p5, c5 = probs.topk(min(5, probs.shape[1]), dim=1)
+            kept.append(index[ok]); images.append(pixels[ok].numpy()); top5.append(c5); prob5.append(p5)
+            for name, r in out.items():
+                top[name].update(r["peak"].T, index[ok], r["pos"].T)
+                bottom[name].update(r["peak"].T, index[ok], r["pos"].T)
+                _accumulate(stats[name], r)
+    return _unit_arrays(records, kept, images, top5, prob5, skipped, top, bottom, stats, loaded.input_size)
+
+
+def _accumulate(acc: dict[str, list], r: dict[str, torch.Tensor]) -> None:
+    for k in ("sum", "sumsq", "count", "zeros"):
+        acc[k].append(r[k].double().sum(0))
+    acc["max"].append(r["peak"].max(0).values.double())
+    acc["min"].append(r["min"].min(0).values.double())
+
+
+def _unit_arrays(records, kept, images, top5, prob5, skipped, top, bottom, stats, size) -> dict:
+    idx = torch.cat(kept).numpy() if kept else np.zeros(0, np.int64)
+    arrays = {
+        "index": idx, "images": np.concatenate(images) if images else np.zeros((0, size, size, 3), np.uint8),
+        "paths": np.array([records[i].path for i in idx], dtype=str),
+        "labels": np.array([records[i].label for i in idx], np.int64),
+        "top5": torch.cat(top5).numpy() if top5 else np.zeros((0, 5), np.int64),
+        "top5_prob": torch.cat(prob5).numpy() if prob5 else np.zeros((0, 5), np.float32),
+        "skipped_paths": np.array([records[i].path for i, _ in skipped], dtype=str),
+        "skipped_reasons": np.array([r for _, r in skipped], dtype=str),
+    }
+    for name in top:
+        for prefix, t in (("top", top[name]), ("bottom", bottom[name])):
+            arrays[f"{name}/{prefix}_value"] = t.value.numpy().astype(np.float32)
+            arrays[f"{name}/{prefix}_index"] = t.index.numpy()
+            arrays[f"{name}/{prefix}_pos"] = t.pos.numpy()
+        for k, parts in stats[name].items():
+            arrays[f"{name}/{k}"] = _combine(k, parts, top[name].value.shape[0])
+    return arrays
+
+
+def _combine(key: str, parts: list[torch.Tensor], channels: int) -> np.ndarray:
+    """Folds per-batch statistics into one row per channel."""
+    if not parts:
+        return np.full(channels, {"max": -np.inf, "min": np.inf}.get(key, 0.0))
+    stacked = torch.stack(parts)
+    folded = stacked.amax(0) if key == "max" else stacked.amin(0) if key == "min" else stacked.sum(0)
+    return folded.numpy()
+
+
+def box_of(pos: np.ndarray, height: int, width: int, rf: int, size: int) -> np.ndarray:
+    """Crop boxes (x0, y0, x1, y1) of side rf around flat positions in an h x w map."""
+    cy = (pos // width + 0.5) * size / height
+    cx = (pos % width + 0.5) * size / width
+    half = rf / 2
+    x0 = np.clip(np.round(cx - half), 0, size - rf)
+    y0 = np.clip(np.round(cy - half), 0, size - rf)
+    return np.stack([x0, y0, x0 + rf, y0 + rf], -1).astype(np.int32)
+
+
+def consolidate(store: Store, f: h5py.File) -> None:
+    """Writes /dataset and, per layer, the merged top-k, bottom-k and statistics."""
+    compact, attrs = _write_images(store, f)
+    layers = [name for name in f["layers"]]
+    for name in layers:
+        _merge_layer(store, f, name, compact, attrs)
+
+
+def _write_images(store: Store, f: h5py.File) -> tuple[np.ndarray, dict]:
+    index, sizes, attrs = [], [], {}
+    for _, part in store.units(STAGE):
+        index.append(part["index"][...])
+        sizes.append(part["images"].shape[1])
+        attrs = read_attrs(part)
+    index = np.concatenate(index)
+    compact = np.full(int(index.max()) + 1 if index.size else 0, -1, np.int64)
+    compact[index] = np.arange(index.size)
+    size = sizes[0] if sizes else 0
+    g = f.create_group("dataset")
+    images = g.create_dataset("images", (index.size, size, size, 3), np.uint8, chunks=(1, size, size, 3))
+    text = {k: [] for k in ("paths", "skipped_paths", "skipped_reasons")}
+    other = {k: [] for k in ("labels", "top5", "top5_prob")}
+    row = 0
+    for _, part in store.units(STAGE):
+        n = part["images"].shape[0]
+        images[row:row + n] = part["images"][...]
+        row += n
+        for k in text:
+            text[k] += [s.decode() if isinstance(s, bytes) else s for s in part[k][...]]
+        for k in other:
+            other[k].append(part[k][...])
+    for k, v in text.items():
+        g.create_dataset(k, data=np.array(v, dtype=object), dtype=h5py.string_dtype())
+    for k, v in other.items():
+        g.create_dataset(k, data=np.concatenate(v))
+    g.create_dataset("source_index", data=index)
+    images.attrs.update({"source": attrs.get("source", ""), "count": index.size,
+                         "skipped": len(text["skipped_paths"])})
+    return compact, attrs
+
+
+def _merge_layer(store: Store, f: h5py.File, name: str, compact: np.ndarray, attrs: dict) -> None:
+    layer = f["layers"][name]
+    channels, height, width = (int(layer.attrs[k]) for k in ("channels", "height", "width"))
+    k = int(attrs.get("k", 10))
+    merged = {"top": TopK(channels, k, True), "bottom": TopK(channels, k, False)}
+    acc = {key: [] for key in STAT_KEYS}
+    for _, part in store.units(STAGE):
+        if f"{name}/top_value" not in part:
+            return  # the layer was added after this pass: no dataset examples for it yet
+        for prefix, t in merged.items():
+            t.update(*(torch.from_numpy(part[f"{name}/{prefix}_{x}"][...]) for x in ("value", "index", "pos")))
+        for key in STAT_KEYS:
+            acc[key].append(part[f"{name}/{key}"][...])
+    rf = attrs["rf"][name]
+    size = f["dataset/images"].shape[1]
+    for prefix, t in merged.items():
+        g = layer.create_group(f"{prefix}k")
+        value, index, pos = (_pad(a, k, fill) for a, fill in
+                             ((t.value.numpy(), np.nan), (t.index.numpy(), -1), (t.pos.numpy(), 0)))
+        valid = np.isfinite(value) & (index >= 0)
+        g["index"] = np.where(valid, compact[np.maximum(index, 0)], -1)
+        g["value"] = np.where(valid, value, np.nan).astype(np.float32)
+        g["box"] = box_of(pos, height, width, rf, size)
+        g.attrs.update({"k": k, "score": "spatial max", "images": int(f["dataset/images"].shape[0]),
+                        "receptive_field": rf})
+    _write_stats(layer.create_group("stats"), {key: np.stack(v) for key, v in acc.items()})
+
+
+def _pad(a: np.ndarray, k: int, fill) -> np.ndarray:
+    """Pads [C, n] to [C, k] when fewer than k images were seen."""
+    if a.shape[1] >= k:
+        return a
+    return np.concatenate([a, np.full((a.shape[0], k - a.shape[1]), fill, a.dtype)], 1)
+
+
+def _write_stats(g: h5py.Group, acc: dict[str, np.ndarray]) -> None:
+    count = np.maximum(acc["count"].sum(0), 1)
+    mean = acc["sum"].sum(0) / count
+    g["mean"] = mean.astype(np.float32)
+    g["std"] = np.sqrt(np.maximum(acc["sumsq"].sum(0) / count - mean**2, 0)).astype(np.float32)
+    g["max"] = acc["max"].max(0).astype(np.float32)
+    g["min"] = acc["min"].min(0).astype(np.float32)
+    g["zero_fraction"] = (acc["zeros"].sum(0) / count).astype(np.float32)
+    g["dead"] = g["max"][...] <= 0

@@ -1,0 +1,108 @@
+"""Objectives for feature visualization, as a small arithmetic.
+
+An objective maps the captured activations of a batch to one value per image
+(higher is better) and names the layers it needs, so the renderer hooks only
+those and stops the forward pass after the deepest one. Objectives add,
+subtract and scale:
+
+    obj = channel("layer3.1", 7) - 0.5 * channel("layer3.1", 9)
+
+Channel arguments may be one index for every image or a sequence with one
+index per image of the batch, so one batch can render many units at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+Acts = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Objective:
+    fn: Callable[[Acts], torch.Tensor]  # activations -> value per image [B]
+    name: str
+    layers: frozenset[str]
+
+    def __call__(self, acts: Acts) -> torch.Tensor:
+        return self.fn(acts)
+
+    def __add__(self, other: Objective) -> Objective:
+        return Objective(lambda a: self(a) + other(a), f"{self.name} + {other.name}",
+                         self.layers | other.layers)
+
+    def __sub__(self, other: Objective) -> Objective:
+        return Objective(lambda a: self(a) - other(a), f"{self.name} - {other.name}",
+                         self.layers | other.layers)
+
+    def __mul__(self, k: float) -> Objective:
+        return Objective(lambda a: k * self(a), f"{k:g} * ({self.name})", self.layers)
+
+    __rmul__ = __mul__
+
+    def __neg__(self) -> Objective:
+        return Objective(lambda a: -self(a), f"-({self.name})", self.layers)
+
+
+def _per_image(channels: int | Sequence[int], acts: torch.Tensor) -> torch.Tensor:
+    """The selected channel of each image: [B, H, W]."""
+    b = acts.shape[0]
+    index = torch.as_tensor(channels, device=acts.device).expand(b) if isinstance(channels, int) \
+        else torch.as_tensor(list(channels), device=acts.device)
+    if index.numel() != b:
+        raise ValueError(f"channels: got {index.numel()} indices for a batch of {b}")
+    return acts[torch.arange(b, device=acts.device), index]
+
+
+def _label(channels: int | Sequence[int]) -> str:
+    return str(channels) if isinstance(channels, int) else f"[{len(channels)} channels]"
+
+
+def channel(layer: str, channels: int | Sequence[int]) -> Objective:
+    """Mean activation of a channel over all positions."""
+    return Objective(lambda a: _per_image(channels, a[layer]).mean(dim=(1, 2)),
+                     f"channel {layer}:{_label(channels)}", frozenset({layer}))
+
+
+def negative_channel(layer: str, channels: int | Sequence[int]) -> Objective:
+    """The channel's mean activation, minimized."""
+    return -channel(layer, channels)
+
+
+def neuron(layer: str, channels: int | Sequence[int]) -> Objective:
+    """Activation of a channel at the centre position."""
+    def fn(a: Acts) -> torch.Tensor:
+        maps = _per_image(channels, a[layer])
+        return maps[:, maps.shape[1] // 2, maps.shape[2] // 2]
+    return Objective(fn, f"neuron {layer}:{_label(channels)}", frozenset({layer}))
+
+
+def direction(layer: str, vectors: torch.Tensor) -> Objective:
+    """Dot product of the activation with a direction in channel space, averaged over positions.
+
+    Args:
+        vectors: [C] for every image or [B, C] for one direction per image.
+    """
+    def fn(a: Acts) -> torch.Tensor:
+        v = vectors.to(a[layer])
+        v = v.expand(a[layer].shape[0], -1) if v.dim() == 1 else v
+        return torch.einsum("bchw,bc->b", a[layer], v) / (a[layer].shape[2] * a[layer].shape[3])
+    return Objective(fn, f"direction {layer}", frozenset({layer}))
+
+
+def diversity(layer: str) -> Objective:
+    """Minus each image's mean cosine similarity of its Gram matrix with the others'.
+
+    Rewards a batch whose images differ in style; needs at least two images.
+    """
+    def fn(a: Acts) -> torch.Tensor:
+        x = a[layer].flatten(2)
+        gram = F.normalize(torch.bmm(x, x.transpose(1, 2)).flatten(1), dim=1)
+        sim = gram @ gram.T
+        b = sim.shape[0]
+        return -(sim.sum(1) - sim.diagonal()) / max(b - 1, 1)
+    return Objective(fn, f"diversity {layer}", frozenset({layer}))

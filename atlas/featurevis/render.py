@@ -1,0 +1,88 @@
+"""The batched feature-visualization renderer.
+
+Many images are optimized in one batch, each with its own objective and its
+own seed; model weights stay frozen, only the images' Fourier coefficients get
+gradients. Because parameters, transforms and Adam's state are all per image,
+and the model runs in eval mode, an image comes out the same whether it is
+rendered alone or in a batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from atlas.featurevis.objectives import Objective
+from atlas.featurevis.param import frequency_scale, init_spectrum, spectrum_to_rgb
+from atlas.featurevis.transforms import Robustness, random_affine
+from atlas.layers import Capture
+from atlas.models import Preprocess
+
+
+@dataclass(frozen=True)
+class RenderSettings:
+    size: int = 128  # image side (pixels)
+    steps: int = 512  # Adam steps
+    lr: float = 0.05  # Adam learning rate
+    loss_points: int = 32  # objective samples kept for the loss curve
+    robustness: Robustness = field(default_factory=Robustness)
+
+    def provenance(self) -> dict:
+        return {"size": self.size, "steps": self.steps, "lr": self.lr, "optimizer": "Adam",
+                "parameterization": "fourier 1/f, decorrelated colour, sigmoid",
+                "transforms": self.robustness.describe()}
+
+
+@dataclass
+class Rendered:
+    images: np.ndarray  # uint8 [B, S, S, 3]
+    objective: np.ndarray  # float32 [B], reached by the final image without transforms
+    loss: np.ndarray  # float32 [B, P], objective during optimization
+    finite: np.ndarray  # bool [B], False where the objective became NaN or infinite
+
+
+def _checkpoints(steps: int, points: int) -> dict[int, int]:
+    at = np.unique(np.linspace(0, steps - 1, max(1, min(points, steps))).round().astype(int))
+    return {int(s): i for i, s in enumerate(at)}
+
+
+def render(model: nn.Module, preprocess: Preprocess, objective: Objective, seeds: list[int],
+           settings: RenderSettings, device: torch.device | str = "cpu") -> Rendered:
+    """Optimizes one image per seed to maximize `objective`.
+
+    Args:
+        model: the model, in eval mode with frozen parameters, on `device`.
+        preprocess: the model's normalization.
+        objective: per-image objective; its batch is len(seeds).
+        seeds: one seed per image; it fixes the start image and the transforms.
+        settings: size, steps, learning rate, robustness.
+
+    Returns:
+        The images, their final objective values and loss curves.
+    """
+    size = settings.size
+    spectrum = init_spectrum(seeds, size).to(device).requires_grad_(True)
+    scale = frequency_scale(size).to(device)
+    gens = [torch.Generator().manual_seed(s ^ 0x5EED5EED) for s in seeds]
+    optimizer = torch.optim.Adam([spectrum], lr=settings.lr)
+    marks = _checkpoints(settings.steps, settings.loss_points)
+    loss = np.zeros((len(seeds), len(marks)), np.float32)
+    with Capture(model, sorted(objective.layers), stop=True) as capture:
+        for step in range(settings.steps):
+            image = spectrum_to_rgb(spectrum, size, scale)
+            view = random_affine(image, gens, settings.robustness)
+            values = objective(capture.run(preprocess.normalize(view)))
+            optimizer.zero_grad(set_to_none=True)
+            (-values.sum()).backward()
+            optimizer.step()
+            if step in marks:
+                loss[:, marks[step]] = values.detach().float().cpu().numpy()
+        with torch.no_grad():
+            image = spectrum_to_rgb(spectrum, size, scale)
+            final = objective(capture.run(preprocess.normalize(image))).float().cpu().numpy()
+    pixels = (image.detach().permute(0, 2, 3, 1).clamp(0, 1) * 255).round().byte().cpu().numpy()
+    finite = np.isfinite(final) & np.isfinite(loss).all(axis=1)
+    return Rendered(pixels, final.astype(np.float32), loss, finite)

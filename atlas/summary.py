@@ -1,0 +1,34 @@
+"""A plain-text summary of a consolidated store, for `atlas info`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from atlas.store import open_store, read_attrs
+
+
+def summarize(path: Path) -> str:
+    """Describes the model, the layers and what each stage has stored."""
+    with open_store(path) as f:
+        root = read_attrs(f)
+        lines = [f"store      {path} ({path.stat().st_size / 1e6:.1f} MB, Atlas {root.get('atlas_version')}, "
+                 f"format {root.get('store_format')})",
+                 f"model      {root.get('spec')} — weights: {root.get('weights_id')}",
+                 f"input      {root.get('input_size')} px, {len(f['classes'])} classes"]
+        if "dataset" in f:
+            d = f["dataset"]
+            lines.append(f"dataset    {d['images'].shape[0]} images, {len(d['skipped_paths'])} skipped "
+                         f"({read_attrs(d['images']).get('source')})")
+        if "attribution" in f:
+            lines.append(f"attribution {', '.join(f['attribution'])}")
+        lines.append(f"layers     {len(f['layers'])}, "
+                     f"{sum(int(g.attrs['channels']) for g in f['layers'].values())} channels")
+        lines.append(f"  {'layer':36} {'channels':>8} {'size':>7} {'featurevis':>10} {'topk':>5} {'dead':>5}")
+        for name, g in sorted(f["layers"].items(), key=lambda kv: kv[1].attrs["order"]):
+            fv = int(np.sum(g["featurevis/channel_done"][...])) if "featurevis" in g else 0
+            dead = int(np.sum(g["stats/dead"][...])) if "stats" in g else 0
+            lines.append(f"  {name:36} {g.attrs['channels']:8d} {g.attrs['height']:>3}x{g.attrs['width']:<3} "
+                         f"{fv:10d} {'yes' if 'topk' in g else 'no':>5} {dead:5d}")
+    return "\n".join(lines)

@@ -1,0 +1,64 @@
+"""Tiny built-in models, loadable as `atlas:NAME`.
+
+They run an end-to-end build in seconds on a CPU, so tests and demos use them.
+Their weights are fixed by a seed, so results are the same on every machine.
+They deliberately contain what trips up activation capture: in-place ReLUs,
+a module called more than once, and a residual block.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from atlas.models import Preprocess, register_tiny
+
+
+class Block(nn.Module):
+    """A residual block that calls its one ReLU twice, as torchvision's Bottleneck does."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.conv1(x))
+        return self.relu(self.conv2(out) + x)
+
+
+class TinyConvNet(nn.Module):
+    def __init__(self, num_classes: int = 10, width: int = 8):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, width, 3, padding=1)
+        self.relu1 = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(width, 2 * width, 3, stride=2, padding=1)
+        self.relu2 = nn.ReLU()
+        self.block = Block(2 * width)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(2 * width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu1(self.conv1(x))
+        x = self.block(self.relu2(self.conv2(x)))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+def seeded_init(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Re-initializes every parameter from one seed, independent of global RNG state."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            fan_in = p[0].numel() if p.dim() > 1 else p.numel()
+            p.copy_(torch.randn(p.shape, generator=gen) * (2.0 / fan_in) ** 0.5)
+            if name.endswith("bias"):
+                p.mul_(0.1)
+    return model
+
+
+@register_tiny("tiny_convnet")
+def tiny_convnet():
+    model = seeded_init(TinyConvNet())
+    pre = Preprocess(size=32, crop_pct=1.0, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    return model, pre, [f"class {i}" for i in range(10)]

@@ -1,0 +1,70 @@
+import numpy as np
+import pytest
+import torch
+
+from atlas.featurevis import objectives as O
+from atlas.layers import Capture
+from atlas.featurevis.param import frequency_scale, init_spectrum, spectrum_to_rgb, unit_seed
+from atlas.featurevis.render import RenderSettings, render
+from atlas.featurevis.stage import plan
+
+SETTINGS = RenderSettings(size=32, steps=24, lr=0.05, loss_points=6)
+
+
+def _start_value(tiny, objective, seeds):
+    scale = frequency_scale(32)
+    with torch.no_grad(), Capture(tiny.model, sorted(objective.layers)) as cap:
+        image = spectrum_to_rgb(init_spectrum(seeds, 32), 32, scale)
+        return objective(cap.run(tiny.preprocess.normalize(image))).numpy()
+
+
+@pytest.mark.parametrize("make", [
+    lambda: O.channel("conv2", [0, 3, 5]),
+    lambda: O.neuron("block", [1, 2, 7]),
+    lambda: O.negative_channel("block.conv1", 4),
+    lambda: O.direction("conv2", torch.linspace(-1, 1, 16)),
+    lambda: O.channel("conv2", 1) + 0.5 * O.diversity("conv2"),
+    lambda: O.channel("block", 2) - O.channel("block", 3),
+])
+def test_each_objective_rises(tiny, make):
+    objective = make()
+    seeds = [11, 12, 13]
+    before = _start_value(tiny, objective, seeds)
+    result = render(tiny.model, tiny.preprocess, objective, seeds, SETTINGS)
+    assert np.all(result.finite)
+    assert result.objective.mean() > before.mean() + 1e-3, (objective.name, before, result.objective)
+    assert result.loss.shape == (3, 6)
+
+
+def test_an_image_is_the_same_alone_or_in_a_batch(tiny):
+    seeds = [unit_seed("m", "conv2", c) for c in range(5)]
+    batch = render(tiny.model, tiny.preprocess, O.channel("conv2", [0, 1, 2, 3, 4]), seeds, SETTINGS)
+    alone = render(tiny.model, tiny.preprocess, O.channel("conv2", [3]), seeds[3:4], SETTINGS)
+    assert np.abs(batch.images[3].astype(int) - alone.images[0].astype(int)).max() <= 1
+    np.testing.assert_allclose(batch.objective[3], alone.objective[0], rtol=1e-4, atol=1e-5)
+
+
+def test_the_stored_seed_reproduces_the_image(tiny):
+    seeds = [unit_seed("m", "block", 6)]
+    a = render(tiny.model, tiny.preprocess, O.channel("block", 6), seeds, SETTINGS)
+    b = render(tiny.model, tiny.preprocess, O.channel("block", 6), seeds, SETTINGS)
+    assert np.array_equal(a.images, b.images)
+    assert unit_seed("m", "block", 6) != unit_seed("m", "block", 7) != unit_seed("m", "conv2", 7)
+
+
+def test_objective_arithmetic_names_and_layers():
+    objective = 2 * O.channel("a", 1) - O.neuron("b", 2)
+    assert objective.layers == {"a", "b"}
+    assert "channel a:1" in objective.name and "neuron b:2" in objective.name
+    acts = {"a": torch.ones(1, 3, 2, 2), "b": torch.full((1, 3, 3, 3), 5.0)}
+    assert objective(acts).item() == pytest.approx(2 * 1 - 5)
+    with pytest.raises(ValueError, match="channels: got 2 indices for a batch of 1"):
+        O.channel("a", [0, 1])(acts)
+
+
+def test_plan_resumes_from_done_channel_ranges(tiny):
+    from atlas.layers import discover, select
+    layers = select(tiny.model, discover(tiny.model, 32), ["conv1", "conv2"])
+    units = plan(layers, {"conv1/00000-00004", "conv2/00004-00010"}, batch=4)
+    assert units == [("conv1", [4, 5, 6, 7]), ("conv2", [0, 1, 2, 3]), ("conv2", [10, 11, 12, 13]),
+                     ("conv2", [14, 15])]

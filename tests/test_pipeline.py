@@ -1,0 +1,104 @@
+"""End to end on the tiny model: dataset top-k, attribution, store consolidation."""
+
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from atlas import pipeline
+from atlas.config import preset
+from atlas.layers import Capture
+
+
+def make_images(folder: Path, n: int = 14) -> Path:
+    gen = np.random.default_rng(0)
+    for i in range(n):
+        sub = folder / ("class 3" if i % 2 else "unlabelled")
+        sub.mkdir(parents=True, exist_ok=True)
+        pixels = gen.integers(0, 256, (40 + i, 48, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(sub / f"img{i:02d}.png")
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "text.jpg").write_text("not an image")
+    return folder
+
+
+def config(tmp_path: Path, data: Path, **kw):
+    return preset("quick").replace(model="atlas:tiny_convnet", data=str(data), store_dir=tmp_path / "store",
+                                   site_dir=tmp_path / "site", fv_steps=4, fv_size=32, workers=0, topk=4,
+                                   device="cpu", **kw)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    return make_images(tmp_path_factory.mktemp("images"))
+
+
+def build(cfg, stages=("dataset", "attribution")):
+    ctx = pipeline.prepare(cfg, progress=False)
+    return ctx, pipeline.run_stages(ctx, stages)
+
+
+def test_topk_equals_brute_force_and_skips_bad_files(tmp_path, images):
+    ctx, path = build(config(tmp_path, images, data_unit=5, data_batch=3))
+    with h5py.File(path) as f:
+        skipped = dict(zip(f["dataset/skipped_paths"].asstr()[...], f["dataset/skipped_reasons"].asstr()[...]))
+        assert skipped[str(images / "empty.jpg")] == "empty file"
+        assert skipped[str(images / "text.jpg")].startswith("unreadable: UnidentifiedImageError")
+        assert f["dataset/images"].shape == (14, 32, 32, 3)
+        labels = f["dataset/labels"][...]
+        paths = f["dataset/paths"].asstr()[...]
+        assert all((lab == 3) == ("class 3" in p) for lab, p in zip(labels, paths))
+        pixels = f["dataset/images"][...]
+        x = ctx.loaded.preprocess.from_uint8(pixels)
+        with torch.no_grad(), Capture(ctx.loaded.model, ["conv2", "block"]) as cap:
+            acts = cap.run(x)
+        for layer in ("conv2", "block"):
+            peak = acts[layer].flatten(2).amax(2).T.numpy()  # [C, N]
+            order = np.argsort(-peak, axis=1, kind="stable")[:, :4]
+            np.testing.assert_array_equal(f[f"layers/{layer}/topk/index"][...], order)
+            np.testing.assert_allclose(f[f"layers/{layer}/topk/value"][...],
+                                       np.take_along_axis(peak, order, 1), rtol=1e-5)
+            low = np.argsort(peak, axis=1, kind="stable")[:, :4]
+            np.testing.assert_array_equal(f[f"layers/{layer}/bottomk/index"][...], low)
+            np.testing.assert_allclose(f[f"layers/{layer}/stats/max"][...], peak.max(1), rtol=1e-5)
+            box = f[f"layers/{layer}/topk/box"][...]
+            assert (box[..., 2] - box[..., 0] == box[..., 3] - box[..., 1]).all()
+            assert box.min() >= 0 and box.max() <= 32
+
+
+def test_units_merge_to_the_single_pass_result(tmp_path, images):
+    _, small = build(config(tmp_path / "a", images, data_unit=3))
+    _, whole = build(config(tmp_path / "b", images, data_unit=1000))
+    with h5py.File(small) as a, h5py.File(whole) as b:
+        for layer in a["layers"]:
+            for k in ("topk/index", "topk/value", "topk/box", "bottomk/index", "stats/mean", "stats/std"):
+                np.testing.assert_allclose(a[f"layers/{layer}/{k}"][...], b[f"layers/{layer}/{k}"][...],
+                                           rtol=1e-5, err_msg=f"{layer}/{k}")
+        np.testing.assert_array_equal(a["dataset/images"][...], b["dataset/images"][...])
+
+
+def test_gradient_attribution_matches_autograd(tmp_path, images):
+    ctx, path = build(config(tmp_path, images))
+    with h5py.File(path) as f:
+        maps, target = f["attribution/gradient/maps"][...], f["attribution/gradient/target"][...]
+        x = ctx.loaded.preprocess.from_uint8(f["dataset/images"][...]).requires_grad_(True)
+        logits = ctx.loaded.model(x)
+        np.testing.assert_array_equal(target, logits.argmax(1).numpy())
+        logits.gather(1, torch.from_numpy(target)[:, None]).sum().backward()
+        expected = x.grad.sum(1).numpy()
+        np.testing.assert_allclose(maps.astype(np.float32), expected, rtol=2e-3, atol=1e-4)
+        assert f["attribution/gradient/maps"].attrs["method"] == "gradient"
+
+
+def test_featurevis_stage_fills_every_channel(tmp_path, images):
+    _, path = build(config(tmp_path, images, fv_batch=5), stages=("featurevis",))
+    with h5py.File(path) as f:
+        for layer in f["layers"]:
+            g = f[f"layers/{layer}/featurevis"]
+            assert g["channel_done"][...].all()
+            assert g["channel"].shape == (f[f"layers/{layer}"].attrs["channels"], 32, 32, 3)
+            assert g["channel"].attrs["steps"] == 4
+            assert np.isfinite(g["channel_objective"][...]).all()
