@@ -70,9 +70,12 @@ class Config:
             return {**common, "data": self.data, "topk": self.topk,
                     "data_unit": self.data_unit, "max_images": self.max_images}
         picked = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                  if prefix and f.name.startswith(prefix) and f.name not in ("fv_batch", "attr_batch")}
+                  if prefix and f.name.startswith(prefix) and f.name not in _UNIT_GRAIN}
         return {**common, **picked}
 
+
+# Fields that decide how work is cut or which units exist, not what a unit holds.
+_UNIT_GRAIN = ("fv_batch", "attr_batch", "attr_methods")
 
 # The full preset is the reference recipe; the quick one renders every selected
 # layer of the default model on a 2-core CPU in a few minutes: smaller images

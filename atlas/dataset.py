@@ -58,7 +58,8 @@ def run(ctx) -> None:
     """Streams the images the store has not seen through the model, unit by unit."""
     cfg = ctx.config
     records = list_images(cfg.data, ctx.loaded.class_names)[:cfg.max_images]
-    done = ctx.store.begin(STAGE, cfg.stage_params(STAGE))
+    # the layers are part of the settings: each unit holds top-k for exactly these layers
+    done = ctx.store.begin(STAGE, {**cfg.stage_params(STAGE), "layers": [l.name for l in ctx.layers]})
     spans = [(a, min(a + cfg.data_unit, len(records))) for a in range(0, len(records), cfg.data_unit)]
     todo = [s for s in spans if unit_key(*s) not in done]
     if not todo:

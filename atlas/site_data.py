@@ -1,0 +1,164 @@
+"""What the site shows, read from a store: model metadata, layers, bulk arrays.
+
+Every array is read per layer in one slice (never element by element), so a
+layer of thousands of channels costs a handful of HDF5 reads.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+
+import h5py
+import numpy as np
+
+from atlas.errors import AtlasError
+from atlas.store import read_attrs
+
+_SAFE = re.compile(r"[A-Za-z0-9._]")
+# Names the site itself uses inside a model folder or at the site root.
+RESERVED = frozenset({"images", "static", "index.html", "404.html", "about.html", "summary.json"})
+
+
+def slug(name: str) -> str:
+    """A file-system- and URL-safe folder name for a layer or model name.
+
+    Letters, digits, `.` and `_` are kept; every other byte of the UTF-8 name,
+    `-` included, becomes `-XX` (hex). The mapping is one-to-one, never yields
+    `.`, `..`, a leading dot or a path separator, and keeps dotted PyTorch
+    names readable (`layer1.0.relu@2` -> `layer1.0.relu-402`).
+
+    Raises:
+        AtlasError: the name is empty.
+    """
+    if not name:
+        raise AtlasError("empty layer or model name in the store; every layer and the model need a name")
+    out = "".join(c if _SAFE.fullmatch(c) else "".join(f"-{b:02X}" for b in c.encode()) for c in name)
+    if out.startswith(".") or out.lower() in RESERVED:
+        out = f"-{ord(out[0]):02X}{out[1:]}"
+    return out
+
+
+@dataclass
+class Layer:
+    """One layer as the site lists it."""
+
+    name: str
+    slug: str
+    kind: str
+    channels: int
+    height: int
+    width: int
+    has_fv: bool
+    has_examples: bool
+    has_stats: bool
+    fv_params: dict = field(default_factory=dict)
+    example_params: dict = field(default_factory=dict)
+
+
+@dataclass
+class Model:
+    """Model-level metadata of one store."""
+
+    name: str
+    slug: str
+    attrs: dict
+    classes: list[str]
+    layers: list[Layer]
+    n_images: int
+    methods: list[str]
+
+
+def _strings(ds: h5py.Dataset) -> list[str]:
+    return [s.decode() if isinstance(s, bytes) else str(s) for s in ds[()]]
+
+
+def _layer(name: str, g: h5py.Group) -> Layer:
+    a = read_attrs(g)
+    fv = g.get("featurevis")
+    return Layer(
+        name=name, slug=slug(name), kind=str(a.get("kind", "?")), channels=int(a["channels"]),
+        height=int(a.get("height", 1)), width=int(a.get("width", 1)),
+        has_fv=fv is not None and "channel" in fv,
+        has_examples="topk" in g, has_stats="stats" in g,
+        fv_params=read_attrs(fv["channel"]) if fv is not None and "channel" in fv else {},
+        example_params=read_attrs(g["topk"]) if "topk" in g else {},
+    )
+
+
+def read_model(f: h5py.File) -> Model:
+    """Reads the model's metadata and its layers in forward order.
+
+    Raises:
+        AtlasError: the store has no `name` attribute or no layers.
+    """
+    attrs = read_attrs(f)
+    if not attrs.get("name"):
+        raise AtlasError(f"{f.filename} has no root attribute 'name'; it is not a consolidated Atlas store")
+    groups = f.get("layers")
+    if groups is None or not len(groups):
+        raise AtlasError(f"{f.filename} has no layers; run `atlas build` to fill the store first")
+    ordered = sorted(groups.items(), key=lambda kv: int(kv[1].attrs.get("order", 0)))
+    slugs = [slug(n) for n, _ in ordered]
+    if len({s.lower() for s in slugs}) != len(slugs):
+        raise AtlasError(f"{f.filename} has layer names that differ only in case; "
+                         f"the site needs names that stay distinct on case-insensitive disks")
+    n_images = len(f["dataset/images"]) if "dataset/images" in f else 0
+    return Model(
+        name=str(attrs["name"]), slug=slug(str(attrs["name"])), attrs=attrs,
+        classes=_strings(f["classes"]) if "classes" in f else [],
+        layers=[_layer(n, g) for n, g in ordered], n_images=n_images,
+        methods=sorted(m for m, g in f["attribution"].items() if "maps" in g)
+        if "attribution" in f and n_images else [],
+    )
+
+
+def read_layer_arrays(g: h5py.Group) -> dict[str, np.ndarray]:
+    """Every array of one layer, each read in one slice; missing stages are absent keys."""
+    out: dict[str, np.ndarray] = {}
+    for group in ("featurevis", "topk", "bottomk", "stats"):
+        if group in g:
+            for key, ds in g[group].items():
+                if isinstance(ds, h5py.Dataset):
+                    out[f"{group}/{key}"] = ds[()]
+    return out
+
+
+def read_dataset(f: h5py.File) -> dict:
+    """The dataset's per-image metadata (not the pixels)."""
+    d = f["dataset"]
+    n = len(d["images"])
+
+    def get(key: str, default: np.ndarray) -> np.ndarray:
+        return d[key][()] if key in d else default
+    return {
+        "paths": _strings(d["paths"]) if "paths" in d else [""] * n,
+        "labels": get("labels", np.full(n, -1)),
+        "top5": get("top5", np.zeros((n, 0), np.int64)),
+        "top5_prob": get("top5_prob", np.zeros((n, 0), np.float32)),
+        "skipped": list(zip(_strings(d["skipped_paths"]), _strings(d["skipped_reasons"])))
+        if "skipped_paths" in d and "skipped_reasons" in d else [],
+        "attrs": read_attrs(d["images"]),
+        "attribution": {m: {"target": g["target"][()] if "target" in g else None,
+                            "score": g["score"][()] if "score" in g else None,
+                            "params": read_attrs(g["maps"])}
+                        for m, g in f.get("attribution", {}).items() if "maps" in g},
+    }
+
+
+def store_contents(f: h5py.File) -> list[dict]:
+    """One row per group and dataset: path, shape, dtype (what `h5ls -r` shows)."""
+    rows: list[dict] = []
+
+    def visit(name: str, obj: h5py.HLObject) -> None:
+        if isinstance(obj, h5py.Dataset):
+            rows.append({"path": "/" + name, "shape": "×".join(map(str, obj.shape)) or "scalar",
+                         "dtype": "str" if h5py.check_string_dtype(obj.dtype) else str(obj.dtype)})
+    f.visititems(visit)
+    return rows
+
+
+def pretty_json(value: object) -> str:
+    """Indented JSON for display; non-JSON values become strings."""
+    return json.dumps(value, indent=2, sort_keys=True, default=str, ensure_ascii=False)

@@ -1,0 +1,241 @@
+"""The page model: what each template is given, built from store data.
+
+Every href here is relative to the page it appears on. Values are handed to
+templates raw; jinja2's autoescape escapes them there.
+"""
+
+from __future__ import annotations
+
+import math
+
+import h5py
+import numpy as np
+
+from atlas import site_images as img
+from atlas.site_data import Layer, Model, pretty_json, slug, store_contents
+
+IMAGES_PER_INDEX = 500  # thumbnails on one page of the dataset image index
+STATS = (("mean", "mean"), ("std", "std"), ("max", "max"), ("min", "min"), ("zero_fraction", "zero fraction"))
+
+def fmt(value: object) -> str:
+    """A number for display: 4 significant digits; missing or NaN as an en dash."""
+    if value is None:
+        return "–"
+    if isinstance(value, (bool, np.bool_)):
+        return "yes" if value else "no"
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    x = float(value)  # type: ignore[arg-type]
+    return "–" if math.isnan(x) else f"{x:.4g}"
+
+
+def _crumbs(model: Model, up: int, *more: tuple[str, str | None]) -> list[dict]:
+    """Breadcrumbs from the site index down; `up` is the page's depth below the model folder."""
+    back = "../" * up
+    items = [("Atlas", f"{back}../index.html"), (model.name, f"{back}index.html"), *more]
+    return [{"label": label, "href": href} for label, href in items]
+
+
+def _class_name(model: Model, index: int) -> str:
+    if 0 <= index < len(model.classes):
+        return model.classes[index]
+    return f"class {index}" if index >= 0 else "unknown"
+
+
+def layer_summary(arrays: dict, preview: str | None) -> dict:
+    """What the model index shows of a layer beyond its attributes."""
+    done = arrays.get("featurevis/channel_done")
+    dead = arrays.get("stats/dead")
+    return {"preview": preview, "fv_done": int(done.sum()) if done is not None else None,
+            "dead": int(dead.sum()) if dead is not None else None}
+
+
+def model_context(model: Model, extra: dict[str, dict]) -> dict:
+    """The model's index: every layer in forward order."""
+    layers = [{"name": l.name, "href": f"{l.slug}/index.html", "kind": l.kind, "channels": l.channels,
+               "shape": f"{l.height}×{l.width}", **extra[l.name]} for l in model.layers]
+    notes = []
+    if not any(l.has_fv for l in model.layers):
+        notes.append("Feature visualization has not run for any layer yet.")
+    if not model.n_images:
+        notes.append("The dataset stage has not run: there are no dataset examples, statistics or image pages.")
+    elif not model.methods:
+        notes.append("Attribution has not run: image pages show predictions only.")
+    return {"title": model.name, "model": model, "layers": layers, "notes": notes,
+            "units": sum(l.channels for l in model.layers),
+            "crumbs": _crumbs(model, 0)[:-1] + [{"label": model.name, "href": None}]}
+
+
+def _grid(layer_channels: int, arrays: dict) -> list[tuple[int, str]]:
+    """(unit, CSS classes) for every cell: its sprite sheet and position, dead or not."""
+    done = arrays.get("featurevis/channel_done")
+    has_fv = "featurevis/channel" in arrays
+    dead = arrays.get("stats/dead", np.zeros(layer_channels, bool))
+    cells = []
+    for c in range(layer_channels):
+        k = c % img.SHEET_UNITS
+        cls = (f"s{c // img.SHEET_UNITS} x{k % img.SHEET_COLUMNS} y{k // img.SHEET_COLUMNS}"
+               if has_fv and (done is None or done[c]) else "nofv")
+        cells.append((c, cls + " dead" if dead[c] else cls))
+    return cells
+
+
+def _stage_notes(layer: Layer, arrays: dict) -> list[str]:
+    notes = []
+    if not layer.has_fv:
+        notes.append("Feature visualization has not run for this layer.")
+    elif not arrays.get("featurevis/channel_done", np.ones(1, bool)).all():
+        notes.append("Feature visualization is partial: grey units are not rendered yet.")
+    if "topk/index" not in arrays:
+        notes.append("Dataset examples have not been computed for this layer.")
+    if "stats/dead" not in arrays:
+        notes.append("Activation statistics have not been computed for this layer.")
+    return notes
+
+
+def _layer_link(model: Model, i: int, prefix: str) -> dict | None:
+    if not 0 <= i < len(model.layers):
+        return None
+    return {"label": model.layers[i].name, "href": f"{prefix}{model.layers[i].slug}/index.html"}
+
+
+def layer_context(model: Model, i: int, arrays: dict, sheets: list[dict]) -> dict:
+    """A layer page: every unit in one grid drawn from sprite sheets."""
+    layer = model.layers[i]
+    rows = math.ceil(min(img.SHEET_UNITS, layer.channels) / img.SHEET_COLUMNS)
+    dead = arrays.get("stats/dead")
+    return {"title": layer.name, "layer": layer, "cells": _grid(layer.channels, arrays), "sheets": sheets,
+            "columns": img.SHEET_COLUMNS, "rows": rows, "cell": img.CELL,
+            "dead": int(dead.sum()) if dead is not None else None, "notes": _stage_notes(layer, arrays),
+            "prev": _layer_link(model, i - 1, "../"), "next": _layer_link(model, i + 1, "../"),
+            "crumbs": _crumbs(model, 1, (layer.name, None))}
+
+
+def _examples(group: str, c: int, arrays: dict, dataset: dict | None, size: int) -> list[dict] | None:
+    if dataset is None or f"{group}/index" not in arrays:
+        return None
+    out = []
+    index, value, box = (arrays[f"{group}/{k}"][c] for k in ("index", "value", "box"))
+    for j, v, b in zip(index, value, box):
+        if not 0 <= j < len(dataset["paths"]):
+            continue  # -1: fewer than k images were seen
+        out.append({"href": f"../images/{j}.html", "value": v,
+                    "style": img.crop_style(b, f"../images/{j}.jpg", size),
+                    "label": f"image {j}"})
+    return out
+
+
+def _unit_link(model: Model, i: int, c: int) -> dict | None:
+    """The unit before or after, crossing into the neighbouring layer at the ends."""
+    if c < 0:
+        if i == 0:
+            return None
+        i, c = i - 1, model.layers[i - 1].channels - 1
+    elif c >= model.layers[i].channels:
+        if i + 1 >= len(model.layers):
+            return None
+        i, c = i + 1, 0
+    layer = model.layers[i]
+    return {"label": f"{layer.name}:{c}", "href": f"../{layer.slug}/{c}.html"}
+
+
+def _at(arrays: dict, key: str, c: int) -> np.ndarray | None:
+    """Channel c of an optional array."""
+    return arrays[key][c] if key in arrays else None
+
+
+def unit_context(model: Model, i: int, c: int, arrays: dict, dataset: dict | None) -> dict:
+    """A unit page: visualization, loss curve, dataset examples, statistics."""
+    layer = model.layers[i]
+    done = arrays.get("featurevis/channel_done")
+    fv = None
+    if layer.has_fv and (done is None or done[c]):
+        loss = _at(arrays, "featurevis/channel_loss", c)
+        fv = {"src": f"{c}.{img.PICTURE_EXT}", "objective": _at(arrays, "featurevis/channel_objective", c),
+              "seed": _at(arrays, "featurevis/channel_seed", c),
+              "loss": img.loss_points(loss) if loss is not None else ""}
+    stats = [(label, arrays[f"stats/{key}"][c]) for key, label in STATS if f"stats/{key}" in arrays]
+    size = int(model.attrs.get("input_size", 224))
+    return {"title": f"{layer.name}:{c}", "layer": layer, "channel": c, "fv": fv,
+            "fv_pending": layer.has_fv and fv is None, "stats": stats,
+            "dead": bool(arrays["stats/dead"][c]) if "stats/dead" in arrays else None,
+            "top": _examples("topk", c, arrays, dataset, size),
+            "bottom": _examples("bottomk", c, arrays, dataset, size),
+            "prev": _unit_link(model, i, c - 1), "next": _unit_link(model, i, c + 1),
+            "prev_layer": _layer_link(model, i - 1, "../"), "next_layer": _layer_link(model, i + 1, "../"),
+            "crumbs": _crumbs(model, 1, (layer.name, "index.html"), (f"unit {c}", None))}
+
+
+def image_context(model: Model, dataset: dict, i: int, heat: dict[str, float]) -> dict:
+    """A dataset image page: the image, label, top-5 predictions, attribution heatmaps."""
+    label = int(dataset["labels"][i])
+    predictions = [{"name": _class_name(model, int(k)), "prob": float(p), "correct": int(k) == label}
+                   for k, p in zip(dataset["top5"][i], dataset["top5_prob"][i])]
+    maps = []
+    for method, scale in heat.items():
+        info = dataset["attribution"][method]
+        target = int(info["target"][i]) if info["target"] is not None else -1
+        maps.append({"method": method, "src": f"{i}-{slug(method)}.{img.PICTURE_EXT}", "scale": scale,
+                     "target": _class_name(model, target),
+                     "score": info["score"][i] if info["score"] is not None else None,
+                     "params": dict(info["params"])})
+    n = model.n_images
+    return {"title": f"image {i}", "index": i, "path": dataset["paths"][i],
+            "label": _class_name(model, label) if label >= 0 else None, "predictions": predictions,
+            "maps": maps, "colorbar": img.colorbar_css(), "methods_missing": not model.methods,
+            "prev": {"href": f"{i - 1}.html", "label": f"image {i - 1}"} if i > 0 else None,
+            "next": {"href": f"{i + 1}.html", "label": f"image {i + 1}"} if i + 1 < n else None,
+            "crumbs": _crumbs(model, 1, ("images", image_index_name(i // IMAGES_PER_INDEX)[7:]),
+                              (f"image {i}", None))}
+
+
+def image_index_name(number: int) -> str:
+    """The file of the number-th page of the dataset image index, relative to the model folder."""
+    return "images/index.html" if number == 0 else f"images/index-{number + 1}.html"
+
+
+def image_index_count(n_images: int) -> int:
+    return math.ceil(n_images / IMAGES_PER_INDEX)
+
+
+def image_index_contexts(model: Model, dataset: dict) -> list[dict]:
+    """One context per page of the dataset image index."""
+    count = image_index_count(model.n_images)
+    out = []
+    for number in range(count):
+        start = number * IMAGES_PER_INDEX
+        stop = min(start + IMAGES_PER_INDEX, model.n_images)
+        images = [{"index": i, "path": dataset["paths"][i]} for i in range(start, stop)]
+        link = lambda k: {"href": image_index_name(k)[7:], "label": f"page {k + 1}"}  # noqa: E731
+        out.append({"title": f"{model.name} images", "images": images, "start": start, "stop": stop,
+                    "total": model.n_images, "skipped": dataset["skipped"] if number == 0 else [],
+                    "pages": [link(k) | {"current": k == number} for k in range(count)] if count > 1 else [],
+                    "crumbs": _crumbs(model, 1, ("images", None))})
+    return out
+
+
+def about_context(f: h5py.File, model: Model, dataset: dict | None) -> dict:
+    """How the store was made: spec, weights, versions, config, parameters, contents."""
+    attrs = model.attrs
+    facts = [(k, attrs.get(k)) for k in ("spec", "name", "weights_id", "input_size", "created",
+                                         "atlas_version", "store_format") if k in attrs]
+    params = [(f"{l.name} featurevis", pretty_json(l.fv_params)) for l in model.layers if l.fv_params]
+    if dataset is not None:
+        params.append(("dataset images", pretty_json(dataset["attrs"])))
+        params += [(f"attribution {m}", pretty_json(v["params"])) for m, v in dataset["attribution"].items()]
+    return {"title": f"About {model.name}", "facts": facts,
+            "config": pretty_json(attrs.get("config", {})), "versions": pretty_json(attrs.get("versions", {})),
+            "preprocess": pretty_json(attrs.get("preprocess", {})), "params": params,
+            "contents": store_contents(f), "skipped": dataset["skipped"] if dataset else [],
+            "crumbs": _crumbs(model, 0)[:-1] + [{"label": model.name, "href": "index.html"},
+                                                {"label": "about", "href": None}]}
+
+
+def summary(model: Model, extra: dict[str, dict]) -> dict:
+    """What the site index lists of a model (saved as `<model>/summary.json`)."""
+    previews = [e["preview"] for e in extra.values() if e["preview"]]
+    preview = previews[len(previews) // 2] if previews else None
+    return {"name": model.name, "slug": model.slug, "spec": model.attrs.get("spec", ""),
+            "weights_id": model.attrs.get("weights_id", ""), "layers": len(model.layers),
+            "units": sum(l.channels for l in model.layers), "images": model.n_images,
+            "preview": f"{model.slug}/{preview}" if preview else None}

@@ -1,0 +1,281 @@
+"""The static site: links, escaping, sprites, missing stages, determinism."""
+
+from __future__ import annotations
+
+import re
+from html.parser import HTMLParser
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from PIL import Image
+
+from atlas.errors import AtlasError
+from atlas.site import SiteWriter, render
+from atlas.site_data import slug
+from atlas.synthetic import write_synthetic_store
+
+XSS = "<script>alert(1)</script>"
+LAYERS = [("conv1", 6, 16), ("block.0.relu@1", 300, 8), ('head."q"<i>', 3, 4), ("fc", 4, 1)]
+N_IMAGES = 6
+URL_IN_CSS = re.compile(r"url\(([^)]*)\)")
+
+
+class _Refs(HTMLParser):
+    """Collects every URL a page refers to, and every <img> lacking alt text."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.urls: list[str] = []
+        self.imgs_without_alt = 0
+        self.imgs = 0
+        self._in_style = False
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        a = dict(attrs)
+        self.urls += [v for k, v in attrs if k in ("href", "src") and v is not None]
+        self.urls += URL_IN_CSS.findall(a.get("style") or "")
+        if tag == "img":
+            self.imgs += 1
+            self.imgs_without_alt += not (a.get("alt") or "").strip()
+        self._in_style = tag == "style"
+
+    def handle_endtag(self, tag: str) -> None:
+        self._in_style = False
+
+    def handle_data(self, data: str) -> None:
+        if self._in_style:
+            self.urls += URL_IN_CSS.findall(data)
+
+
+def refs(page: Path) -> _Refs:
+    parser = _Refs()
+    parser.feed(page.read_text(encoding="utf-8"))
+    return parser
+
+
+def _store(tmp: Path, name: str = "tiny", **kwargs) -> Path:
+    classes = [f'{XSS} "quoted" \'single\' & class {i}' for i in range(20)]
+    paths = [f"photos/{XSS}\"'{i}.jpg" for i in range(N_IMAGES)]
+    args = dict(n_images=N_IMAGES, k=4, fv_size=16, image_size=32, methods=("gradient", "grad×input"),
+                name=name, no_featurevis={"fc"}, classes=classes, paths=paths)
+    return write_synthetic_store(tmp / f"{name}.h5", LAYERS, **{**args, **kwargs})
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    tmp = tmp_path_factory.mktemp("site")
+    report = render(_store(tmp), tmp / "site", progress=False)
+    return tmp / "site", report
+
+
+def html_files(root: Path) -> list[Path]:
+    return sorted(root.rglob("*.html"))
+
+
+def crawl(start: Path) -> set[Path]:
+    """Every file reachable from `start` through href, src and CSS url(); asserts each exists."""
+    seen: set[Path] = set()
+    todo = [start.resolve()]
+    while todo:
+        page = todo.pop()
+        if page in seen:
+            continue
+        seen.add(page)
+        for url in refs(page).urls:
+            target = (page.parent / url.split("#")[0].split("?")[0]).resolve()
+            assert target.is_file(), f"{page} links to missing {url}"
+            if target.suffix == ".html":
+                todo.append(target)
+            else:
+                seen.add(target)
+    return seen
+
+
+def test_every_link_from_the_index_exists(site):
+    root, report = site
+    reached = crawl(root / "index.html")
+    pages = {p for p in reached if p.suffix == ".html"}
+    # Every page except 404.html is reachable from the index.
+    assert pages == {p.resolve() for p in html_files(root)} - {(root / "404.html").resolve()}
+    assert len(pages) + 1 == report["pages"]
+    units = sum(c for _, c, _ in LAYERS)
+    assert len(pages) >= units + len(LAYERS) + N_IMAGES
+
+
+def test_no_absolute_or_external_urls(site):
+    root, _ = site
+    for page in html_files(root):
+        for url in refs(page).urls:
+            assert not url.startswith(("/", "http:", "https:", "//", "data:", "file:")), (page, url)
+            assert "://" not in url and not url.startswith("//"), (page, url)
+
+
+def test_every_img_has_alt(site):
+    root, _ = site
+    counted = 0
+    for page in html_files(root):
+        r = refs(page)
+        counted += r.imgs
+        assert r.imgs_without_alt == 0, page
+    assert counted > N_IMAGES
+
+
+def test_root_files(site):
+    root, report = site
+    assert (root / ".nojekyll").is_file()
+    assert "not found" in (root / "404.html").read_text().lower()
+    assert (root / "static" / "atlas.css").is_file() and (root / "static" / "atlas.js").is_file()
+    assert set(report["bytes"]) == {"html", "featurevis", "sprites", "dataset", "attributions"}
+    assert all(v > 0 for v in report["bytes"].values())
+
+
+def test_csp_and_no_remote_loads(site):
+    root, _ = site
+    for page in html_files(root):
+        text = page.read_text()
+        assert "Content-Security-Policy" in text and "default-src 'none'" in text, page
+        assert "@import" not in text and "<iframe" not in text
+
+
+def test_store_strings_are_escaped(site):
+    root, _ = site
+    texts = {p: p.read_text() for p in html_files(root)}
+    for page, text in texts.items():
+        assert XSS not in text, page
+        assert '"quoted"' not in text and '"q"<i>' not in text, page
+    image_page = texts[root / "tiny" / "images" / "0.html"]
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in image_page  # the path and class names, escaped
+    assert "&#34;quoted&#34;" in image_page
+    assert any("head.&#34;q&#34;&lt;i&gt;" in t for t in texts.values())
+
+
+def test_folder_names_are_safe(site):
+    root, _ = site
+    for path in (root / "tiny").rglob("*"):
+        assert re.fullmatch(r"[A-Za-z0-9._-]+", path.name), path
+        assert not path.name.startswith(".")
+    assert (root / "tiny" / "block.0.relu-401" / "index.html").is_file()
+
+
+def test_layer_grid_uses_sprites(site):
+    root, _ = site
+    page = root / "tiny" / "block.0.relu-401" / "index.html"
+    r = refs(page)
+    pictures = {u for u in r.urls if u.endswith((".webp", ".jpg", ".png"))}
+    assert pictures == {"sprite-0.webp", "sprite-1.webp"}  # 300 units: two sheets of 256
+    assert r.imgs == 0
+    assert len(re.findall(r'href="\d+\.html" class="u ', page.read_text())) == 300
+    assert len(list(page.parent.glob("sprite-*"))) == 2
+
+
+def test_crops_reuse_the_stored_images(site):
+    root, _ = site
+    images = root / "tiny" / "images"
+    assert len(list(images.glob("*.jpg"))) == N_IMAGES
+    assert len(list(images.glob("*.webp"))) == 2 * N_IMAGES  # one heatmap per method and image
+    unit = (root / "tiny" / "conv1" / "0.html").read_text()
+    crops = re.findall(r'role="img" aria-label="[^"]+" style="([^"]+)"', unit)
+    assert len(crops) == 8  # k=4 highest and 4 lowest
+    assert all(re.search(r"url\(\.\./images/\d+\.jpg\)", c) for c in crops)
+
+
+def test_missing_featurevis_is_explained(site):
+    root, _ = site
+    for page in (root / "tiny" / "fc" / "index.html", root / "tiny" / "fc" / "0.html"):
+        assert "Feature visualization has not run for this layer" in page.read_text()
+    assert not list((root / "tiny" / "fc").glob("*.webp"))
+    assert "Feature visualization has not run" not in (root / "tiny" / "conv1" / "0.html").read_text()
+
+
+def test_partial_featurevis(tmp_path):
+    store = _store(tmp_path, name="partial")
+    with h5py.File(store, "r+") as f:
+        f["layers/conv1/featurevis/channel_done"][2] = False
+    render(store, tmp_path / "site", progress=False)
+    layer = tmp_path / "site" / "partial" / "conv1"
+    assert "partial: grey units are not rendered yet" in (layer / "index.html").read_text()
+    assert re.search(r'href="2\.html" class="u nofv', (layer / "index.html").read_text())
+    assert "has not been rendered yet" in (layer / "2.html").read_text()
+    assert not (layer / "2.webp").exists() and (layer / "1.webp").exists()
+
+
+def test_store_without_dataset_or_attribution(tmp_path):
+    store = _store(tmp_path, name="nodata", n_images=0)
+    render(store, tmp_path / "site", progress=False)
+    model = tmp_path / "site" / "nodata"
+    assert "The dataset stage has not run" in (model / "index.html").read_text()
+    assert "Dataset examples have not been computed" in (model / "conv1" / "0.html").read_text()
+    assert not (model / "images").exists()
+    crawl(tmp_path / "site" / "index.html")
+
+    store = _store(tmp_path, name="noattr", methods=())
+    render(store, tmp_path / "site", progress=False)
+    assert "Attribution has not run" in (tmp_path / "site" / "noattr" / "images" / "0.html").read_text()
+
+
+def test_rendering_twice_gives_the_same_files(site, tmp_path):
+    root, _ = site
+    store = _store(tmp_path)
+    again = tmp_path / "again"
+    render(store, again, progress=False)
+    render(store, again, progress=False)  # over an existing render: replaced, not merged
+    files = lambda d: {p.relative_to(d): p.read_bytes() for p in d.rglob("*") if p.is_file()}  # noqa: E731
+    first, second = files(root), files(again)
+    assert first.keys() == second.keys()
+    assert [k for k in first if first[k] != second[k]] == []
+
+
+def test_index_lists_every_rendered_model(tmp_path):
+    site_dir = tmp_path / "site"
+    for name in ("alpha", "beta"):
+        render(_store(tmp_path, name=name, n_images=2), site_dir, progress=False)
+    index = refs(site_dir / "index.html").urls
+    assert "alpha/index.html" in index and "beta/index.html" in index
+    crawl(site_dir / "index.html")
+
+
+def test_big_layer_page_stays_small(tmp_path):
+    store = write_synthetic_store(tmp_path / "big.h5", [("wide", 2048, 1)], n_images=0, fv_size=8)
+    render(store, tmp_path / "site", progress=False)
+    page = tmp_path / "site" / "synthetic" / "wide" / "index.html"
+    assert page.stat().st_size < 200_000
+    assert len({u for u in refs(page).urls if u.endswith(".webp")}) <= 20
+
+
+def test_slug_is_safe_and_one_to_one():
+    assert slug("layer3.2.conv2") == "layer3.2.conv2"
+    assert slug("layer1.0.relu@2") == "layer1.0.relu-402"
+    names = ["a@", "a-40", "a-", "a/b", "a\\b", "..", ".", ".hidden", "images", "static", "é", "a b"]
+    slugs = [slug(n) for n in names]
+    assert len(set(slugs)) == len(names)
+    for s in slugs:
+        assert re.fullmatch(r"[A-Za-z0-9._-]+", s) and not s.startswith(".")
+        assert s.lower() not in ("images", "static")
+    with pytest.raises(AtlasError):
+        slug("")
+
+
+def test_writer_refuses_paths_outside_its_folder(tmp_path):
+    writer = SiteWriter(tmp_path, env=None, depth=0)  # type: ignore[arg-type]
+    for bad in ("../x.html", "/etc/x", "a/../../x", "a//b", "a\\..\\b"):
+        with pytest.raises(AtlasError):
+            writer.path(bad)
+    assert writer.path("a/b.html") == tmp_path / "a" / "b.html"
+
+
+def test_not_a_store_is_a_clear_error(tmp_path):
+    with pytest.raises(AtlasError, match="no store file"):
+        render(tmp_path / "missing.h5", tmp_path / "site", progress=False)
+
+
+def test_sprite_cells_show_their_own_unit(site, tmp_path):
+    root, _ = site
+    with h5py.File(_store(tmp_path), "r") as f:
+        fv = f["layers/block.0.relu@1/featurevis/channel"][()].astype(float)
+    sheet = np.asarray(Image.open(root / "tiny" / "block.0.relu-401" / "sprite-1.webp").convert("RGB"), float)
+    unit = 256 + 2 * 16 + 5  # sheet 1, row 2, column 5; cells are 16 px (the fv size)
+    cell = sheet[2 * 16:3 * 16, 5 * 16:6 * 16]
+    distance = np.abs(cell[None] - fv).mean(axis=(1, 2, 3))
+    assert distance.argmin() == unit  # lossy, but nearer its own unit than any other
