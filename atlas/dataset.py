@@ -117,11 +117,11 @@ def _unit_arrays(records, kept, images, top5, prob5, skipped, top, bottom, stats
     idx = torch.cat(kept).numpy() if kept else np.zeros(0, np.int64)
     arrays = {
         "index": idx, "images": np.concatenate(images) if images else np.zeros((0, size, size, 3), np.uint8),
-        "paths": np.array([records[i].path for i in idx], dtype=str),
+        "paths": np.array([records[i].name for i in idx], dtype=str),
         "labels": np.array([records[i].label for i in idx], np.int64),
         "top5": torch.cat(top5).numpy() if top5 else np.zeros((0, 5), np.int64),
         "top5_prob": torch.cat(prob5).numpy() if prob5 else np.zeros((0, 5), np.float32),
-        "skipped_paths": np.array([records[i].path for i, _ in skipped], dtype=str),
+        "skipped_paths": np.array([records[i].name for i, _ in skipped], dtype=str),
         "skipped_reasons": np.array([r for _, r in skipped], dtype=str),
     }
     for name in top:

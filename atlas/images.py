@@ -32,8 +32,13 @@ SKIMAGE_PHOTOS = ("astronaut.png", "camera.png", "chelsea.png", "coffee.png", "m
 
 @dataclass(frozen=True)
 class ImageRecord:
-    path: str
+    path: str  # where to read the file
     label: int = -1  # true class index, -1 when unknown
+    name: str = ""  # the path relative to the source, what the store and the site show
+
+    def __post_init__(self):
+        if not self.name:
+            object.__setattr__(self, "name", Path(self.path).name)
 
 
 def _package_dir(name: str) -> Path | None:
@@ -49,10 +54,10 @@ def sample_images() -> list[ImageRecord]:
     foolbox = _package_dir("foolbox")
     if foolbox is not None:
         for p in sorted((foolbox / "data").glob("imagenet_*.jpg")):
-            records.append(ImageRecord(str(p), int(p.stem.rsplit("_", 1)[1])))
+            records.append(ImageRecord(str(p), int(p.stem.rsplit("_", 1)[1]), f"foolbox/{p.name}"))
     skimage = _package_dir("skimage")
     if skimage is not None:
-        records += [ImageRecord(str(skimage / "data" / n)) for n in SKIMAGE_PHOTOS
+        records += [ImageRecord(str(skimage / "data" / n), -1, f"scikit-image/{n}") for n in SKIMAGE_PHOTOS
                     if (skimage / "data" / n).exists()]
     if not records:
         raise AtlasError("no sample photos found: install foolbox and scikit-image, or pass --data FOLDER")
@@ -86,8 +91,8 @@ def list_images(source: str | os.PathLike | None, class_names: list[str]) -> lis
     if root.is_dir():
         lookup = _label_lookup(class_names)
         files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-        records = [ImageRecord(str(p), lookup.get(p.parent.name.lower(), -1) if p.parent != root else -1)
-                   for p in files]
+        records = [ImageRecord(str(p), lookup.get(p.parent.name.lower(), -1) if p.parent != root else -1,
+                               p.relative_to(root).as_posix()) for p in files]
     elif root.is_file():
         records = _read_list(root)
     else:
@@ -106,7 +111,7 @@ def _read_list(path: Path) -> list[ImageRecord]:
         name, _, label = line.rpartition(" ") if line.rsplit(" ", 1)[-1].lstrip("-").isdigit() else (line, "", "")
         file = Path(name.strip()).expanduser()
         records.append(ImageRecord(str(file if file.is_absolute() else path.parent / file),
-                                   int(label) if label else -1))
+                                   int(label) if label else -1, name.strip()))
     return records
 
 
