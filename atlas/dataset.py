@@ -19,7 +19,20 @@ from atlas.layers import Capture, receptive_field
 from atlas.store import Store, read_attrs
 
 STAGE = "dataset"
-STAT_KEYS = ("sum", "sumsq", "count", "max", "min", "zeros")
+STAT_KEYS = ("sum", "sumsq", "count", "max", "min", "zeros", "hist")
+# Histogram of each image's spatial max, on bins fixed before any data is seen (uniform in
+# asinh(value), covering |value| up to about 1,500), so shards add up exactly.
+HIST_BINS, HIST_REACH = 48, 8.0
+HIST_EDGES = np.sinh(np.linspace(-HIST_REACH, HIST_REACH, HIST_BINS + 1))
+
+
+def histogram(peak: torch.Tensor) -> torch.Tensor:
+    """Counts [C, HIST_BINS] of per-image values peak [B, C] on the fixed bins."""
+    b, c = peak.shape
+    scaled = (torch.asinh(peak.double()) + HIST_REACH) / (2 * HIST_REACH) * HIST_BINS
+    bins = scaled.floor().long().clamp_(0, HIST_BINS - 1)
+    flat = (torch.arange(c) * HIST_BINS + bins).reshape(-1)
+    return torch.bincount(flat, minlength=c * HIST_BINS).reshape(c, HIST_BINS)
 
 
 def _reduce(act: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -110,6 +123,7 @@ def _accumulate(acc: dict[str, list], r: dict[str, torch.Tensor]) -> None:
     for k in ("sum", "sumsq", "count", "zeros"):
         acc[k].append(r[k].double().sum(0))
     acc["max"].append(r["peak"].max(0).values.double())
+    acc["hist"].append(histogram(r["peak"]).double())
     acc["min"].append(r["min"].min(0).values.double())
 
 
@@ -137,7 +151,8 @@ def _unit_arrays(records, kept, images, top5, prob5, skipped, top, bottom, stats
 def _combine(key: str, parts: list[torch.Tensor], channels: int) -> np.ndarray:
     """Folds per-batch statistics into one row per channel."""
     if not parts:
-        return np.full(channels, {"max": -np.inf, "min": np.inf}.get(key, 0.0))
+        return np.zeros((channels, HIST_BINS)) if key == "hist" else \
+            np.full(channels, {"max": -np.inf, "min": np.inf}.get(key, 0.0))
     stacked = torch.stack(parts)
     folded = stacked.amax(0) if key == "max" else stacked.amin(0) if key == "min" else stacked.sum(0)
     return folded.numpy()
@@ -238,3 +253,6 @@ def _write_stats(g: h5py.Group, acc: dict[str, np.ndarray]) -> None:
     g["min"] = acc["min"].min(0).astype(np.float32)
     g["zero_fraction"] = (acc["zeros"].sum(0) / count).astype(np.float32)
     g["dead"] = g["max"][...] <= 0
+    g["hist"] = acc["hist"].sum(0).astype(np.int64)
+    g["hist"].attrs["of"] = "spatial max per image"
+    g["hist_edges"] = HIST_EDGES.astype(np.float32)

@@ -64,6 +64,9 @@ def test_topk_equals_brute_force_and_skips_bad_files(tmp_path, images):
             low = np.argsort(peak, axis=1, kind="stable")[:, :4]
             np.testing.assert_array_equal(f[f"layers/{layer}/bottomk/index"][...], low)
             np.testing.assert_allclose(f[f"layers/{layer}/stats/max"][...], peak.max(1), rtol=1e-5)
+            edges = f[f"layers/{layer}/stats/hist_edges"][...].astype(np.float64)
+            expected = np.stack([np.histogram(row, edges)[0] for row in peak])
+            np.testing.assert_array_equal(f[f"layers/{layer}/stats/hist"][...], expected)
             box = f[f"layers/{layer}/topk/box"][...]
             assert (box[..., 2] - box[..., 0] == box[..., 3] - box[..., 1]).all()
             assert box.min() >= 0 and box.max() <= 32
