@@ -159,3 +159,23 @@ def layers_cmd(model: str, weights: str | None, layers: tuple[str, ...], selecte
     picked = [l for l in found if l.name in default]
     click.echo(f"{len(found)} layers; default selection: {len(picked)} layers, "
                f"{sum(l.channels for l in picked)} channels")
+
+
+@main.group()
+def bench() -> None:
+    """Side-by-side benchmarks; each prints its summary as the last line."""
+
+
+@bench.command("dataset")
+@click.option("--model", default="resnet50", show_default=True)
+@click.option("--weights", default="random", show_default=True, help="a state dict, or random")
+@click.option("--images", default=128, show_default=True, help="images per pass (the memory run uses 4x)")
+@click.option("--batch", default=32, show_default=True)
+@click.option("--workers", default=2, show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+def bench_dataset(**o) -> None:
+    """Atlas's dataset pass against a plain model(x) pass over the same images."""
+    from atlas.bench import dataset
+    r = dataset.run(**o)
+    click.echo(f"dataset: throughput_vs_plain_forward={r['throughput_vs_plain_forward']:.3f} "
+               f"peak_mem_ratio_4x_images={r['peak_mem_ratio_4x_images']:.3f}")

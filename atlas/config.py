@@ -41,6 +41,7 @@ class Config:
     data_unit: int = 256  # images per work unit (the grain of resume and sharding)
     workers: int = 2  # DataLoader decoding processes (0 = decode in the main process)
     max_images: int | None = None  # use only the first N images of the source
+    fuse: bool = True  # fuse the pass's per-layer reductions with torch.compile (eager fallback)
 
     # --- attribution ---
     attr_methods: tuple[str, ...] = ("gradient",)  # methods computed for every dataset image

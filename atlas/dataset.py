@@ -1,8 +1,8 @@
 """The dataset stage: one streaming pass that finds every channel's top and bottom images.
 
 Every selected layer is hooked at once. Inside each hook the activation is
-reduced at once to per-channel numbers (spatial max and its position, sums for
-the statistics), so memory never holds more than one batch of feature maps and
+folded into per-channel summaries (atlas/topk.py) the moment the layer
+produces it, so memory never holds more than one batch of feature maps and
 does not grow with the number of images. A work unit is a range of images; it
 keeps its own top-k, and units merge into the same top-k a single pass gives
 (ties broken by image index).
@@ -17,56 +17,9 @@ import torch
 from atlas.images import ImageDataset, list_images
 from atlas.layers import Capture, receptive_field
 from atlas.store import Store, read_attrs
+from atlas.topk import HIST_EDGES, STATS, LayerSummary, TopK
 
 STAGE = "dataset"
-STAT_KEYS = ("sum", "sumsq", "count", "max", "min", "zeros", "hist")
-# Histogram of each image's spatial max, on bins fixed before any data is seen (uniform in
-# asinh(value), covering |value| up to about 1,500), so shards add up exactly.
-HIST_BINS, HIST_REACH = 48, 8.0
-HIST_EDGES = np.sinh(np.linspace(-HIST_REACH, HIST_REACH, HIST_BINS + 1))
-
-
-def histogram(peak: torch.Tensor) -> torch.Tensor:
-    """Counts [C, HIST_BINS] of per-image values peak [B, C] on the fixed bins."""
-    b, c = peak.shape
-    scaled = (torch.asinh(peak.double()) + HIST_REACH) / (2 * HIST_REACH) * HIST_BINS
-    bins = scaled.floor().long().clamp_(0, HIST_BINS - 1)
-    flat = (torch.arange(c) * HIST_BINS + bins).reshape(-1)
-    return torch.bincount(flat, minlength=c * HIST_BINS).reshape(c, HIST_BINS)
-
-
-def _reduce(act: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per image and channel: spatial max, its flat position, and sums for the statistics."""
-    flat = act.detach().flatten(2).float()
-    peak, pos = flat.max(dim=2)
-    return {"peak": peak.cpu(), "pos": pos.cpu(), "sum": flat.sum(2).cpu(), "sumsq": (flat * flat).sum(2).cpu(),
-            "min": flat.min(2).values.cpu(), "zeros": (flat <= 0).sum(2).float().cpu(),
-            "count": torch.full_like(peak, flat.shape[2]).cpu()}
-
-
-class TopK:
-    """Running k best (largest or smallest) values per channel with their image and position."""
-
-    def __init__(self, channels: int, k: int, largest: bool):
-        self.k, self.largest = k, largest
-        fill = -np.inf if largest else np.inf
-        self.value = torch.full((channels, 0), fill)
-        self.index = torch.zeros((channels, 0), dtype=torch.long)
-        self.pos = torch.zeros((channels, 0), dtype=torch.long)
-
-    def update(self, value: torch.Tensor, index: torch.Tensor, pos: torch.Tensor) -> None:
-        """Merges candidates shaped [C, n] (index may be [n] for a batch of images)."""
-        if index.dim() == 1:
-            index = index.expand(value.shape[0], -1)
-        value = torch.cat([self.value, value], 1)
-        index = torch.cat([self.index, index], 1)
-        pos = torch.cat([self.pos, pos], 1)
-        order = torch.argsort(index, dim=1, stable=True)  # ties go to the lower image index
-        value, index, pos = value.gather(1, order), index.gather(1, order), pos.gather(1, order)
-        order = torch.argsort(value, dim=1, descending=self.largest, stable=True)[:, :self.k]
-        self.value, self.index, self.pos = value.gather(1, order), index.gather(1, order), pos.gather(1, order)
-
-
 def run(ctx) -> None:
     """Streams the images the store has not seen through the model, unit by unit."""
     cfg = ctx.config
@@ -96,40 +49,31 @@ def _run_unit(ctx, records, first: int, end: int, bar) -> dict[str, np.ndarray]:
     cfg, loaded = ctx.config, ctx.loaded
     loader = torch.utils.data.DataLoader(ImageDataset(records, loaded.preprocess, range(first, end)),
                                          batch_size=cfg.data_batch, num_workers=cfg.workers)
-    names = [l.name for l in ctx.layers]
-    top = {l.name: TopK(l.channels, cfg.topk, True) for l in ctx.layers}
-    bottom = {l.name: TopK(l.channels, cfg.topk, False) for l in ctx.layers}
-    stats = {l.name: {k: [] for k in STAT_KEYS} for l in ctx.layers}
+    summaries = {l.name: LayerSummary(l.channels, cfg.topk, ctx.device, cfg.fuse) for l in ctx.layers}
+    batch = {"index": torch.zeros(0, dtype=torch.long)}  # global ids of the images in flight
+    hooks = {name: (lambda act, s=s: s.add(act, batch["index"])) for name, s in summaries.items()}
     kept, images, top5, prob5, skipped = [], [], [], [], []
-    with torch.no_grad(), Capture(loaded.model, names, fn=_reduce) as capture:
+    with torch.no_grad(), Capture(loaded.model, list(summaries), fn=hooks) as capture:
         for pixels, index, reasons in loader:
-            ok = torch.tensor([not r for r in reasons])
+            ok = torch.tensor([not r for r in reasons], dtype=torch.bool)
             skipped += [(int(i), r) for i, r in zip(index, reasons) if r]
             bar.update(len(index))
             if not ok.any():
                 continue
-            out = capture.run(loaded.preprocess.from_uint8(pixels[ok]).to(ctx.device))
-            probs = torch.softmax(capture.returned.float(), dim=1).cpu()
-            p5, c5 = probs.topk(min(5, probs.shape[1]), dim=1)
-            kept.append(index[ok]); images.append(pixels[ok].numpy()); top5.append(c5); prob5.append(p5)
-            for name, r in out.items():
-                top[name].update(r["peak"].T, index[ok], r["pos"].T)
-                bottom[name].update(r["peak"].T, index[ok], r["pos"].T)
-                _accumulate(stats[name], r)
-    return _unit_arrays(records, kept, images, top5, prob5, skipped, top, bottom, stats, loaded.input_size)
+            batch["index"] = index[ok].to(ctx.device)  # ascending, as LayerSummary.add needs
+            capture.run(loaded.preprocess.from_uint8(pixels[ok]).to(ctx.device))
+            p5, c5 = torch.softmax(capture.returned.float(), dim=1).topk(min(5, capture.returned.shape[1]), dim=1)
+            kept.append(index[ok]); images.append(pixels[ok].numpy())
+            top5.append(c5.cpu()); prob5.append(p5.cpu())
+    arrays = _image_arrays(records, kept, images, top5, prob5, skipped, loaded.input_size)
+    for name, summary in summaries.items():
+        arrays.update({f"{name}/{k}": v for k, v in summary.arrays().items()})
+    return arrays
 
 
-def _accumulate(acc: dict[str, list], r: dict[str, torch.Tensor]) -> None:
-    for k in ("sum", "sumsq", "count", "zeros"):
-        acc[k].append(r[k].double().sum(0))
-    acc["max"].append(r["peak"].max(0).values.double())
-    acc["hist"].append(histogram(r["peak"]).double())
-    acc["min"].append(r["min"].min(0).values.double())
-
-
-def _unit_arrays(records, kept, images, top5, prob5, skipped, top, bottom, stats, size) -> dict:
+def _image_arrays(records, kept, images, top5, prob5, skipped, size) -> dict[str, np.ndarray]:
     idx = torch.cat(kept).numpy() if kept else np.zeros(0, np.int64)
-    arrays = {
+    return {
         "index": idx, "images": np.concatenate(images) if images else np.zeros((0, size, size, 3), np.uint8),
         "paths": np.array([records[i].name for i in idx], dtype=str),
         "labels": np.array([records[i].label for i in idx], np.int64),
@@ -138,24 +82,6 @@ def _unit_arrays(records, kept, images, top5, prob5, skipped, top, bottom, stats
         "skipped_paths": np.array([records[i].name for i, _ in skipped], dtype=str),
         "skipped_reasons": np.array([r for _, r in skipped], dtype=str),
     }
-    for name in top:
-        for prefix, t in (("top", top[name]), ("bottom", bottom[name])):
-            arrays[f"{name}/{prefix}_value"] = t.value.numpy().astype(np.float32)
-            arrays[f"{name}/{prefix}_index"] = t.index.numpy()
-            arrays[f"{name}/{prefix}_pos"] = t.pos.numpy()
-        for k, parts in stats[name].items():
-            arrays[f"{name}/{k}"] = _combine(k, parts, top[name].value.shape[0])
-    return arrays
-
-
-def _combine(key: str, parts: list[torch.Tensor], channels: int) -> np.ndarray:
-    """Folds per-batch statistics into one row per channel."""
-    if not parts:
-        return np.zeros((channels, HIST_BINS)) if key == "hist" else \
-            np.full(channels, {"max": -np.inf, "min": np.inf}.get(key, 0.0))
-    stacked = torch.stack(parts)
-    folded = stacked.amax(0) if key == "max" else stacked.amin(0) if key == "min" else stacked.sum(0)
-    return folded.numpy()
 
 
 def box_of(pos: np.ndarray, height: int, width: int, rf: int, size: int) -> np.ndarray:
@@ -214,13 +140,13 @@ def _merge_layer(store: Store, f: h5py.File, name: str, compact: np.ndarray, att
     channels, height, width = (int(layer.attrs[k]) for k in ("channels", "height", "width"))
     k = int(attrs.get("k", 10))
     merged = {"top": TopK(channels, k, True), "bottom": TopK(channels, k, False)}
-    acc = {key: [] for key in STAT_KEYS}
+    acc = {key: [] for key in STATS}
     for _, part in store.units(STAGE):
         if f"{name}/top_value" not in part:
             return  # the layer was added after this pass: no dataset examples for it yet
         for prefix, t in merged.items():
             t.update(*(torch.from_numpy(part[f"{name}/{prefix}_{x}"][...]) for x in ("value", "index", "pos")))
-        for key in STAT_KEYS:
+        for key in STATS:
             acc[key].append(part[f"{name}/{key}"][...])
     rf = attrs["rf"][name]
     size = f["dataset/images"].shape[1]
@@ -250,9 +176,8 @@ def _write_stats(g: h5py.Group, acc: dict[str, np.ndarray]) -> None:
     g["mean"] = mean.astype(np.float32)
     g["std"] = np.sqrt(np.maximum(acc["sumsq"].sum(0) / count - mean**2, 0)).astype(np.float32)
     g["max"] = acc["max"].max(0).astype(np.float32)
-    g["min"] = acc["min"].min(0).astype(np.float32)
     g["zero_fraction"] = (acc["zeros"].sum(0) / count).astype(np.float32)
     g["dead"] = g["max"][...] <= 0
     g["hist"] = acc["hist"].sum(0).astype(np.int64)
     g["hist"].attrs["of"] = "spatial max per image"
-    g["hist_edges"] = HIST_EDGES.astype(np.float32)
+    g["hist_edges"] = HIST_EDGES

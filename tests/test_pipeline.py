@@ -10,6 +10,7 @@ from PIL import Image
 
 from atlas import pipeline
 from atlas.config import preset
+from atlas.dataset import box_of
 from atlas.layers import Capture
 
 
@@ -64,10 +65,19 @@ def test_topk_equals_brute_force_and_skips_bad_files(tmp_path, images):
             low = np.argsort(peak, axis=1, kind="stable")[:, :4]
             np.testing.assert_array_equal(f[f"layers/{layer}/bottomk/index"][...], low)
             np.testing.assert_allclose(f[f"layers/{layer}/stats/max"][...], peak.max(1), rtol=1e-5)
+            flat = acts[layer].flatten(2)
+            np.testing.assert_allclose(f[f"layers/{layer}/stats/mean"][...], flat.mean((0, 2)).numpy(), rtol=1e-4, atol=1e-6)
+            np.testing.assert_allclose(f[f"layers/{layer}/stats/std"][...], flat.transpose(0, 1).reshape(flat.shape[1], -1).std(1, unbiased=False).numpy(), rtol=1e-3)
+            np.testing.assert_allclose(f[f"layers/{layer}/stats/zero_fraction"][...], (flat <= 0).float().mean((0, 2)).numpy(), rtol=1e-6)
             edges = f[f"layers/{layer}/stats/hist_edges"][...].astype(np.float64)
             expected = np.stack([np.histogram(row, edges)[0] for row in peak])
             np.testing.assert_array_equal(f[f"layers/{layer}/stats/hist"][...], expected)
             box = f[f"layers/{layer}/topk/box"][...]
+            flat = acts[layer].flatten(2)  # [N, C, P]
+            pos = flat.argmax(2).T.numpy()  # [C, N]
+            _, _, h, w = acts[layer].shape
+            rf = f[f"layers/{layer}/topk"].attrs["receptive_field"]
+            np.testing.assert_array_equal(box, box_of(np.take_along_axis(pos, order, 1), h, w, rf, 32))
             assert (box[..., 2] - box[..., 0] == box[..., 3] - box[..., 1]).all()
             assert box.min() >= 0 and box.max() <= 32
 

@@ -1,0 +1,1 @@
+"""Side-by-side benchmarks, each printing one summary line last (`atlas bench ...`)."""

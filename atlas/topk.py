@@ -1,0 +1,142 @@
+"""Streaming per-channel summaries: running top-k and bottom-k, statistics, histograms.
+
+`LayerSummary.add` runs inside a forward hook, on the activation the moment
+the layer produces it, so no feature map outlives its layer. Every number it
+needs from a feature map (max, arg-max, sum, sum of squares, zero count) comes
+from one fused pass over the map in its own memory layout, so hooking every
+layer costs little more than the forward pass itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import numpy as np
+import torch
+
+# Histogram of each image's spatial max, on bins fixed before any data is seen (uniform in
+# asinh(value), covering |value| up to about 1,500), so shards add up exactly.
+HIST_BINS, HIST_REACH = 48, 8.0
+HIST_EDGES = np.sinh(np.linspace(-HIST_REACH, HIST_REACH, HIST_BINS + 1))
+STATS = ("sum", "sumsq", "count", "max", "zeros", "hist")
+
+
+def histogram(peak: torch.Tensor) -> torch.Tensor:
+    """Counts [C, HIST_BINS] of per-image values peak [B, C] on the fixed bins."""
+    b, c = peak.shape
+    scaled = (torch.asinh(peak.double()) + HIST_REACH) / (2 * HIST_REACH) * HIST_BINS
+    bins = scaled.floor().long().clamp_(0, HIST_BINS - 1)
+    flat = (torch.arange(c, device=peak.device) * HIST_BINS + bins).reshape(-1)
+    return torch.bincount(flat, minlength=c * HIST_BINS).reshape(c, HIST_BINS)
+
+
+def _reduce(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, ...]:
+    """Max, its position, sum, sum of squares and count of values <= 0 along `dim`."""
+    x = x.float()
+    return x.amax(dim), x.argmax(dim), x.sum(dim), (x * x).sum(dim), (x <= 0).sum(dim)
+
+
+class _Reducer:
+    """`_reduce`, fused into one pass over the data by torch.compile where it can be.
+
+    Eager PyTorch reads a feature map five times and allocates two temporaries
+    the size of it; the compiled kernel reads it once. Where compilation is
+    unavailable (no C++ compiler, an unsupported device), it falls back to
+    eager mode, once, with a warning.
+    """
+
+    def __init__(self):
+        self.compiled = None
+        self.failed = False
+
+    def __call__(self, x: torch.Tensor, dim: int, fuse: bool) -> tuple[torch.Tensor, ...]:
+        if not fuse or self.failed:
+            return _reduce(x, dim)
+        try:
+            if self.compiled is None:
+                # compiling for the CPU on a machine without CUDA is expected, not worth a warning
+                logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+                self.compiled = torch.compile(_reduce, dynamic=True)
+            return self.compiled(x, dim)
+        except Exception as exc:  # any compiler failure: the eager path gives the same numbers
+            self.failed = True
+            warnings.warn(f"fused reductions unavailable ({type(exc).__name__}); using eager mode")
+            return _reduce(x, dim)
+
+
+_REDUCER = _Reducer()
+
+
+def reduce_positions(act: torch.Tensor, fuse: bool = True) -> dict[str, torch.Tensor]:
+    """Per image and channel of [B, C, H, W]: max over positions, its flat position, sum,
+    sum of squares and count of values <= 0.
+
+    Works in the tensor's own memory layout (channels-last is what convolutions
+    produce fastest on CPUs), so no feature map is copied.
+    """
+    b, c = act.shape[:2]
+    if act.is_contiguous():
+        x, dim = act.reshape(b, c, -1), 2
+    else:
+        x, dim = act.permute(0, 2, 3, 1).reshape(b, -1, c), 1  # a view when channels-last
+    peak, pos, total, sumsq, zeros = _REDUCER(x, dim, fuse)
+    return {"max": peak, "pos": pos, "sum": total, "sumsq": sumsq, "zeros": zeros}
+
+
+class TopK:
+    """Running k best (largest or smallest) values per channel with their image and position.
+
+    Updates must come in ascending image order (each batch's images after all
+    earlier ones, as a stream or shards merged in order produce them). Then one
+    stable sort breaks ties in favour of the lower image index, and merged
+    shards equal the single-pass result.
+    """
+
+    def __init__(self, channels: int, k: int, largest: bool, device: torch.device | str = "cpu"):
+        self.k, self.largest = k, largest
+        self.value = torch.zeros((channels, 0), device=device)
+        self.index = torch.zeros((channels, 0), dtype=torch.long, device=device)
+        self.pos = torch.zeros((channels, 0), dtype=torch.long, device=device)
+
+    def update(self, value: torch.Tensor, index: torch.Tensor, pos: torch.Tensor) -> None:
+        """Merges candidates shaped [C, n]; index may be [n]; pos -1 means 'not computed yet'."""
+        if index.dim() == 1:
+            index = index.expand(value.shape[0], -1)
+        value = torch.cat([self.value, value.float()], 1)
+        index = torch.cat([self.index, index], 1)
+        pos = torch.cat([self.pos, pos], 1)
+        order = torch.argsort(value, dim=1, descending=self.largest, stable=True)[:, :self.k]
+        self.value, self.index, self.pos = value.gather(1, order), index.gather(1, order), pos.gather(1, order)
+
+
+class LayerSummary:
+    """What the dataset stage keeps of one layer over a stream of batches."""
+
+    def __init__(self, channels: int, k: int, device: torch.device | str = "cpu", fuse: bool = True):
+        self.fuse = fuse
+        self.top = TopK(channels, k, True, device)
+        self.bottom = TopK(channels, k, False, device)
+        self.stats = {key: torch.zeros(channels, dtype=torch.float64, device=device) for key in STATS[:5]}
+        self.stats["max"].fill_(-np.inf)
+        self.stats["hist"] = torch.zeros((channels, HIST_BINS), dtype=torch.float64, device=device)
+
+    def add(self, act: torch.Tensor, index: torch.Tensor) -> None:
+        """Folds in one batch: activation [B, C, H, W] of the images with global ids `index` [B]."""
+        b, c, h, w = act.shape
+        r = reduce_positions(act.detach(), self.fuse)
+        peak = r["max"]
+        for key in ("sum", "sumsq", "zeros"):
+            self.stats[key] += r[key].double().sum(0)
+        self.stats["count"] += b * h * w
+        self.stats["max"] = torch.maximum(self.stats["max"], peak.amax(0).double())
+        self.stats["hist"] += histogram(peak)
+        index = index.to(peak.device)
+        self.top.update(peak.T, index, r["pos"].T)
+        self.bottom.update(peak.T, index, r["pos"].T)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        out = {f"{p}_{k}": getattr(t, k).cpu().numpy() for p, t in (("top", self.top), ("bottom", self.bottom))
+               for k in ("value", "index", "pos")}
+        out.update({k: v.cpu().numpy() for k, v in self.stats.items()})
+        return out

@@ -1,0 +1,65 @@
+"""Streaming summaries: fused and eager reductions agree; top-k merges exactly; ties are stable."""
+
+import numpy as np
+import pytest
+import torch
+
+from atlas.topk import HIST_EDGES, LayerSummary, TopK, histogram, reduce_positions
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fused_and_eager_reductions_agree_with_the_definition(channels_last):
+    act = torch.randn(3, 5, 7, 6, generator=torch.Generator().manual_seed(0))
+    act[1, 2] = 0.0  # a silent map: its zero count is every position
+    if channels_last:
+        act = act.contiguous(memory_format=torch.channels_last)
+    flat = act.flatten(2)
+    for fuse in (False, True):
+        r = reduce_positions(act, fuse)
+        torch.testing.assert_close(r["max"], flat.amax(2))
+        torch.testing.assert_close(r["pos"], flat.argmax(2))
+        torch.testing.assert_close(r["sum"], flat.sum(2), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(r["sumsq"], (flat ** 2).sum(2), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(r["zeros"].long(), (flat <= 0).sum(2))
+        assert r["zeros"][1, 2] == 42
+
+
+def test_topk_keeps_the_best_and_breaks_ties_by_lower_index():
+    t = TopK(2, 3, largest=True)
+    values = torch.tensor([[1.0, 5.0, 5.0, 2.0], [0.0, -1.0, 3.0, 3.0]])
+    t.update(values[:, :2], torch.tensor([0, 1]), torch.zeros(2, 2, dtype=torch.long))
+    t.update(values[:, 2:], torch.tensor([2, 3]), torch.ones(2, 2, dtype=torch.long))
+    assert t.index.tolist() == [[1, 2, 3], [2, 3, 0]]
+    assert t.pos.tolist() == [[0, 1, 1], [1, 1, 0]]
+    low = TopK(2, 2, largest=False)
+    low.update(values, torch.arange(4), torch.zeros(2, 4, dtype=torch.long))
+    assert low.index.tolist() == [[0, 3], [1, 0]]
+
+
+def test_shards_merge_to_the_single_stream():
+    gen = torch.Generator().manual_seed(3)
+    acts = (torch.randn(24, 4, 3, 3, generator=gen) * 2).round()  # rounded: many ties
+    whole = LayerSummary(4, 5, fuse=False)
+    for a in range(0, 24, 8):
+        whole.add(acts[a:a + 8], torch.arange(a, a + 8))
+    shards = []
+    for a in range(0, 24, 6):
+        s = LayerSummary(4, 5, fuse=False)
+        s.add(acts[a:a + 6], torch.arange(a, a + 6))
+        shards.append(s)
+    merged = TopK(4, 5, largest=True)
+    for s in shards:
+        merged.update(s.top.value, s.top.index, s.top.pos)
+    assert torch.equal(merged.index, whole.top.index) and torch.equal(merged.pos, whole.top.pos)
+    total = {k: sum(s.stats[k] for s in shards) for k in ("sum", "sumsq", "zeros", "count", "hist")}
+    for k, v in total.items():
+        torch.testing.assert_close(v, whole.stats[k])
+
+
+def test_histogram_bins_are_fixed_and_count_every_image():
+    peak = torch.tensor([[0.0, -3.0], [0.5, 1e6], [-1e-3, 2.0]])
+    counts = histogram(peak)
+    assert counts.sum(1).tolist() == [3, 3]
+    for c in range(2):
+        expected = np.histogram(np.clip(peak[:, c].numpy(), HIST_EDGES[0], HIST_EDGES[-1]), HIST_EDGES)[0]
+        assert counts[c].tolist() == expected.tolist()
