@@ -62,3 +62,30 @@ def tiny_convnet():
     model = seeded_init(TinyConvNet())
     pre = Preprocess(size=32, crop_pct=1.0, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
     return model, pre, [f"class {i}" for i in range(10)]
+
+
+class ColorProbe(nn.Module):
+    """Hand-set weights: channel c of `probe` is colour channel c of the pixel, exactly.
+
+    With mean 0 and std 1 preprocessing, the input is the pixel value / 255, so
+    every activation of this model is known before running it.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.probe = nn.Conv2d(3, 3, 1)
+        self.fc = nn.Linear(3, 3)
+        with torch.no_grad():
+            self.probe.weight.copy_(torch.eye(3).view(3, 3, 1, 1))
+            self.probe.bias.zero_()
+            self.fc.weight.copy_(torch.eye(3))
+            self.fc.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.probe(x).mean(dim=(2, 3)))
+
+
+@register_tiny("color_probe")
+def color_probe():
+    pre = Preprocess(size=16, crop_pct=1.0, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    return ColorProbe(), pre, ["red", "green", "blue"]

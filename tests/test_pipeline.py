@@ -115,3 +115,29 @@ def test_featurevis_stage_fills_every_channel(tmp_path, images):
             assert g["channel"].shape == (f[f"layers/{layer}"].attrs["channels"], 32, 32, 3)
             assert g["channel"].attrs["steps"] == 4
             assert np.isfinite(g["channel_objective"][...]).all()
+
+
+def test_topk_of_a_hand_set_channel_is_known_by_construction(tmp_path):
+    """Image i is grey 20 with one pixel of red 10 * i at (x=i, y=15 - i): channel 0 of the
+    colour probe peaks there at exactly 10 * i / 255."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(12):
+        pixels = np.full((16, 16, 3), 20, np.uint8)
+        pixels[15 - i, i, 0] = 10 * i if i >= 2 else 20
+        Image.fromarray(pixels).save(folder / f"{i:02d}.png")
+    cfg = preset("quick").replace(model="atlas:color_probe", data=str(folder), store_dir=tmp_path / "store",
+                                  workers=0, topk=3, data_unit=5, data_batch=2, device="cpu", layers=("probe",))
+    _, path = build(cfg, stages=("dataset",))
+    with h5py.File(path) as f:
+        top, bottom = f["layers/probe/topk"], f["layers/probe/bottomk"]
+        assert top["index"][0].tolist() == [11, 10, 9]
+        np.testing.assert_allclose(top["value"][0], [110 / 255, 100 / 255, 90 / 255], rtol=1e-6)
+        rf = top.attrs["receptive_field"]
+        assert rf == 1
+        assert top["box"][0].tolist() == [[11, 4, 12, 5], [10, 5, 11, 6], [9, 6, 10, 7]]
+        assert bottom["index"][0].tolist() == [0, 1, 2]  # grey 20 everywhere; ties by index
+        np.testing.assert_allclose(bottom["value"][0], 20 / 255, rtol=1e-6)
+        # green never varies: every image ties, so the lowest indices win both lists
+        assert top["index"][1].tolist() == [0, 1, 2]
+        assert not f["layers/probe/stats/dead"][...].any()
