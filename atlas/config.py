@@ -34,6 +34,10 @@ class Config:
     fv_lr: float = 0.05  # Adam learning rate (Lucid: 0.05)
     fv_batch: int = 32  # images optimized together; a work unit is one batch of one layer
     fv_loss_points: int = 32  # loss-curve samples kept per image
+    fv_views: tuple[str, ...] = ("channel", "negative", "neuron", "diversity")  # what to render per unit
+    fv_diversity: int = 4  # images in a unit's diversity set
+    fv_diversity_weight: float = 10.0  # weight of the style-difference reward against the channel mean
+    fv_redirect_steps: int = 16  # first steps with the redirected ReLU gradient (Lucid: 16)
 
     # --- dataset examples ---
     topk: int = 10  # top and bottom images kept per channel (Microscope, NetDissect: about 10)
@@ -76,7 +80,7 @@ class Config:
 
 
 # Fields that decide how work is cut or which units exist, not what a unit holds.
-_UNIT_GRAIN = ("fv_batch", "attr_batch", "attr_methods")
+_UNIT_GRAIN = ("fv_batch", "attr_batch", "attr_methods", "fv_views")
 
 # The full preset is the reference recipe; the quick one renders every selected
 # layer of the default model on a 2-core CPU in a few minutes: smaller images
@@ -84,7 +88,7 @@ _UNIT_GRAIN = ("fv_batch", "attr_batch", "attr_methods")
 PRESETS: dict[str, Config] = {
     "full": Config(preset="full"),
     "quick": Config(preset="quick", fv_size=64, fv_steps=48, fv_lr=0.08, fv_batch=64,
-                    fv_loss_points=16),
+                    fv_loss_points=16, fv_views=("channel",), fv_redirect_steps=8),
 }
 
 

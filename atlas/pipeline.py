@@ -107,7 +107,8 @@ def run_stages(ctx: Context, stages: Iterable[str]) -> Path:
 
 def consolidate(store: Store) -> Path:
     modules = stage_modules()
-    return store.consolidate({stage: modules[stage].consolidate for stage in STAGES})
+    return store.consolidate({stage: modules[stage].consolidate for stage in STAGES},
+                             finalize=modules["featurevis"].derive_quality)
 
 
 def build(config: Config, stages: Iterable[str] = STAGES, render: bool = True,

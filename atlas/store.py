@@ -171,8 +171,14 @@ class Store:
                 yield key, f
 
     # --- consolidation ---
-    def consolidate(self, writers: dict[str, Callable[[Store, h5py.File], None]]) -> Path:
-        """Rebuilds the .h5 from the parts; `writers[stage]` writes each stage's section."""
+    def consolidate(self, writers: dict[str, Callable[[Store, h5py.File], None]],
+                    finalize: Callable[[h5py.File], None] | None = None) -> Path:
+        """Rebuilds the .h5 from the parts.
+
+        Args:
+            writers: `writers[stage]` writes each stage's section, in order.
+            finalize: derives what needs several stages, after all sections are written.
+        """
         meta = self.meta()
 
         def write(tmp: Path) -> None:
@@ -181,6 +187,8 @@ class Store:
                 for stage, writer in writers.items():
                     if self.done(stage):
                         writer(self, f)
+                if finalize is not None:
+                    finalize(f)
         self.directory.mkdir(parents=True, exist_ok=True)
         atomic_write(self.path, write)
         return self.path

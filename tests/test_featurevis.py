@@ -65,6 +65,44 @@ def test_objective_arithmetic_names_and_layers():
 def test_plan_resumes_from_done_channel_ranges(tiny):
     from atlas.layers import discover, select
     layers = select(tiny.model, discover(tiny.model, 32), ["conv1", "conv2"])
-    units = plan(layers, {"conv1/00000-00004", "conv2/00004-00010"}, batch=4)
-    assert units == [("conv1", [4, 5, 6, 7]), ("conv2", [0, 1, 2, 3]), ("conv2", [10, 11, 12, 13]),
-                     ("conv2", [14, 15])]
+    units = plan(layers, ["channel"], {"channel/conv1/00000-00004", "channel/conv2/00004-00010"},
+                 lambda view: 4)
+    assert units == [("channel", "conv1", [4, 5, 6, 7]), ("channel", "conv2", [0, 1, 2, 3]),
+                     ("channel", "conv2", [10, 11, 12, 13]),
+                     ("channel", "conv2", [14, 15])]
+
+
+class DeadUnit(torch.nn.Module):
+    """conv channel 0 = 20 * red - 2: below zero on a grey start image, so its ReLU is dead."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 1, 1)
+        self.relu = torch.nn.ReLU(inplace=True)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.tensor([20.0, 0.0, 0.0]).view(1, 3, 1, 1))
+            self.conv.bias.fill_(-2.0)
+
+    def forward(self, x):
+        return self.relu(self.conv(x))
+
+
+def test_redirected_relu_revives_a_dead_unit():
+    from atlas.models import Preprocess
+    model = DeadUnit().eval().requires_grad_(False)
+    pre = Preprocess(size=16, crop_pct=1.0, mean=(0.5,) * 3, std=(0.5,) * 3)
+    plain = RenderSettings(size=16, steps=40, lr=0.1, redirect_steps=0)
+    redirected = RenderSettings(size=16, steps=40, lr=0.1, redirect_steps=16)
+    dead = render(model, pre, O.channel("relu", 0), [1], plain)
+    alive = render(model, pre, O.channel("relu", 0), [1], redirected)
+    assert dead.objective[0] == 0.0
+    assert alive.objective[0] > 0.5
+    assert "forward" not in vars(model.relu)  # the override is gone afterwards
+
+
+def test_diversity_groups_do_not_pull_on_each_other():
+    x = torch.randn(4, 3, 5, 5, requires_grad=True)
+    values = O.diversity("a", [0, 0, 1, 1])({"a": x})
+    (grad,) = torch.autograd.grad(values[0], x)
+    assert grad[2:].abs().sum() == 0 and grad[1].abs().sum() > 0
+    assert O.diversity("a", [0, 1, 2, 3])({"a": x}).abs().sum() == 0

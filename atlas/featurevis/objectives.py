@@ -94,15 +94,19 @@ def direction(layer: str, vectors: torch.Tensor) -> Objective:
     return Objective(fn, f"direction {layer}", frozenset({layer}))
 
 
-def diversity(layer: str) -> Objective:
-    """Minus each image's mean cosine similarity of its Gram matrix with the others'.
+def diversity(layer: str, groups: Sequence[int] | None = None) -> Objective:
+    """Minus each image's mean cosine similarity of its Gram matrix with the others' in its group.
 
-    Rewards a batch whose images differ in style; needs at least two images.
+    Rewards images that differ in style. `groups` gives each image of the batch
+    a group id (default: one group), so several units' diversity sets can share
+    a batch without pulling on each other. An image alone in its group scores 0.
     """
     def fn(a: Acts) -> torch.Tensor:
         x = a[layer].flatten(2)
         gram = F.normalize(torch.bmm(x, x.transpose(1, 2)).flatten(1), dim=1)
         sim = gram @ gram.T
         b = sim.shape[0]
-        return -(sim.sum(1) - sim.diagonal()) / max(b - 1, 1)
+        ids = torch.zeros(b, device=x.device) if groups is None else torch.as_tensor(list(groups), device=x.device)
+        same = (ids[:, None] == ids[None, :]) & ~torch.eye(b, dtype=torch.bool, device=x.device)
+        return -(sim * same).sum(1) / same.sum(1).clamp(min=1)
     return Objective(fn, f"diversity {layer}", frozenset({layer}))

@@ -9,6 +9,7 @@ rendered alone or in a batch.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -17,6 +18,7 @@ from torch import nn
 
 from atlas.featurevis.objectives import Objective
 from atlas.featurevis.param import frequency_scale, init_spectrum, spectrum_to_rgb
+from atlas.featurevis.redirect import redirected_relus
 from atlas.featurevis.transforms import Robustness, random_affine
 from atlas.layers import Capture
 from atlas.models import Preprocess
@@ -28,12 +30,13 @@ class RenderSettings:
     steps: int = 512  # Adam steps
     lr: float = 0.05  # Adam learning rate
     loss_points: int = 32  # objective samples kept for the loss curve
+    redirect_steps: int = 16  # first steps with the redirected ReLU gradient (Lucid: 16)
     robustness: Robustness = field(default_factory=Robustness)
 
     def provenance(self) -> dict:
         return {"size": self.size, "steps": self.steps, "lr": self.lr, "optimizer": "Adam",
                 "parameterization": "fourier 1/f, decorrelated colour, sigmoid",
-                "transforms": self.robustness.describe()}
+                "transforms": self.robustness.describe(), "redirected_relu_steps": self.redirect_steps}
 
 
 @dataclass
@@ -42,6 +45,7 @@ class Rendered:
     objective: np.ndarray  # float32 [B], reached by the final image without transforms
     loss: np.ndarray  # float32 [B, P], objective during optimization
     finite: np.ndarray  # bool [B], False where the objective became NaN or infinite
+    acts: dict[str, torch.Tensor]  # the objective's layers on the final images, without transforms
 
 
 def _checkpoints(steps: int, points: int) -> dict[int, int]:
@@ -70,19 +74,39 @@ def render(model: nn.Module, preprocess: Preprocess, objective: Objective, seeds
     optimizer = torch.optim.Adam([spectrum], lr=settings.lr)
     marks = _checkpoints(settings.steps, settings.loss_points)
     loss = np.zeros((len(seeds), len(marks)), np.float32)
-    with Capture(model, sorted(objective.layers), stop=True) as capture:
+    device = torch.device(device)
+    with Capture(model, sorted(objective.layers), stop=True, fn=_as_float) as capture:
         for step in range(settings.steps):
             image = spectrum_to_rgb(spectrum, size, scale)
             view = random_affine(image, gens, settings.robustness)
-            values = objective(capture.run(preprocess.normalize(view)))
+            with redirected_relus(model, step < settings.redirect_steps), _autocast(device):
+                values = objective(capture.run(_model_input(preprocess, view)))
             optimizer.zero_grad(set_to_none=True)
             (-values.sum()).backward()
             optimizer.step()
             if step in marks:
                 loss[:, marks[step]] = values.detach().float().cpu().numpy()
-        with torch.no_grad():
+        with torch.no_grad(), _autocast(device):
             image = spectrum_to_rgb(spectrum, size, scale)
-            final = objective(capture.run(preprocess.normalize(image))).float().cpu().numpy()
+            acts = capture.run(_model_input(preprocess, image))
+            final = objective(acts).float().cpu().numpy()
     pixels = (image.detach().permute(0, 2, 3, 1).clamp(0, 1) * 255).round().byte().cpu().numpy()
     finite = np.isfinite(final) & np.isfinite(loss).all(axis=1)
-    return Rendered(pixels, final.astype(np.float32), loss, finite)
+    return Rendered(pixels, final.astype(np.float32), loss, finite, acts)
+
+
+def _as_float(act: torch.Tensor) -> torch.Tensor:
+    """Objectives are computed in float32, also when the model runs in bfloat16."""
+    return act.float() if act.dtype != torch.float32 else act.clone()
+
+
+def _model_input(preprocess: Preprocess, images01: torch.Tensor) -> torch.Tensor:
+    # channels-last is the faster layout for convolutions on CPUs and on tensor-core GPUs
+    return preprocess.normalize(images01).contiguous(memory_format=torch.channels_last)
+
+
+def _autocast(device: torch.device):
+    """bfloat16 autocast on CUDA; full precision elsewhere."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()

@@ -1,100 +1,212 @@
-"""The feature-visualization stage: one image per channel of every selected layer.
+"""The feature-visualization stage: every view of every channel of every selected layer.
 
-A work unit is a contiguous channel range of one layer, rendered as one batch.
-Its key, `<layer>/<first>-<end>`, says which channels it holds, so resume
-needs no part to be opened.
+Views: `channel` (maximize the channel's mean), `negative` (minimize it),
+`neuron` (maximize the centre position) and `diversity` (several images of the
+channel pushed apart in style). A work unit is one view of a contiguous
+channel range of one layer, rendered as one batch; its key,
+`<view>/<layer>/<first>-<end>`, says what it holds, so resume opens no part.
+
+Faults are handled per unit: a batch that runs out of GPU memory is split in
+halves (each half its own unit), and an image whose objective turns NaN or
+infinite is rendered again from a fresh seed, then flagged if it fails again.
 """
 
 from __future__ import annotations
 
 import h5py
 import numpy as np
+import torch
 
-from atlas.featurevis.objectives import channel
+from atlas.errors import AtlasError
+from atlas.featurevis import objectives as O
 from atlas.featurevis.param import unit_seed
-from atlas.featurevis.render import RenderSettings, render
+from atlas.featurevis.render import Rendered, RenderSettings, render
 from atlas.store import Store
 
 STAGE = "featurevis"
+VIEWS = ("channel", "negative", "neuron", "diversity")
 
 
 def settings_of(config) -> RenderSettings:
     return RenderSettings(size=config.fv_size, steps=config.fv_steps, lr=config.fv_lr,
-                          loss_points=config.fv_loss_points)
+                          loss_points=config.fv_loss_points, redirect_steps=config.fv_redirect_steps)
 
 
-def unit_key(layer: str, first: int, end: int) -> str:
-    return f"{layer}/{first:05d}-{end:05d}"
+def images_per_channel(view: str, config) -> int:
+    return config.fv_diversity if view == "diversity" else 1
 
 
-def parse_key(key: str) -> tuple[str, int, int]:
-    layer, _, span = key.rpartition("/")
+def objective_of(view: str, layer: str, channels: list[int], config) -> O.Objective:
+    """The objective of a batch holding `channels` (each repeated for a diversity set)."""
+    if view == "channel":
+        return O.channel(layer, channels)
+    if view == "negative":
+        return O.negative_channel(layer, channels)
+    if view == "neuron":
+        return O.neuron(layer, channels)
+    k = config.fv_diversity
+    per_image = [c for c in channels for _ in range(k)]
+    groups = [i // k for i in range(len(per_image))]
+    return O.channel(layer, per_image) + config.fv_diversity_weight * O.diversity(layer, groups)
+
+
+def unit_key(view: str, layer: str, first: int, end: int) -> str:
+    return f"{view}/{layer}/{first:05d}-{end:05d}"
+
+
+def parse_key(key: str) -> tuple[str, str, int, int]:
+    view, _, rest = key.partition("/")
+    layer, _, span = rest.rpartition("/")
     first, end = span.split("-")
-    return layer, int(first), int(end)
+    return view, layer, int(first), int(end)
 
 
-def plan(layers, done: set[str], batch: int) -> list[tuple[str, list[int]]]:
-    """Cuts the channels not yet rendered into contiguous batches, layer by layer."""
-    rendered: dict[str, set[int]] = {}
+def plan(layers, views, done: set[str], batch_of) -> list[tuple[str, str, list[int]]]:
+    """Cuts the channels not yet rendered into contiguous batches, per view and layer.
+
+    `batch_of(view)` is how many channels one batch of that view holds.
+    """
+    rendered: dict[tuple[str, str], set[int]] = {}
     for key in done:
-        layer, first, end = parse_key(key)
-        rendered.setdefault(layer, set()).update(range(first, end))
+        view, layer, first, end = parse_key(key)
+        rendered.setdefault((view, layer), set()).update(range(first, end))
     units = []
-    for layer in layers:
-        todo = [c for c in range(layer.channels) if c not in rendered.get(layer.name, set())]
-        run: list[int] = []
-        for c in todo:
-            if run and (c != run[-1] + 1 or len(run) == batch):
-                units.append((layer.name, run))
-                run = []
-            run.append(c)
-        if run:
-            units.append((layer.name, run))
+    for view in views:
+        for layer in layers:
+            have = rendered.get((view, layer.name), set())
+            run: list[int] = []
+            for c in (c for c in range(layer.channels) if c not in have):
+                if run and (c != run[-1] + 1 or len(run) == batch_of(view)):
+                    units.append((view, layer.name, run))
+                    run = []
+                run.append(c)
+            if run:
+                units.append((view, layer.name, run))
     return units
 
 
 def run(ctx) -> None:
-    """Renders every channel the store does not have yet."""
+    """Renders every view of every channel the store does not have yet."""
     cfg = ctx.config
+    unknown = [v for v in cfg.fv_views if v not in VIEWS]
+    if unknown:
+        raise AtlasError(f"unknown feature-visualization view {unknown[0]!r}; choose from {', '.join(VIEWS)}")
     done = ctx.store.begin(STAGE, cfg.stage_params(STAGE))
-    settings = settings_of(cfg)
-    units = plan(ctx.layers, done, cfg.fv_batch)
-    with ctx.bar(sum(len(c) for _, c in units), "feature visualization", "ch") as bar:
-        for layer, channels in units:
-            bar.set_postfix_str(layer)
-            seeds = [unit_seed(ctx.loaded.spec, layer, c, cfg.seed) for c in channels]
-            result = render(ctx.loaded.model, ctx.loaded.preprocess, channel(layer, channels), seeds,
-                            settings, ctx.device)
-            ctx.store.write_unit(STAGE, unit_key(layer, channels[0], channels[-1] + 1), {
-                "images": result.images, "objective": result.objective, "loss": result.loss,
-                "seed": np.array(seeds, np.int64), "finite": result.finite,
-            }, {**settings.provenance(), "objective": "channel (mean over positions)"})
-            bar.update(len(channels))
+    renderer = _Renderer(ctx, settings_of(cfg))
+    units = plan(ctx.layers, cfg.fv_views, done, renderer.channels_per_batch)
+    with ctx.bar(sum(len(c) for _, _, c in units), "feature visualization", "unit") as bar:
+        for view, layer, channels in units:
+            bar.set_postfix_str(f"{view} {layer}")
+            for part, arrays in renderer.render_unit(view, layer, channels):
+                ctx.store.write_unit(STAGE, unit_key(view, layer, part[0], part[-1] + 1), arrays,
+                                     {**renderer.settings.provenance(), "view": view,
+                                      "objective": objective_of(view, layer, part[:1], cfg).name})
+                bar.update(len(part))
+
+
+class _Renderer:
+    """Renders units with the stage's fault handling; remembers a batch size that fits."""
+
+    def __init__(self, ctx, settings: RenderSettings):
+        self.ctx, self.cfg, self.settings = ctx, ctx.config, settings
+        self.batch = self.cfg.fv_batch
+
+    def channels_per_batch(self, view: str) -> int:
+        return max(1, self.batch // images_per_channel(view, self.cfg))
+
+    def render_unit(self, view: str, layer: str, channels: list[int]) -> list[tuple[list[int], dict]]:
+        """Renders one unit; on out-of-memory, its halves (each returned as its own unit)."""
+        try:
+            return [(channels, self._render(view, layer, channels))]
+        except torch.cuda.OutOfMemoryError:
+            if len(channels) == 1:
+                raise AtlasError(f"one unit of {layer} does not fit in GPU memory at {self.settings.size} px; "
+                                 f"use --size smaller or --device cpu") from None
+            torch.cuda.empty_cache()
+            self.batch = max(1, self.batch // 2)
+            half = len(channels) // 2
+            return self.render_unit(view, layer, channels[:half]) + self.render_unit(view, layer, channels[half:])
+
+    def _seeds(self, view: str, layer: str, channels: list[int], attempt: int) -> list[int]:
+        k = images_per_channel(view, self.cfg)
+        suffix = "" if attempt == 0 else f"#retry{attempt}"
+        return [unit_seed(self.ctx.loaded.spec, layer, c, self.cfg.seed, f"{view}{j if k > 1 else ''}{suffix}")
+                for c in channels for j in range(k)]
+
+    def _run(self, view: str, layer: str, channels: list[int], attempt: int) -> tuple[Rendered, list[int]]:
+        seeds = self._seeds(view, layer, channels, attempt)
+        objective = objective_of(view, layer, channels, self.cfg)
+        return render(self.ctx.loaded.model, self.ctx.loaded.preprocess, objective, seeds, self.settings,
+                      self.ctx.device), seeds
+
+    def _render(self, view: str, layer: str, channels: list[int]) -> dict[str, np.ndarray]:
+        k = images_per_channel(view, self.cfg)
+        result, seeds = self._run(view, layer, channels, 0)
+        arrays = _arrays(result, seeds, channels, k, layer)
+        bad = [i for i in range(len(channels)) if not arrays["finite"][i]]
+        if bad:  # NaN or inf: one more try from fresh seeds, then the flag stays
+            retry, retry_seeds = self._run(view, layer, [channels[i] for i in bad], 1)
+            again = _arrays(retry, retry_seeds, [channels[i] for i in bad], k, layer)
+            for key in arrays:
+                arrays[key][bad] = again[key]
+        return arrays
+
+
+def _arrays(result: Rendered, seeds: list[int], channels: list[int], k: int, layer: str) -> dict[str, np.ndarray]:
+    """Per-channel arrays of a rendered batch: [n, ...] for single images, [n, k, ...] for sets."""
+    n = len(channels)
+    act = result.acts[layer]
+    index = torch.arange(act.shape[0], device=act.device)
+    per_image = torch.as_tensor([c for c in channels for _ in range(k)], device=act.device)
+    peak = act[index, per_image].flatten(1).amax(1).float().cpu().numpy()
+
+    def shape(a: np.ndarray) -> np.ndarray:
+        return a.reshape(n, *a.shape[1:]) if k == 1 else a.reshape(n, k, *a.shape[1:])
+    return {"images": shape(result.images), "objective": shape(result.objective), "loss": shape(result.loss),
+            "seed": shape(np.array(seeds, np.int64)), "peak": shape(peak),
+            "finite": result.finite.reshape(n, k).all(1)}
 
 
 def consolidate(store: Store, f: h5py.File) -> None:
-    """Gathers the parts into /layers/<layer>/featurevis/channel*, layer by layer."""
+    """Gathers the parts into /layers/<layer>/featurevis/<view>*, unit by unit."""
     for key, part in store.units(STAGE):
-        layer, first, end = parse_key(key)
+        view, layer, first, end = parse_key(key)
         if layer not in f["layers"]:
             continue  # a layer no longer selected
         group = f["layers"][layer].require_group("featurevis")
-        if "channel" not in group:
-            _create(group, f["layers"][layer].attrs["channels"], part)
-        group["channel"][first:end] = part["images"][...]
-        group["channel_objective"][first:end] = part["objective"][...]
-        group["channel_loss"][first:end] = part["loss"][...]
-        group["channel_seed"][first:end] = part["seed"][...]
-        group["channel_done"][first:end] = part["finite"][...]
+        if view not in group:
+            _create(group, view, int(f["layers"][layer].attrs["channels"]), part)
+        for name, suffix in (("images", ""), ("objective", "_objective"), ("loss", "_loss"),
+                             ("seed", "_seed"), ("peak", "_peak"), ("finite", "_done")):
+            group[view + suffix][first:end] = part[name][...]
 
 
-def _create(group: h5py.Group, channels: int, part: h5py.File) -> None:
-    size, points = part["images"].shape[1], part["loss"].shape[1]
-    images = group.create_dataset("channel", (channels, size, size, 3), np.uint8,
-                                  chunks=(1, size, size, 3), compression="gzip", compression_opts=1)
-    for k, v in part.attrs.items():
-        images.attrs[k] = v
-    group.create_dataset("channel_objective", (channels,), np.float32, fillvalue=np.nan)
-    group.create_dataset("channel_loss", (channels, points), np.float32, fillvalue=np.nan)
-    group.create_dataset("channel_seed", (channels,), np.int64)
-    group.create_dataset("channel_done", (channels,), bool)
+def _create(group: h5py.Group, view: str, channels: int, part: h5py.File) -> None:
+    images = part["images"]
+    per = images.shape[1:]
+    ds = group.create_dataset(view, (channels, *per), np.uint8, chunks=(1, *per), compression="gzip",
+                              compression_opts=1)
+    ds.attrs.update(dict(part.attrs))
+    extra = per[:-3]  # (k,) for diversity sets
+    group.create_dataset(f"{view}_objective", (channels, *extra), np.float32, fillvalue=np.nan)
+    group.create_dataset(f"{view}_loss", (channels, *part["loss"].shape[1:]), np.float32, fillvalue=np.nan)
+    group.create_dataset(f"{view}_seed", (channels, *extra), np.int64)
+    group.create_dataset(f"{view}_peak", (channels, *extra), np.float32, fillvalue=np.nan)
+    group.create_dataset(f"{view}_done", (channels,), bool)
+
+
+def derive_quality(f: h5py.File) -> None:
+    """quality = the channel visualization's peak activation / the top dataset image's.
+
+    Below 1, the visualization does not excite the unit as much as a real photo
+    does, and says little; NaN where either is missing or the unit is dead.
+    """
+    for layer in f["layers"].values():
+        if "featurevis/channel_peak" not in layer or "topk/value" not in layer:
+            continue
+        peak, best = layer["featurevis/channel_peak"][...], layer["topk/value"][:, 0]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            quality = np.where(best > 0, peak / best, np.nan).astype(np.float32)
+        ds = layer["featurevis"].create_dataset("quality", data=quality)
+        ds.attrs["definition"] = ("spatial max of the channel on its visualization (at the rendered size) / "
+                                  "highest spatial max over the dataset images")

@@ -1,0 +1,248 @@
+"""Feature-visualization benchmark: Atlas's batched renderer against Lucent 0.1.8.
+
+Both tools render the same channels of the same model, in one process on the
+same machine, under these rules:
+
+* Same units: `channels` units spread over the depth of the model (block
+  outputs at four evenly spaced depths, the deepest block always among them),
+  with fixed channel indices, so every run measures the same work.
+* Each tool in its ordinary mode of use. Atlas renders all chosen channels of a
+  layer in one `render` call. Lucent renders one channel per call with its
+  documented `render_vis(model, "layer:channel", ...)`. The headline speedup is
+  against that usage; Lucent's own batched mode (one parameterization with
+  batch N and a summed `channel(layer, c, batch=i)` objective) is timed once as
+  well and reported beside it.
+* Same work per image: the same image size for both (Lucent's upsampling to
+  224 px is turned off with `fixed_image_size=size`), the same steps, Adam with
+  learning rate 0.05, the same frozen model (weights need no gradient in either
+  tool), and a fresh copy of it for each Lucent call, because Lucent never
+  removes its forward hooks and they would pile up from call to call.
+* Noise: Atlas's call for a layer and Lucent's calls for the same units run
+  back to back, so a load spike from elsewhere on the machine hits both; each
+  tool is warmed up before anything is timed. Seeds are set (torch and numpy)
+  before every Lucent call, so Lucent's runs are reproducible.
+* Quality: each tool's final image is quantized to uint8 the same way, fed
+  through the model without transforms, and the target channel's mean
+  activation is read with Atlas's `Capture`. The quality ratio is the mean over
+  units of Atlas's value divided by the mean over units of Lucent's.
+* Overhead: Atlas's time per image and step on the deepest layer (which needs
+  the whole network), divided by a plain forward and backward to the input per
+  image at the same batch size and image size.
+
+Lucent is a benchmark-only dependency:
+    pip install --no-deps torch-lucent==0.1.8 && pip install kornia ipython decorator
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from atlas import models
+from atlas.bench.common import best_time, sync
+from atlas.errors import AtlasError
+from atlas.featurevis.objectives import channel
+from atlas.featurevis.param import unit_seed
+from atlas.featurevis.render import RenderSettings, render
+from atlas.layers import Capture, discover, select
+from atlas.models import LoadedModel
+
+LR = 0.05  # Adam's learning rate in both tools (Lucent's default)
+DEPTHS = 4  # how many layers the units spread over
+INSTALL = "pip install --no-deps torch-lucent==0.1.8 && pip install kornia ipython decorator"
+
+Units = dict[str, list[int]]  # layer -> channel indices
+
+
+def import_lucent():
+    """Imports Lucent 0.1.8's objectives, param and render modules, patching kornia for it.
+
+    Raises:
+        AtlasError: Lucent or one of its imports is missing; the message says how to install them.
+    """
+    try:
+        import kornia
+        from kornia.geometry import transform as kornia_transform
+        # Lucent 0.1.8 calls these at kornia's top level, where kornia <= 0.4.1 kept them;
+        # those old kornia releases no longer work with current torch.
+        for name in ("get_rotation_matrix2d", "warp_affine"):
+            if not hasattr(kornia, name):
+                setattr(kornia, name, getattr(kornia_transform, name))
+        from lucent.optvis import objectives, param
+        from lucent.optvis import render as lucent_render
+    except ImportError as exc:
+        raise AtlasError(f"the feature-visualization benchmark needs Lucent 0.1.8 ({exc}); "
+                         f"install it with: {INSTALL}") from None
+    return objectives, param, lucent_render
+
+
+def pick_units(loaded: LoadedModel, channels: int, device: torch.device) -> Units:
+    """`channels` units over block outputs at evenly spaced depths, deepest block included."""
+    chosen = select(loaded.model, discover(loaded.model, loaded.input_size, device))
+    blocks = [l for l in chosen if l.kind != "Conv2d"] or chosen
+    n_layers = max(1, min(DEPTHS, channels, len(blocks)))
+    layers = [blocks[round(i)] for i in np.linspace(0, len(blocks) - 1, n_layers)]
+    # deeper layers take the remainder: they are the ones that cost the most per step
+    counts = [channels // n_layers + (i >= n_layers - channels % n_layers) for i in range(n_layers)]
+    # the middle of n equal slices of the channel range: fixed, and spread over the layer
+    return {l.name: [l.channels * (2 * j + 1) // (2 * n) for j in range(n)] for l, n in zip(layers, counts)}
+
+
+def _timed(fn: Callable[[], object]) -> tuple[object, float]:
+    sync()
+    start = time.perf_counter()
+    out = fn()
+    sync()
+    return out, time.perf_counter() - start
+
+
+def _to_uint8(images01: np.ndarray) -> np.ndarray:
+    """Lucent's float [B, H, W, 3] images in [0, 1] to uint8, rounded as Atlas rounds."""
+    return (np.clip(images01, 0, 1) * 255).round().astype(np.uint8)
+
+
+def activation(loaded: LoadedModel, pixels: np.ndarray, layer: str, chans: list[int],
+               device: torch.device) -> np.ndarray:
+    """Mean activation of channel chans[i] of `layer` for image i of uint8 [B, S, S, 3] pixels."""
+    x = torch.as_tensor(pixels).permute(0, 3, 1, 2).float().div(255).to(device)
+    with torch.no_grad(), Capture(loaded.model, [layer], stop=True) as cap:
+        acts = cap.run(loaded.preprocess.normalize(x))[layer]
+    return acts[torch.arange(len(chans)), torch.as_tensor(chans)].mean(dim=(1, 2)).float().cpu().numpy()
+
+
+def _lucent_call(lucent, model: nn.Module, objective, size: int, steps: int, batch: int,
+                 seed: int) -> np.ndarray:
+    """One documented `render_vis` call on a fresh copy of `model`; returns its final images."""
+    _, param, lucent_render = lucent
+    torch.manual_seed(seed % 2**63)  # Lucent's start image
+    np.random.seed(seed % 2**32)  # Lucent's transforms
+    images = lucent_render.render_vis(
+        model, objective, param_f=lambda: param.image(size, batch=batch),
+        optimizer=lambda p: torch.optim.Adam(p, lr=LR), thresholds=(steps,),
+        show_image=False, progress=False, fixed_image_size=size)
+    return images[-1]
+
+
+def _lucent_one(lucent, model: nn.Module, layer: str, chan: int, size: int, steps: int,
+                seed: int) -> tuple[np.ndarray, float]:
+    fresh = copy.deepcopy(model)  # outside the timing: Lucent leaves its hooks on the model
+    images, seconds = _timed(lambda: _lucent_call(lucent, fresh, f"{layer.replace('.', '_')}:{chan}",
+                                                   size, steps, 1, seed))
+    return _to_uint8(images), seconds
+
+
+def _lucent_batched(lucent, model: nn.Module, units: list[tuple[str, int]], size: int, steps: int,
+                    seed: int) -> tuple[np.ndarray, float]:
+    objectives = lucent[0]
+    objective = objectives.Objective.sum([objectives.channel(layer.replace(".", "_"), c, batch=i)
+                                          for i, (layer, c) in enumerate(units)])
+    fresh = copy.deepcopy(model)
+    images, seconds = _timed(lambda: _lucent_call(lucent, fresh, objective, size, steps, len(units), seed))
+    return _to_uint8(images), seconds
+
+
+def _forward_backward(loaded: LoadedModel, batch: int, size: int, device: torch.device) -> float:
+    """Seconds per image of a plain forward and backward to the input, frozen weights."""
+    x = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
+
+    def step() -> None:
+        xg = x.clone().requires_grad_(True)
+        loaded.model(loaded.preprocess.normalize(xg)).sum().backward()
+    step()  # warm-up
+    return best_time(step, repeats=5) / batch
+
+
+def _warm_up(loaded: LoadedModel, lucent, units: Units, size: int, device: torch.device) -> None:
+    """A few steps of each tool, so neither pays first-call costs inside the timings."""
+    layer = list(units)[-1]
+    render(loaded.model, loaded.preprocess, channel(layer, units[layer]), list(range(len(units[layer]))),
+           RenderSettings(size=size, steps=2, lr=LR), device)
+    _lucent_one(lucent, loaded.model, layer, units[layer][0], size, 2, 0)
+
+
+def run(model: str = "resnet50", weights: str = models.RANDOM, channels: int = 8, steps: int = 128,
+        size: int = 128, device: str = "cpu") -> dict:
+    """Renders the same units with Atlas and Lucent; prints details, returns the three ratios.
+
+    Args:
+        model: model spec; Lucent's layer names are Atlas's with dots as underscores.
+        weights: weights as for `atlas.models.load` ("random" needs no download).
+        channels: how many units both tools render.
+        steps: optimization steps per image, the same for both tools.
+        size: image side in pixels, fed to the model as is by both tools.
+        device: torch device.
+
+    Returns:
+        speedup_vs_lucent (channels per second, Atlas over one-at-a-time Lucent),
+        quality_vs_lucent (mean final channel activation, Atlas over Lucent),
+        overhead_vs_forward_backward (Atlas per image-step over a plain forward+backward
+        per image), and the measurements behind them.
+    """
+    lucent = import_lucent()
+    dev = torch.device(device)
+    loaded = models.load(model, weights).to(dev)
+    units = pick_units(loaded, channels, dev)
+    print(f"{model} ({loaded.weights_id}), {channels} units, {size} px, {steps} steps, Adam lr {LR}, "
+          f"{torch.get_num_threads()} threads, {dev}", flush=True)
+    print("units: " + "; ".join(f"{l} {c}" for l, c in units.items()), flush=True)
+    _warm_up(loaded, lucent, units, size, dev)
+    settings = RenderSettings(size=size, steps=steps, lr=LR)
+    atlas_s, lucent_s, atlas_q, lucent_q = {}, {}, [], []
+    for layer, chans in units.items():
+        seeds = [unit_seed(loaded.name, layer, c) for c in chans]
+        out, atlas_s[layer] = _timed(lambda: render(loaded.model, loaded.preprocess, channel(layer, chans),
+                                                    seeds, settings, dev))
+        atlas_q += activation(loaded, out.images, layer, chans, dev).tolist()
+        print(f"  atlas  {layer}: {len(chans)} channels in one batch, {atlas_s[layer]:.1f} s "
+              f"({1e3 * atlas_s[layer] / (steps * len(chans)):.0f} ms per image-step)", flush=True)
+        for c, seed in zip(chans, seeds):
+            pixels, lucent_s[(layer, c)] = _lucent_one(lucent, loaded.model, layer, c, size, steps, seed)
+            lucent_q += activation(loaded, pixels, layer, [c], dev).tolist()
+            print(f"  lucent {layer}:{c}: {lucent_s[(layer, c)]:.1f} s "
+                  f"({1e3 * lucent_s[(layer, c)] / steps:.0f} ms per step)", flush=True)
+    flat = [(l, c) for l, cs in units.items() for c in cs]
+    atlas_total, lucent_total = sum(atlas_s.values()), sum(lucent_s.values())
+    pixels, batched_total = _lucent_batched(lucent, loaded.model, flat, size, steps, unit_seed(loaded.name, "", 0))
+    batched_q = [activation(loaded, pixels[i:i + 1], l, [c], dev)[0] for i, (l, c) in enumerate(flat)]
+    print(f"  lucent batched (all {len(flat)} units, one param, summed objective): {batched_total:.1f} s",
+          flush=True)
+    deepest = list(units)[-1]
+    fb = _forward_backward(loaded, len(units[deepest]), size, dev)
+    per_image_step = atlas_s[deepest] / (steps * len(units[deepest]))
+    result = {
+        "speedup_vs_lucent": lucent_total / atlas_total,
+        "quality_vs_lucent": float(np.mean(atlas_q) / np.mean(lucent_q)),
+        "overhead_vs_forward_backward": per_image_step / fb,
+        "speedup_vs_lucent_batched": batched_total / atlas_total,
+        "quality_vs_lucent_batched": float(np.mean(atlas_q) / np.mean(batched_q)),
+        "atlas_channels_per_s": len(flat) / atlas_total,
+        "lucent_channels_per_s": len(flat) / lucent_total,
+        "lucent_batched_channels_per_s": len(flat) / batched_total,
+        "atlas_mean_activation": float(np.mean(atlas_q)),
+        "lucent_mean_activation": float(np.mean(lucent_q)),
+        "lucent_batched_mean_activation": float(np.mean(batched_q)),
+        "atlas_ms_per_image_step_deepest": 1e3 * per_image_step,
+        "forward_backward_ms_per_image": 1e3 * fb,
+    }
+    print("per-unit final activation (atlas / lucent / lucent batched): " + "; ".join(
+        f"{l}:{c} {a:.3g}/{b:.3g}/{q:.3g}" for (l, c), a, b, q in zip(flat, atlas_q, lucent_q, batched_q)),
+        flush=True)
+    print(f"channels/s: atlas {result['atlas_channels_per_s']:.4f}, lucent one at a time "
+          f"{result['lucent_channels_per_s']:.4f} (the headline), lucent batched "
+          f"{result['lucent_batched_channels_per_s']:.4f} (speedup vs batched "
+          f"{result['speedup_vs_lucent_batched']:.2f}x)", flush=True)
+    print(f"mean final activation: atlas {result['atlas_mean_activation']:.4g}, lucent "
+          f"{result['lucent_mean_activation']:.4g}, lucent batched {result['lucent_batched_mean_activation']:.4g}",
+          flush=True)
+    print(f"atlas {result['atlas_ms_per_image_step_deepest']:.1f} ms per image-step on {deepest} (batch "
+          f"{len(units[deepest])}); plain forward+backward {result['forward_backward_ms_per_image']:.1f} ms "
+          f"per image", flush=True)
+    print(f"featurevis: speedup_vs_lucent={result['speedup_vs_lucent']:.2f} "
+          f"quality_vs_lucent={result['quality_vs_lucent']:.2f} "
+          f"overhead_vs_forward_backward={result['overhead_vs_forward_backward']:.2f}", flush=True)
+    return result
