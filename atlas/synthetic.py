@@ -17,6 +17,10 @@ import numpy as np
 import atlas
 
 LOSS_POINTS = 16  # samples of each synthetic loss curve
+VIEWS = ("channel", "negative", "neuron", "diversity")  # every view a store can hold
+DIVERSITY = 4  # images in a diversity set
+HIST_EDGES = np.sinh(np.linspace(-8, 8, 49))  # the store's fixed histogram bins
+DEAD_FRACTION = 0.05  # units that never fire
 _CHUNK = 256  # channels generated at a time, to bound memory for big layers
 
 
@@ -32,6 +36,7 @@ def write_synthetic_store(
     *,
     name: str = "synthetic",
     no_featurevis: Collection[str] = (),
+    views: Sequence[str] = ("channel",),
     classes: Sequence[str] | None = None,
     paths: Sequence[str] | None = None,
 ) -> Path:
@@ -49,12 +54,17 @@ def write_synthetic_store(
         seed: seed of every random value, so equal arguments give equal files.
         name: the model name (root attribute `name`).
         no_featurevis: names of layers written without a featurevis group.
+        views: feature-visualization views to write, from VIEWS; the default is
+            what the quick preset renders, `VIEWS` writes every view.
         classes: class names; default 1000 names "class 0" ... "class 999".
         paths: source paths of the images; default "images/img_00000.jpg" ...
 
     Returns:
         `path`.
     """
+    unknown = [v for v in views if v not in VIEWS]
+    if unknown:
+        raise ValueError(f"unknown view {unknown[0]!r}; choose from {', '.join(VIEWS)}")
     rng = np.random.default_rng(seed)
     classes = list(classes) if classes is not None else [f"class {i}" for i in range(1000)]
     path = Path(path)
@@ -63,11 +73,14 @@ def write_synthetic_store(
         _write_root(f, name, image_size, fv_size, k, classes)
         for order, (layer, channels, spatial) in enumerate(layers):
             g = _write_layer(f, layer, channels, spatial, order)
-            if layer not in no_featurevis:
-                _write_featurevis(g, channels, fv_size, rng)
+            best = None
             if n_images:
-                _write_examples(g, channels, n_images, k, image_size, spatial, rng)
-                _write_stats(g, channels, rng)
+                peaks = _peaks(channels, n_images, rng)
+                _write_examples(g, peaks, k, image_size, spatial, rng)
+                _write_stats(g, peaks, rng)
+                best = g["topk/value"][:, 0]
+            if layer not in no_featurevis and views:
+                _write_featurevis(g, channels, fv_size, views, best, rng)
         if n_images:
             _write_dataset(f, n_images, image_size, len(classes), paths, rng)
             for method in methods:
@@ -116,31 +129,72 @@ def _patterns(channels: int, size: int, rng: np.random.Generator) -> np.ndarray:
     return out
 
 
-def _write_featurevis(g: h5py.Group, channels: int, size: int, rng: np.random.Generator) -> None:
+def _write_featurevis(g: h5py.Group, channels: int, size: int, views: Sequence[str],
+                      best: np.ndarray | None, rng: np.random.Generator) -> None:
+    """Every view in `views`, and `quality` where the dataset stage ran (`best` given)."""
     fv = g.create_group("featurevis")
-    image = fv.create_dataset("channel", data=_patterns(channels, size, rng))
-    image.attrs.update({"objective": "channel mean", "size": size, "steps": 48, "lr": 0.08,
-                        "parameterization": "fft, decorrelated colour",
-                        "transforms": json.dumps(["jitter 8", "scale 0.9-1.1", "rotate ±10°"]),
-                        "optimizer": "adam"})
-    final = rng.gamma(2.0, 2.0, channels).astype(np.float32)
-    steps = np.linspace(0, 1, LOSS_POINTS, dtype=np.float32)
-    noise = rng.normal(0, 0.03, (channels, LOSS_POINTS)).astype(np.float32)
-    loss = final[:, None] * (1 - np.exp(-5 * steps)[None, :] + noise)
-    loss[:, -1] = final
-    fv.create_dataset("channel_objective", data=final)
-    fv.create_dataset("channel_loss", data=loss.astype(np.float32))
-    fv.create_dataset("channel_seed", data=np.arange(channels, dtype=np.int64) * 7919 + 1)
-    fv.create_dataset("channel_done", data=np.ones(channels, bool))
+    for view in views:
+        k = DIVERSITY if view == "diversity" else 1
+        per = (channels, k) if k > 1 else (channels,)
+        images = _patterns(channels * k, size, rng).reshape(*per, size, size, 3)
+        ds = fv.create_dataset(view, data=images)
+        ds.attrs.update({"view": view, "objective": _OBJECTIVES[view], "size": size, "steps": 48,
+                         "lr": 0.08, "optimizer": "adam", "parameterization": "fft, decorrelated colour",
+                         "transforms": json.dumps(["jitter 8", "scale 0.9-1.1", "rotate ±10°"]),
+                         "redirected_relu_steps": 8})
+        final = rng.gamma(2.0, 2.0, per).astype(np.float32)
+        steps = np.linspace(0, 1, LOSS_POINTS, dtype=np.float32)
+        noise = rng.normal(0, 0.03, (*per, LOSS_POINTS)).astype(np.float32)
+        loss = final[..., None] * (1 - np.exp(-5 * steps) + noise)
+        loss[..., -1] = final
+        fv.create_dataset(f"{view}_objective", data=final)
+        fv.create_dataset(f"{view}_loss", data=loss.astype(np.float32))
+        seeds = np.arange(channels * k, dtype=np.int64).reshape(per) * 7919 + 1 + VIEWS.index(view)
+        fv.create_dataset(f"{view}_seed", data=seeds)
+        fv.create_dataset(f"{view}_peak", data=_view_peak(view, per, best, rng))
+        fv.create_dataset(f"{view}_done", data=np.ones(channels, bool))
+    if best is not None and "channel" in views:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            quality = np.where(best > 0, fv["channel_peak"][()] / best, np.nan).astype(np.float32)
+        fv.create_dataset("quality", data=quality)
 
 
-def _ranked(channels: int, n_images: int, k: int, rng: np.random.Generator) -> np.ndarray:
-    """[C, k] distinct image rows per channel, padded with -1 when there are fewer than k."""
-    take = min(k, n_images)
-    order = np.argsort(rng.random((channels, n_images), dtype=np.float32), axis=1)[:, :take]
+_OBJECTIVES = {"channel": "channel mean", "negative": "minus channel mean", "neuron": "centre position",
+               "diversity": "channel mean + 10 × style difference"}
+
+
+def _view_peak(view: str, shape: tuple[int, ...], best: np.ndarray | None,
+               rng: np.random.Generator) -> np.ndarray:
+    """Peaks around the best dataset image's: about a third of channel views fall short of it."""
+    base = np.nan_to_num(best, nan=1.0) if best is not None else rng.gamma(2.0, 2.0, shape[0])
+    base = np.maximum(base, 0.1).reshape(-1, *[1] * (len(shape) - 1))
+    scale = -0.5 if view == "negative" else 1.0
+    return (scale * base * rng.lognormal(0.25, 0.6, shape)).astype(np.float32)
+
+
+def _peaks(channels: int, n_images: int, rng: np.random.Generator) -> np.ndarray:
+    """[C, N] spatial max of each channel on each image; dead channels stay at or below 0."""
+    peaks = np.empty((channels, n_images), np.float32)
+    dead = rng.random(channels) < DEAD_FRACTION
+    for start in range(0, channels, _CHUNK):
+        n = min(_CHUNK, channels - start)
+        scale = rng.gamma(2.0, 1.0, (n, 1))
+        shift = rng.normal(0, 0.5, (n, 1))
+        peaks[start:start + n] = rng.gamma(2.0, 1.0, (n, n_images)) * scale + shift
+    peaks[dead] = -np.abs(peaks[dead])
+    return peaks
+
+
+def _ranked(peaks: np.ndarray, k: int, top: bool) -> tuple[np.ndarray, np.ndarray]:
+    """[C, k] rows of the k highest (or lowest) images and their values, padded with -1 and NaN."""
+    channels, n = peaks.shape
+    take = min(k, n)
+    order = np.argsort(-peaks if top else peaks, axis=1, kind="stable")[:, :take]
     index = np.full((channels, k), -1, np.int64)
+    value = np.full((channels, k), np.nan, np.float32)
     index[:, :take] = order
-    return index
+    value[:, :take] = np.take_along_axis(peaks, order, axis=1)
+    return index, value
 
 
 def _boxes(index: np.ndarray, image_size: int, spatial: int, rng: np.random.Generator) -> np.ndarray:
@@ -153,30 +207,41 @@ def _boxes(index: np.ndarray, image_size: int, spatial: int, rng: np.random.Gene
     return box
 
 
-def _write_examples(g: h5py.Group, channels: int, n_images: int, k: int, image_size: int,
-                    spatial: int, rng: np.random.Generator) -> None:
-    high = np.sort(rng.gamma(2.0, 2.0, (channels, k)).astype(np.float32), axis=1)[:, ::-1]
-    low = np.sort(rng.normal(-0.5, 0.3, (channels, k)).astype(np.float32), axis=1)
-    for group, values in (("topk", high), ("bottomk", low)):
+def _write_examples(g: h5py.Group, peaks: np.ndarray, k: int, image_size: int, spatial: int,
+                    rng: np.random.Generator) -> None:
+    for group, top in (("topk", True), ("bottomk", False)):
         sub = g.create_group(group)
-        index = _ranked(channels, n_images, k, rng)
-        values = np.where(index >= 0, values, np.float32(np.nan))
+        index, value = _ranked(peaks, k, top)
         sub.create_dataset("index", data=index)
-        sub.create_dataset("value", data=values.astype(np.float32))
+        sub.create_dataset("value", data=value)
         sub.create_dataset("box", data=_boxes(index, image_size, spatial, rng))
-        sub.attrs.update({"k": k, "score": "spatial max", "images": n_images})
+        sub.attrs.update({"k": k, "score": "spatial max", "images": peaks.shape[1]})
 
 
-def _write_stats(g: h5py.Group, channels: int, rng: np.random.Generator) -> None:
-    dead = rng.random(channels) < 0.05
+def histogram(peaks: np.ndarray) -> np.ndarray:
+    """int64 [C, 48] counts of per-image values [C, N] on HIST_EDGES (as the dataset stage bins them)."""
+    bins = len(HIST_EDGES) - 1
+    scaled = (np.arcsinh(peaks.astype(np.float64)) + 8) / 16 * bins
+    index = np.clip(np.floor(scaled), 0, bins - 1).astype(np.int64)
+    flat = (np.arange(len(peaks))[:, None] * bins + index).ravel()
+    return np.bincount(flat, minlength=len(peaks) * bins).reshape(len(peaks), bins)
+
+
+def _write_stats(g: h5py.Group, peaks: np.ndarray, rng: np.random.Generator) -> None:
+    channels = len(peaks)
+    top = peaks.max(axis=1)
+    dead = top <= 0
     mean = np.where(dead, 0, rng.gamma(1.0, 0.5, channels))
     spread = np.where(dead, 0, rng.gamma(2.0, 0.5, channels))
-    stats = {"mean": mean, "std": spread, "max": np.where(dead, 0, mean + 4 * spread),
-             "min": np.where(dead, 0, -spread), "zero_fraction": np.where(dead, 1, rng.uniform(0.2, 0.9, channels))}
+    stats = {"mean": mean, "std": spread, "max": top,
+             "zero_fraction": np.where(dead, 1, rng.uniform(0.2, 0.9, channels))}
     sub = g.create_group("stats")
     for key, value in stats.items():
         sub.create_dataset(key, data=value.astype(np.float32))
     sub.create_dataset("dead", data=dead)
+    hist = sub.create_dataset("hist", data=histogram(peaks))
+    hist.attrs["of"] = "spatial max per image"
+    sub.create_dataset("hist_edges", data=HIST_EDGES)
 
 
 def _images(n: int, size: int, rng: np.random.Generator) -> np.ndarray:
@@ -201,6 +266,8 @@ def _write_dataset(f: h5py.File, n: int, size: int, n_classes: int, paths: Seque
     images.attrs.update({"source": "synthetic", "count": n, "skipped": 1})
     paths = list(paths) if paths is not None else [f"images/img_{i:05d}.jpg" for i in range(n)]
     d.create_dataset("paths", data=_strings(paths), dtype=h5py.string_dtype())
+    rows = np.arange(n, dtype=np.int64)
+    d.create_dataset("source_index", data=rows + (rows >= n // 2))  # the skipped file leaves a gap
     labels = rng.integers(0, n_classes, n)
     labels[::4] = -1  # some images have no known label
     d.create_dataset("labels", data=labels.astype(np.int64))

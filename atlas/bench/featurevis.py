@@ -119,7 +119,7 @@ def _lucent_call(lucent, model: nn.Module, objective, size: int, steps: int, bat
                  seed: int) -> np.ndarray:
     """One documented `render_vis` call on a fresh copy of `model`; returns its final images."""
     _, param, lucent_render = lucent
-    torch.manual_seed(seed % 2**63)  # Lucent's start image
+    torch.manual_seed(seed)  # Lucent's start image
     np.random.seed(seed % 2**32)  # Lucent's transforms
     images = lucent_render.render_vis(
         model, objective, param_f=lambda: param.image(size, batch=batch),
@@ -242,7 +242,4 @@ def run(model: str = "resnet50", weights: str = models.RANDOM, channels: int = 8
     print(f"atlas {result['atlas_ms_per_image_step_deepest']:.1f} ms per image-step on {deepest} (batch "
           f"{len(units[deepest])}); plain forward+backward {result['forward_backward_ms_per_image']:.1f} ms "
           f"per image", flush=True)
-    print(f"featurevis: speedup_vs_lucent={result['speedup_vs_lucent']:.2f} "
-          f"quality_vs_lucent={result['quality_vs_lucent']:.2f} "
-          f"overhead_vs_forward_backward={result['overhead_vs_forward_backward']:.2f}", flush=True)
     return result

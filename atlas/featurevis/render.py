@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from atlas.featurevis.objectives import Objective
-from atlas.featurevis.param import frequency_scale, init_spectrum, spectrum_to_rgb
+from atlas.featurevis.param import (frequency_scale, init_phase, init_spectrum, natural_magnitude,
+                                    phase_to_rgb, spectrum_to_rgb)
 from atlas.featurevis.redirect import redirected_relus
 from atlas.featurevis.transforms import Robustness, random_affine
 from atlas.layers import Capture
@@ -31,12 +32,19 @@ class RenderSettings:
     lr: float = 0.05  # Adam learning rate
     loss_points: int = 32  # objective samples kept for the loss curve
     redirect_steps: int = 16  # first steps with the redirected ReLU gradient (Lucid: 16)
+    param: str = "fourier"  # "fourier" (Lucid) or "phase" (MACO: phase only, natural magnitude)
     robustness: Robustness = field(default_factory=Robustness)
 
     def provenance(self) -> dict:
-        return {"size": self.size, "steps": self.steps, "lr": self.lr, "optimizer": "Adam",
-                "parameterization": "fourier 1/f, decorrelated colour, sigmoid",
+        fourier = self.param == "fourier"
+        return {"size": self.size, "steps": self.steps, "lr": self.lr if fourier else PHASE_LR,
+                "optimizer": "Adam" if fourier else "NAdam",
+                "parameterization": "fourier 1/f, decorrelated colour, sigmoid" if fourier else
+                "fourier phase only, magnitude of natural photos, standardized, sigmoid",
                 "transforms": self.robustness.describe(), "redirected_relu_steps": self.redirect_steps}
+
+
+PHASE_LR = 1.0  # MACO's NAdam learning rate for phases
 
 
 @dataclass
@@ -68,16 +76,14 @@ def render(model: nn.Module, preprocess: Preprocess, objective: Objective, seeds
         The images, their final objective values and loss curves.
     """
     size = settings.size
-    spectrum = init_spectrum(seeds, size).to(device).requires_grad_(True)
-    scale = frequency_scale(size).to(device)
+    params, to_rgb, optimizer = _parameterize(settings, seeds, device)
     gens = [torch.Generator().manual_seed(s ^ 0x5EED5EED) for s in seeds]
-    optimizer = torch.optim.Adam([spectrum], lr=settings.lr)
     marks = _checkpoints(settings.steps, settings.loss_points)
     loss = np.zeros((len(seeds), len(marks)), np.float32)
     device = torch.device(device)
     with Capture(model, sorted(objective.layers), stop=True, fn=_as_float) as capture:
         for step in range(settings.steps):
-            image = spectrum_to_rgb(spectrum, size, scale)
+            image = to_rgb(params)
             view = random_affine(image, gens, settings.robustness)
             with redirected_relus(model, step < settings.redirect_steps), _autocast(device):
                 values = objective(capture.run(_model_input(preprocess, view)))
@@ -87,12 +93,26 @@ def render(model: nn.Module, preprocess: Preprocess, objective: Objective, seeds
             if step in marks:
                 loss[:, marks[step]] = values.detach().float().cpu().numpy()
         with torch.no_grad(), _autocast(device):
-            image = spectrum_to_rgb(spectrum, size, scale)
+            image = to_rgb(params)
             acts = capture.run(_model_input(preprocess, image))
             final = objective(acts).float().cpu().numpy()
     pixels = (image.detach().permute(0, 2, 3, 1).clamp(0, 1) * 255).round().byte().cpu().numpy()
     finite = np.isfinite(final) & np.isfinite(loss).all(axis=1)
     return Rendered(pixels, final.astype(np.float32), loss, finite, acts)
+
+
+def _parameterize(settings: RenderSettings, seeds: list[int], device):
+    """The optimized tensor, the function that maps it to images in [0, 1], and its optimizer."""
+    size = settings.size
+    if settings.param == "fourier":
+        spectrum = init_spectrum(seeds, size).to(device).requires_grad_(True)
+        scale = frequency_scale(size).to(device)
+        return spectrum, lambda p: spectrum_to_rgb(p, size, scale), torch.optim.Adam([spectrum], lr=settings.lr)
+    if settings.param == "phase":
+        phase = init_phase(seeds, size).to(device).requires_grad_(True)
+        magnitude = natural_magnitude(size).to(device)
+        return phase, lambda p: phase_to_rgb(p, size, magnitude), torch.optim.NAdam([phase], lr=PHASE_LR)
+    raise ValueError(f"param: expected 'fourier' or 'phase', got {settings.param!r}")
 
 
 def _as_float(act: torch.Tensor) -> torch.Tensor:

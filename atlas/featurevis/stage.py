@@ -29,7 +29,8 @@ VIEWS = ("channel", "negative", "neuron", "diversity")
 
 def settings_of(config) -> RenderSettings:
     return RenderSettings(size=config.fv_size, steps=config.fv_steps, lr=config.fv_lr,
-                          loss_points=config.fv_loss_points, redirect_steps=config.fv_redirect_steps)
+                          loss_points=config.fv_loss_points, redirect_steps=config.fv_redirect_steps,
+                          param=config.fv_param)
 
 
 def images_per_channel(view: str, config) -> int:
@@ -110,6 +111,20 @@ class _Renderer:
     def __init__(self, ctx, settings: RenderSettings):
         self.ctx, self.cfg, self.settings = ctx, ctx.config, settings
         self.batch = self.cfg.fv_batch
+        if ctx.device.type == "cuda" and ctx.layers:
+            self.batch = self._batch_from_free_memory(ctx.layers[-1].name)
+
+    def _batch_from_free_memory(self, layer: str, cap: int = 1024) -> int:
+        """Measures one image's memory on the deepest layer and fills 60 % of what is free."""
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.ctx.device)
+        before = torch.cuda.memory_allocated(self.ctx.device)
+        probe = RenderSettings(size=self.settings.size, steps=1, lr=self.settings.lr, loss_points=1)
+        render(self.ctx.loaded.model, self.ctx.loaded.preprocess, O.channel(layer, [0, 0]), [0, 1], probe,
+               self.ctx.device)
+        per_image = max(1, (torch.cuda.max_memory_allocated(self.ctx.device) - before) // 2)
+        free, _ = torch.cuda.mem_get_info(self.ctx.device)
+        return int(max(1, min(cap, 0.6 * free // per_image)))
 
     def channels_per_batch(self, view: str) -> int:
         return max(1, self.batch // images_per_channel(view, self.cfg))
