@@ -179,3 +179,16 @@ def bench_dataset(**o) -> None:
     r = dataset.run(**o)
     click.echo(f"dataset: throughput_vs_plain_forward={r['throughput_vs_plain_forward']:.3f} "
                f"peak_mem_ratio_4x_images={r['peak_mem_ratio_4x_images']:.3f}")
+
+
+@bench.command("projection")
+@click.option("--model", default="resnet50", show_default=True)
+@click.option("--weights", default="random", show_default=True)
+@click.option("--preset", "preset_name", default="full", show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+def bench_projection(**o) -> None:
+    """Measure feature visualization per layer; project the time to render every channel."""
+    from atlas.bench import projection
+    r = projection.run(**o)
+    click.echo(f"projection: seconds_per_channel={r['seconds_per_channel']:.1f} "
+               f"total_hours={r['total_hours']:.1f} channels={r['channels']}")

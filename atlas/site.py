@@ -32,7 +32,7 @@ import atlas
 from atlas import site_images as img
 from atlas import site_pages as pages
 from atlas.errors import AtlasError
-from atlas.site_data import Layer, Model, read_dataset, read_layer_arrays, read_model, slug
+from atlas.site_data import Layer, Model, pictures, read_dataset, read_layer_arrays, read_model, slug
 from atlas.store import open_store
 
 # Nothing but the site's own files may load: no CDN, font, tracker or frame.
@@ -160,10 +160,11 @@ def _render_model(f: h5py.File, model: Model, w: SiteWriter) -> None:
         _render_images(f, model, dataset, w)
     extra: dict[str, dict] = {}
     for i, layer in enumerate(model.layers):
-        arrays = read_layer_arrays(f["layers"][layer.name])
+        group = f["layers"][layer.name]
+        arrays = read_layer_arrays(group)
         if model.n_images == 0:  # examples point into /dataset: without it they cannot be shown
             arrays = {k: v for k, v in arrays.items() if not k.startswith(("topk/", "bottomk/"))}
-        sheets = _render_pictures(layer, arrays, w)
+        sheets = _render_pictures(layer, arrays, pictures(group), w)
         preview = f"{layer.slug}/preview.{img.PICTURE_EXT}" if sheets else None
         extra[layer.name] = pages.layer_summary(arrays, preview)
         _render_layer(model, i, arrays, sheets, dataset, w)
@@ -173,20 +174,40 @@ def _render_model(f: h5py.File, model: Model, w: SiteWriter) -> None:
     w.write("summary.json", json.dumps(summary, indent=1, sort_keys=True).encode(), "html")
 
 
-def _render_pictures(layer: Layer, arrays: dict, w: SiteWriter) -> list[dict]:
-    """Writes a layer's visualizations, sprite sheets and preview; returns the sheets."""
-    images = arrays.get("featurevis/channel")
-    if images is None or not len(images):
-        return []
-    done = arrays.get("featurevis/channel_done", np.ones(len(images), bool)).astype(bool)
+def _done(arrays: dict, view: str, channels: int) -> np.ndarray:
+    return arrays.get(f"featurevis/{view}_done", np.ones(channels, bool)).astype(bool)
+
+
+def _render_pictures(layer: Layer, arrays: dict, stored: dict[str, h5py.Dataset], w: SiteWriter) -> list[dict]:
+    """Writes a layer's visualizations of every view, sprite sheets and preview; returns the sheets.
+
+    Pictures are read SHEET_UNITS channels at a time, so a wide layer never
+    sits in memory whole.
+    """
     ext = img.PICTURE_EXT
-    for c in np.flatnonzero(done):
-        w.write(f"{layer.slug}/{c}.{ext}", img.encode(images[c]), "featurevis")
+    for view in ("negative", "neuron", "diversity"):
+        if view not in stored:
+            continue
+        done = _done(arrays, view, layer.channels)
+        for start in range(0, layer.channels, img.SHEET_UNITS):
+            chunk = stored[view][start:start + img.SHEET_UNITS]
+            for j in np.flatnonzero(done[start:start + len(chunk)]):
+                pixels = img.strip(chunk[j]) if view == "diversity" else chunk[j]
+                w.write(f"{layer.slug}/{start + j}-{view}.{ext}", img.encode(pixels), "featurevis")
+    if "channel" not in stored or not layer.channels:
+        return []
+    done = _done(arrays, "channel", layer.channels)
     sheets = []
-    for n, (pixels, sheet) in enumerate(img.sprite_sheets(images, done)):
+    for n, start in enumerate(range(0, layer.channels, img.SHEET_UNITS)):
+        chunk, ok = stored["channel"][start:start + img.SHEET_UNITS], done[start:start + img.SHEET_UNITS]
+        for j in np.flatnonzero(ok):
+            w.write(f"{layer.slug}/{start + j}.{ext}", img.encode(chunk[j]), "featurevis")
+        pixels, sheet = img.sprite_sheet(chunk, ok)
         w.write(f"{layer.slug}/sprite-{n}.{ext}", img.encode(pixels, quality=80), "sprites")
         sheets.append({"href": f"sprite-{n}.{ext}", "size": sheet.css_size()})
-    w.write(f"{layer.slug}/preview.{ext}", img.encode(img.preview_strip(images, done), quality=80), "sprites")
+        if start == 0:
+            w.write(f"{layer.slug}/preview.{ext}", img.encode(img.preview_strip(chunk, ok), quality=80),
+                    "sprites")
     return sheets
 
 

@@ -18,6 +18,7 @@ from atlas.store import read_attrs
 
 _SAFE = re.compile(r"[A-Za-z0-9._]")
 # Names the site itself uses inside a model folder or at the site root.
+VIEWS = ("channel", "negative", "neuron", "diversity")  # feature-visualization views, in display order
 RESERVED = frozenset({"images", "static", "index.html", "404.html", "about.html", "summary.json"})
 
 
@@ -53,7 +54,9 @@ class Layer:
     has_fv: bool
     has_examples: bool
     has_stats: bool
-    fv_params: dict = field(default_factory=dict)
+    views: list[str] = field(default_factory=list)  # feature-visualization views the store holds
+    fv_params: dict = field(default_factory=dict)  # of the channel view
+    view_params: dict[str, dict] = field(default_factory=dict)
     example_params: dict = field(default_factory=dict)
 
 
@@ -69,6 +72,12 @@ class Model:
     n_images: int
     methods: list[str]
 
+    @property
+    def views(self) -> list[str]:
+        """Views rendered for at least one layer, in display order."""
+        present = {v for layer in self.layers for v in layer.views}
+        return [v for v in VIEWS if v in present]
+
 
 def _strings(ds: h5py.Dataset) -> list[str]:
     return [s.decode() if isinstance(s, bytes) else str(s) for s in ds[()]]
@@ -77,12 +86,13 @@ def _strings(ds: h5py.Dataset) -> list[str]:
 def _layer(name: str, g: h5py.Group) -> Layer:
     a = read_attrs(g)
     fv = g.get("featurevis")
+    views = [v for v in VIEWS if fv is not None and v in fv] if fv is not None else []
+    params = {v: read_attrs(fv[v]) for v in views}
     return Layer(
         name=name, slug=slug(name), kind=str(a.get("kind", "?")), channels=int(a["channels"]),
         height=int(a.get("height", 1)), width=int(a.get("width", 1)),
-        has_fv=fv is not None and "channel" in fv,
-        has_examples="topk" in g, has_stats="stats" in g,
-        fv_params=read_attrs(fv["channel"]) if fv is not None and "channel" in fv else {},
+        has_fv="channel" in views, has_examples="topk" in g, has_stats="stats" in g,
+        views=views, fv_params=params.get("channel", {}), view_params=params,
         example_params=read_attrs(g["topk"]) if "topk" in g else {},
     )
 
@@ -115,14 +125,24 @@ def read_model(f: h5py.File) -> Model:
 
 
 def read_layer_arrays(g: h5py.Group) -> dict[str, np.ndarray]:
-    """Every array of one layer, each read in one slice; missing stages are absent keys."""
+    """Every array of one layer but the pictures, each read in one slice; missing stages are absent keys.
+
+    Pictures (`featurevis/<view>`) can be gigabytes for a wide layer: read them
+    in slices with `pictures`.
+    """
     out: dict[str, np.ndarray] = {}
     for group in ("featurevis", "topk", "bottomk", "stats"):
         if group in g:
             for key, ds in g[group].items():
-                if isinstance(ds, h5py.Dataset):
+                if isinstance(ds, h5py.Dataset) and not (group == "featurevis" and key in VIEWS):
                     out[f"{group}/{key}"] = ds[()]
     return out
+
+
+def pictures(g: h5py.Group) -> dict[str, h5py.Dataset]:
+    """The layer's feature visualizations by view, unread."""
+    fv = g.get("featurevis")
+    return {v: fv[v] for v in VIEWS if fv is not None and isinstance(fv.get(v), h5py.Dataset)}
 
 
 def read_dataset(f: h5py.File) -> dict:

@@ -80,22 +80,23 @@ class Sheet:
         return f"{self.columns * CELL}px {self.rows * CELL}px"
 
 
-def sprite_sheets(images: np.ndarray, done: np.ndarray) -> list[tuple[np.ndarray, Sheet]]:
-    """Tiles a layer's visualizations [C, S, S, 3] into sheets of SHEET_UNITS thumbnails.
+def sprite_sheet(images: np.ndarray, done: np.ndarray) -> tuple[np.ndarray, Sheet]:
+    """Tiles up to SHEET_UNITS visualizations [n, S, S, 3] into one sheet of thumbnails.
 
     Units not rendered yet (`done` False) are grey. Thumbnails are at most CELL
     pixels, the displayed size, so sheets stay small.
     """
     size = images.shape[1]
     cell = min(CELL, size)
-    out = []
-    for start in range(0, len(images), SHEET_UNITS):
-        chunk = images[start:start + SHEET_UNITS].copy()
-        chunk[~done[start:start + SHEET_UNITS]] = EMPTY
-        columns = min(SHEET_COLUMNS, len(chunk))
-        sheet = _shrink(_tile(chunk, columns), size, cell)
-        out.append((sheet, Sheet(columns, math.ceil(len(chunk) / columns), cell)))
-    return out
+    chunk = images[:SHEET_UNITS].copy()
+    chunk[~done[:SHEET_UNITS]] = EMPTY
+    columns = min(SHEET_COLUMNS, len(chunk))
+    return _shrink(_tile(chunk, columns), size, cell), Sheet(columns, math.ceil(len(chunk) / columns), cell)
+
+
+def strip(images: np.ndarray) -> np.ndarray:
+    """A set of images [k, S, S, 3] side by side: [S, k*S, 3], one file instead of k."""
+    return _tile(images, len(images))
 
 
 def preview_strip(images: np.ndarray, done: np.ndarray) -> np.ndarray:
@@ -153,3 +154,53 @@ def loss_points(curve: np.ndarray, width: int = 160, height: int = 40) -> str:
     xs = np.linspace(0, width, curve.size)
     ys = height - (curve - lo) / span * height
     return " ".join(f"{x:.1f},{y:.1f}" for x, y in zip(xs, ys))
+
+
+HIST_WIDTH, HIST_HEIGHT = 240, 60  # plot area of an activation histogram, SVG user units
+
+
+def _label(value: float) -> str:
+    text = f"{value:.0f}" if abs(value) >= 1000 else f"{value:.3g}"
+    return text.replace("-", "−")
+
+
+def histogram_plot(counts: np.ndarray, edges: np.ndarray, marks: dict[str, float] | None = None) -> dict | None:
+    """Bars of a histogram on fixed bins, cut to the bins that have counts plus one empty bin each side.
+
+    Args:
+        counts: [B] counts per bin.
+        edges: [B + 1] bin edges.
+        marks: label -> value drawn as a vertical line (the range widens to show it).
+
+    Returns:
+        Bars (x, y, w, h, title) in a HIST_WIDTH x HIST_HEIGHT box, the end labels,
+        where 0 and each mark fall; None when every count is 0.
+    """
+    counts = np.asarray(counts, np.int64)
+    edges = np.asarray(edges, np.float64)
+    filled = np.flatnonzero(counts > 0)
+    if not filled.size or len(edges) != len(counts) + 1:
+        return None
+    at = lambda v: float(np.interp(np.arcsinh(v), np.arcsinh(edges), np.arange(len(edges))))  # noqa: E731
+    marks = {k: v for k, v in (marks or {}).items() if v is not None and np.isfinite(v)}
+    lo = min([filled[0] - 1] + [math.floor(at(v)) for v in marks.values()])
+    hi = max([filled[-1] + 2] + [math.ceil(at(v)) for v in marks.values()])
+    lo, hi = max(lo, 0), min(hi, len(counts))
+    unit = HIST_WIDTH / (hi - lo)
+    top = int(counts.max())
+    bars = [{"x": f"{(b - lo) * unit:.1f}", "w": f"{max(unit - 1, 0.5):.1f}",
+             "y": f"{HIST_HEIGHT * (1 - counts[b] / top):.1f}", "h": f"{HIST_HEIGHT * counts[b] / top:.1f}",
+             "title": f"{_label(edges[b])} to {_label(edges[b + 1])}: {counts[b]}"} for b in filled]
+    x = lambda v: f"{(at(v) - lo) * unit:.1f}"  # noqa: E731
+    zero = (at(0.0) - lo) * unit
+    return {"bars": bars, "width": HIST_WIDTH, "height": HIST_HEIGHT, "top": top,
+            "left": _label(edges[lo]), "right": _label(edges[hi]),
+            "zero": x(0.0) if edges[lo] < 0 < edges[hi] else None,
+            "zero_label": 30 < zero < HIST_WIDTH - 30,  # clear of the end labels
+            "marks": [{"label": k, "x": x(v), "value": _label(v), "anchor": _anchor((at(v) - lo) * unit)}
+                      for k, v in marks.items()]}
+
+
+def _anchor(x: float) -> str:
+    """Text anchor that keeps a label near either end inside the plot."""
+    return "end" if x > HIST_WIDTH - 40 else "start" if x < 40 else "middle"

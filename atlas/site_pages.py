@@ -15,7 +15,13 @@ from atlas import site_images as img
 from atlas.site_data import Layer, Model, pretty_json, slug, store_contents
 
 IMAGES_PER_INDEX = 500  # thumbnails on one page of the dataset image index
-STATS = (("mean", "mean"), ("std", "std"), ("max", "max"), ("min", "min"), ("zero_fraction", "zero fraction"))
+STATS = (("mean", "mean"), ("std", "std"), ("max", "max"), ("zero_fraction", "zero fraction"))
+VIEW_TEXT = {  # what each view of a unit shows, as its caption says
+    "channel": "maximizes the channel's mean activation",
+    "negative": "minimizes the channel's mean activation: what turns it off",
+    "neuron": "maximizes the channel at the centre position only: one receptive field",
+    "diversity": "several images of the channel, pushed apart in style: the different things it responds to",
+}
 
 def fmt(value: object) -> str:
     """A number for display: 4 significant digits; missing or NaN as an en dash."""
@@ -46,8 +52,10 @@ def layer_summary(arrays: dict, preview: str | None) -> dict:
     """What the model index shows of a layer beyond its attributes."""
     done = arrays.get("featurevis/channel_done")
     dead = arrays.get("stats/dead")
+    quality = arrays.get("featurevis/quality")
     return {"preview": preview, "fv_done": int(done.sum()) if done is not None else None,
-            "dead": int(dead.sum()) if dead is not None else None}
+            "dead": int(dead.sum()) if dead is not None else None,
+            "low": int((quality < 1).sum()) if quality is not None else None}
 
 
 def model_context(model: Model, extra: dict[str, dict]) -> dict:
@@ -66,17 +74,25 @@ def model_context(model: Model, extra: dict[str, dict]) -> dict:
             "crumbs": _crumbs(model, 0)[:-1] + [{"label": model.name, "href": None}]}
 
 
-def _grid(layer_channels: int, arrays: dict) -> list[tuple[int, str]]:
-    """(unit, CSS classes) for every cell: its sprite sheet and position, dead or not."""
+def _data(values: np.ndarray | None, c: int, digits: int) -> str | None:
+    """A grid cell's sort key, short: `digits` significant digits; None if missing or NaN."""
+    if values is None or not np.isfinite(values[c]):
+        return None
+    return f"{float(values[c]):.{digits}g}"
+
+
+def _grid(layer: Layer, arrays: dict) -> list[dict]:
+    """Every cell: unit, CSS classes (its sprite sheet and position, dead or not), sort keys."""
     done = arrays.get("featurevis/channel_done")
-    has_fv = "featurevis/channel" in arrays
-    dead = arrays.get("stats/dead", np.zeros(layer_channels, bool))
+    dead = arrays.get("stats/dead", np.zeros(layer.channels, bool))
+    quality, top = arrays.get("featurevis/quality"), arrays.get("stats/max")
     cells = []
-    for c in range(layer_channels):
+    for c in range(layer.channels):
         k = c % img.SHEET_UNITS
         cls = (f"s{c // img.SHEET_UNITS} x{k % img.SHEET_COLUMNS} y{k // img.SHEET_COLUMNS}"
-               if has_fv and (done is None or done[c]) else "nofv")
-        cells.append((c, cls + " dead" if dead[c] else cls))
+               if layer.has_fv and (done is None or done[c]) else "nofv")
+        cells.append({"c": c, "cls": cls + " dead" if dead[c] else cls,
+                      "q": _data(quality, c, 3), "m": _data(top, c, 4)})
     return cells
 
 
@@ -103,10 +119,13 @@ def layer_context(model: Model, i: int, arrays: dict, sheets: list[dict]) -> dic
     """A layer page: every unit in one grid drawn from sprite sheets."""
     layer = model.layers[i]
     rows = math.ceil(min(img.SHEET_UNITS, layer.channels) / img.SHEET_COLUMNS)
-    dead = arrays.get("stats/dead")
-    return {"title": layer.name, "layer": layer, "cells": _grid(layer.channels, arrays), "sheets": sheets,
+    dead, quality = arrays.get("stats/dead"), arrays.get("featurevis/quality")
+    return {"title": layer.name, "layer": layer, "cells": _grid(layer, arrays), "sheets": sheets,
             "columns": img.SHEET_COLUMNS, "rows": rows, "cell": img.CELL,
-            "dead": int(dead.sum()) if dead is not None else None, "notes": _stage_notes(layer, arrays),
+            "dead": int(dead.sum()) if dead is not None else None,
+            "low": int((quality < 1).sum()) if quality is not None else None,
+            "has_quality": quality is not None, "has_max": "stats/max" in arrays,
+            "notes": _stage_notes(layer, arrays),
             "prev": _layer_link(model, i - 1, "../"), "next": _layer_link(model, i + 1, "../"),
             "crumbs": _crumbs(model, 1, (layer.name, None))}
 
@@ -144,20 +163,65 @@ def _at(arrays: dict, key: str, c: int) -> np.ndarray | None:
     return arrays[key][c] if key in arrays else None
 
 
+def _views(layer: Layer, c: int, arrays: dict) -> list[dict]:
+    """The views other than `channel` that the store holds for this layer, rendered or pending."""
+    out = []
+    for view in layer.views:
+        if view == "channel":
+            continue
+        done = arrays.get(f"featurevis/{view}_done")
+        objective = _at(arrays, f"featurevis/{view}_objective", c)
+        out.append({"name": view, "text": VIEW_TEXT[view], "done": done is None or bool(done[c]),
+                    "src": f"{c}-{view}.{img.PICTURE_EXT}",
+                    "objective": None if objective is None else float(np.mean(objective)),
+                    "count": int(objective.size) if objective is not None else 1})
+    return out
+
+
+def _views_line(model: Model) -> str | None:
+    """Which views the atlas renders, so a missing one reads as a choice rather than a fault."""
+    rendered = model.views
+    if not rendered:
+        return None
+    missing = [v for v in VIEW_TEXT if v not in rendered]
+    return (f"Views in this atlas: {', '.join(rendered)}"
+            + (f"; not rendered: {', '.join(missing)}." if missing else "."))
+
+
+def _quality(c: int, arrays: dict) -> dict | None:
+    """The quality number with the two activations it divides."""
+    if "featurevis/quality" not in arrays:
+        return None
+    value = float(arrays["featurevis/quality"][c])
+    best = arrays["topk/value"][c, 0] if "topk/value" in arrays else None
+    return {"value": value, "peak": _at(arrays, "featurevis/channel_peak", c), "best": best,
+            "low": value < 1, "known": math.isfinite(value)}
+
+
+def _histogram(c: int, arrays: dict) -> dict | None:
+    if "stats/hist" not in arrays or "stats/hist_edges" not in arrays:
+        return None
+    peak = _at(arrays, "featurevis/channel_peak", c)
+    marks = {"visualization": float(peak)} if peak is not None else {}
+    return img.histogram_plot(arrays["stats/hist"][c], arrays["stats/hist_edges"], marks)
+
+
 def unit_context(model: Model, i: int, c: int, arrays: dict, dataset: dict | None) -> dict:
-    """A unit page: visualization, loss curve, dataset examples, statistics."""
+    """A unit page: every view, quality, loss curve, dataset examples, statistics, histogram."""
     layer = model.layers[i]
     done = arrays.get("featurevis/channel_done")
     fv = None
     if layer.has_fv and (done is None or done[c]):
         loss = _at(arrays, "featurevis/channel_loss", c)
         fv = {"src": f"{c}.{img.PICTURE_EXT}", "objective": _at(arrays, "featurevis/channel_objective", c),
-              "seed": _at(arrays, "featurevis/channel_seed", c),
+              "seed": _at(arrays, "featurevis/channel_seed", c), "text": VIEW_TEXT["channel"],
               "loss": img.loss_points(loss) if loss is not None else ""}
     stats = [(label, arrays[f"stats/{key}"][c]) for key, label in STATS if f"stats/{key}" in arrays]
     size = int(model.attrs.get("input_size", 224))
     return {"title": f"{layer.name}:{c}", "layer": layer, "channel": c, "fv": fv,
             "fv_pending": layer.has_fv and fv is None, "stats": stats,
+            "views": _views(layer, c, arrays), "views_line": _views_line(model),
+            "quality": _quality(c, arrays), "hist": _histogram(c, arrays),
             "dead": bool(arrays["stats/dead"][c]) if "stats/dead" in arrays else None,
             "top": _examples("topk", c, arrays, dataset, size),
             "bottom": _examples("bottomk", c, arrays, dataset, size),
@@ -219,7 +283,7 @@ def about_context(f: h5py.File, model: Model, dataset: dict | None) -> dict:
     attrs = model.attrs
     facts = [(k, attrs.get(k)) for k in ("spec", "name", "weights_id", "input_size", "created",
                                          "atlas_version", "store_format") if k in attrs]
-    params = [(f"{l.name} featurevis", pretty_json(l.fv_params)) for l in model.layers if l.fv_params]
+    params = [(f"{l.name} featurevis {v}", pretty_json(p)) for l in model.layers for v, p in l.view_params.items()]
     if dataset is not None:
         params.append(("dataset images", pretty_json(dataset["attrs"])))
         params += [(f"attribution {m}", pretty_json(v["params"])) for m, v in dataset["attribution"].items()]

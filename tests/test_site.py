@@ -14,7 +14,8 @@ from PIL import Image
 from atlas.errors import AtlasError
 from atlas.site import SiteWriter, render
 from atlas.site_data import slug
-from atlas.synthetic import write_synthetic_store
+from atlas.site_images import histogram_plot
+from atlas.synthetic import VIEWS, histogram, write_synthetic_store
 
 XSS = "<script>alert(1)</script>"
 LAYERS = [("conv1", 6, 16), ("block.0.relu@1", 300, 8), ('head."q"<i>', 3, 4), ("fc", 4, 1)]
@@ -237,9 +238,11 @@ def test_index_lists_every_rendered_model(tmp_path):
 
 
 def test_big_layer_page_stays_small(tmp_path):
-    store = write_synthetic_store(tmp_path / "big.h5", [("wide", 2048, 1)], n_images=0, fv_size=8)
+    store = write_synthetic_store(tmp_path / "big.h5", [("wide", 2048, 1)], n_images=3, k=2, fv_size=8,
+                                  image_size=16, methods=())
     render(store, tmp_path / "site", progress=False)
     page = tmp_path / "site" / "synthetic" / "wide" / "index.html"
+    assert len(re.findall(r"<li data-q=\S+ data-m=", page.read_text())) > 1900  # sort keys on (nearly) all
     assert page.stat().st_size < 200_000
     assert len({u for u in refs(page).urls if u.endswith(".webp")}) <= 20
 
@@ -279,3 +282,90 @@ def test_sprite_cells_show_their_own_unit(site, tmp_path):
     cell = sheet[2 * 16:3 * 16, 5 * 16:6 * 16]
     distance = np.abs(cell[None] - fv).mean(axis=(1, 2, 3))
     assert distance.argmin() == unit  # lossy, but nearer its own unit than any other
+
+
+@pytest.fixture(scope="module")
+def full(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A site rendered from a store holding every view; returns (model folder, store)."""
+    tmp = tmp_path_factory.mktemp("full")
+    store = _store(tmp, name="full", views=VIEWS)
+    render(store, tmp / "site", progress=False)
+    return tmp / "site" / "full", store
+
+
+def test_every_view_is_shown(full):
+    model, store = full
+    unit = model / "block.0.relu-401" / "7.html"
+    urls = refs(unit).urls
+    for view in ("negative", "neuron", "diversity"):
+        assert f"7-{view}.webp" in urls
+        assert (unit.parent / f"7-{view}.webp").is_file()
+    assert "7.webp" in urls
+    strip = Image.open(unit.parent / "7-diversity.webp")
+    assert strip.size == (4 * 16, 16)  # k=4 images of 16 px side by side, one file
+    assert "Views in this atlas: channel, negative, neuron, diversity." in unit.read_text()
+    crawl(model.parent / "index.html")
+
+
+def test_quick_store_shows_channel_only(site):
+    root, _ = site
+    unit = (root / "tiny" / "conv1" / "0.html").read_text()
+    assert "not rendered: negative, neuron, diversity" in unit
+    assert "-negative." not in unit and "-diversity." not in unit and "More views" not in unit
+    assert not list((root / "tiny" / "conv1").glob("[0-9]*-*.webp"))
+
+
+def test_quality_flag(full):
+    model, store = full
+    with h5py.File(store, "r") as f:
+        quality = f["layers/block.0.relu@1/featurevis/quality"][()]
+        dead = f["layers/block.0.relu@1/stats/dead"][()]
+    low = int(np.flatnonzero((quality < 1) & ~dead)[0])
+    high = int(np.flatnonzero((quality > 1) & ~dead)[0])
+    layer = model / "block.0.relu-401"
+    low_page, high_page = (layer / f"{low}.html").read_text(), (layer / f"{high}.html").read_text()
+    assert "weaker than a real photo" in low_page
+    assert "weaker than a real photo" not in high_page
+    assert f"quality <strong>{quality[high]:.4g}</strong>" in high_page
+    assert "the highest any dataset image reaches" in high_page
+    if dead.any():
+        assert "dead unit" in (layer / f"{int(np.flatnonzero(dead)[0])}.html").read_text()
+
+
+def test_histogram_bars(full):
+    model, store = full
+    with h5py.File(store, "r") as f:
+        hist = f["layers/conv1/stats/hist"][3]
+    svg = re.search(r'<figure class="hist">.*?</svg>', (model / "conv1" / "3.html").read_text(), re.S)
+    assert svg and "per-image maximum activation" in svg.group(0)
+    assert svg.group(0).count("<rect ") == np.count_nonzero(hist) > 0
+
+
+def test_histogram_binning():
+    peaks = np.array([[0.0, 0.2, 0.2, 1490.0, -5.0]])
+    counts = histogram(peaks)[0]
+    assert counts.sum() == 5 and counts[24] == 3 and counts[47] == 1 and counts[0] == 0
+    plot = histogram_plot(counts, np.sinh(np.linspace(-8, 8, 49)))
+    assert len(plot["bars"]) == np.count_nonzero(counts)
+    assert plot["left"] == "−7.16" and plot["right"] == "1490"  # one empty bin each side, clamped at the top
+    assert histogram_plot(np.zeros(48, np.int64), np.sinh(np.linspace(-8, 8, 49))) is None
+
+
+def test_layer_grid_carries_sort_keys(full):
+    model, store = full
+    with h5py.File(store, "r") as f:
+        quality = f["layers/block.0.relu@1/featurevis/quality"][()]
+        top = f["layers/block.0.relu@1/stats/max"][()]
+    page = (model / "block.0.relu-401" / "index.html").read_text()
+    cells = re.findall(r'<li([^>]*)><a href="(\d+)\.html" class="u ', page)
+    assert len(cells) == 300
+    for attrs, c in cells:
+        c = int(c)
+        q, m = re.search(r'data-q="([^"]+)"', attrs), re.search(r'data-m="([^"]+)"', attrs)
+        assert (q is not None) == bool(np.isfinite(quality[c]))
+        if q:
+            assert float(q.group(1)) == pytest.approx(quality[c], rel=1e-2)
+        assert float(m.group(1)) == pytest.approx(top[c], rel=1e-3)
+    assert 'id="grid-controls"' in page and 'value="q-desc"' in page and 'value="m-desc"' in page
+    summary = (model / "index.html").read_text()
+    assert f"<td>{int((quality < 1).sum())}</td>" in summary  # low-quality count per layer

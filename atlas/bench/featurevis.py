@@ -16,7 +16,9 @@ same machine, under these rules:
   224 px is turned off with `fixed_image_size=size`), the same steps, Adam with
   learning rate 0.05, the same frozen model (weights need no gradient in either
   tool), and a fresh copy of it for each Lucent call, because Lucent never
-  removes its forward hooks and they would pile up from call to call.
+  removes its forward hooks and they would pile up from call to call. Atlas
+  keeps its own defaults otherwise (the redirected ReLU of its first steps,
+  which Lucent 0.1.8 lacks, is part of its cost and of its quality).
 * Noise: Atlas's call for a layer and Lucent's calls for the same units run
   back to back, so a load spike from elsewhere on the machine hits both; each
   tool is warmed up before anything is timed. Seeds are set (torch and numpy)
@@ -163,6 +165,7 @@ def _warm_up(loaded: LoadedModel, lucent, units: Units, size: int, device: torch
     render(loaded.model, loaded.preprocess, channel(layer, units[layer]), list(range(len(units[layer]))),
            RenderSettings(size=size, steps=2, lr=LR), device)
     _lucent_one(lucent, loaded.model, layer, units[layer][0], size, 2, 0)
+    _lucent_batched(lucent, loaded.model, [(l, c) for l, cs in units.items() for c in cs], size, 2, 0)
 
 
 def run(model: str = "resnet50", weights: str = models.RANDOM, channels: int = 8, steps: int = 128,

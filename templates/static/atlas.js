@@ -9,3 +9,87 @@ document.addEventListener("keydown", (event) => {
     window.location.href = link.href;
   }
 });
+
+// Layer grid: sort and filter the cells by their data- attributes, jump to a unit.
+// Cells draw from sprite sheets by class, so moving them keeps their pictures.
+function setUpGrid(form, grid) {
+  const field = (name) => form.elements.namedItem(name);
+  const cells = Array.from(grid.children); // in unit order: cells[n] is unit n
+  const value = (cell, key) => {
+    const v = parseFloat(cell.dataset[key]);
+    return Number.isNaN(v) ? null : v;
+  };
+  const isDead = (cell) => cell.firstElementChild.classList.contains("dead");
+  const keep = {
+    all: () => true,
+    live: (cell) => !isDead(cell),
+    dead: isDead,
+    low: (cell) => value(cell, "q") !== null && value(cell, "q") < 1,
+  };
+
+  function ordered() {
+    const [key, direction] = field("sort").value.split("-");
+    if (key === "unit") return cells;
+    const sign = direction === "asc" ? 1 : -1;
+    return cells.map((cell, unit) => [value(cell, key), unit, cell])
+      .sort((a, b) => {
+        if (a[0] === null || b[0] === null) return (a[0] === null) - (b[0] === null) || a[1] - b[1];
+        return sign * (a[0] - b[0]) || a[1] - b[1]; // missing values last, ties by unit
+      })
+      .map((entry) => entry[2]);
+  }
+
+  function apply() {
+    const show = keep[field("show").value] || keep.all;
+    const order = ordered();
+    let shown = 0;
+    for (const cell of order) {
+      cell.hidden = !show(cell);
+      shown += !cell.hidden;
+    }
+    const fragment = document.createDocumentFragment();
+    fragment.append(...order);
+    grid.append(fragment);
+    field("count").value = `${shown} of ${cells.length} units shown`;
+    const state = new URLSearchParams({ sort: field("sort").value, show: field("show").value });
+    try {
+      history.replaceState(null, "", `#${state}`);
+    } catch (error) {
+      // some browsers refuse history changes on file: pages; the view still works
+    }
+  }
+
+  function choose(name, option) {
+    const select = field(name);
+    if (option && Array.from(select.options).some((o) => o.value === option)) select.value = option;
+  }
+
+  const saved = new URLSearchParams(window.location.hash.slice(1));
+  choose("sort", saved.get("sort"));
+  choose("show", saved.get("show"));
+  form.addEventListener("change", (event) => {
+    if (event.target.tagName === "SELECT") apply();
+  });
+  form.addEventListener("submit", (event) => {
+    event.preventDefault();
+    const cell = cells[parseInt(field("unit").value, 10)];
+    if (!cell) {
+      field("count").value = `no unit ${field("unit").value}: units are 0 to ${cells.length - 1}`;
+      return;
+    }
+    if (cell.hidden) {
+      field("show").value = "all";
+      apply();
+    }
+    cell.scrollIntoView({ block: "center" });
+    cell.firstElementChild.focus();
+  });
+  form.hidden = false;
+  apply();
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  const form = document.getElementById("grid-controls");
+  const grid = document.querySelector("ol.grid");
+  if (form && grid) setUpGrid(form, grid);
+});
