@@ -15,7 +15,8 @@ DATA ?=
 WEIGHTS ?=
 ARGS ?=
 
-.PHONY: install atlas test serve clean
+.PHONY: install atlas test serve clean publish
+MODE ?= gh-pages
 
 install: $(VENV)/.installed
 
@@ -38,6 +39,10 @@ test: install
 serve:
 	@echo "serving $(OUT)/ at http://localhost:8000/"
 	$(PY) -m http.server --directory '$(OUT)' 8000
+
+publish: install
+	$(VENV)/bin/atlas publish '$(OUT)' --mode $(MODE)
+	@echo "gh-pages: git push origin gh-pages; then Settings > Pages > Deploy from a branch: gh-pages, / (root)"
 
 clean:
 	rm -rf '$(OUT)'/* '$(STORE)' .pytest_cache build *.egg-info

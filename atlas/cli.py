@@ -110,12 +110,24 @@ _stage_command("attribute", "attribution", "Compute attributions for every datas
 @main.command()
 @click.argument("store", type=click.Path())
 @click.option("--out", "-o", type=click.Path(), default="site", show_default=True)
+@click.option("--max-site-mb", type=float, default=1000.0, show_default=True,
+              help="warn when the whole site grows past this size (GitHub Pages: 1 GB)")
 @click.option("--quiet", "-q", is_flag=True)
-def render(store: str, out: str, quiet: bool) -> None:
+def render(store: str, out: str, max_site_mb: float, quiet: bool) -> None:
     """Render the static site of a consolidated STORE (.h5) into --out."""
     from atlas import site
-    report = site.render(Path(store), Path(out), progress=not quiet)
-    click.echo(json.dumps(report, indent=1, default=str) if isinstance(report, dict) else str(report))
+    report = site.render(Path(store), Path(out), progress=not quiet, max_site_mb=max_site_mb)
+    click.echo(f"site: {Path(out) / 'index.html'} ({report.get('pages', 0)} pages)")
+
+
+@main.command()
+@click.argument("site_dir", type=click.Path(exists=True, file_okay=False), default="site")
+@click.option("--mode", type=click.Choice(["gh-pages", "docs"]), default="gh-pages", show_default=True)
+@click.option("--repo", type=click.Path(exists=True, file_okay=False), default=".", show_default=True)
+def publish(site_dir: str, mode: str, repo: str) -> None:
+    """Publish a rendered SITE_DIR for GitHub Pages: a gh-pages branch, or a docs/ folder."""
+    from atlas.publish import publish as run
+    click.echo(run(site_dir, mode, repo))
 
 
 @main.command()
@@ -192,3 +204,31 @@ def bench_projection(**o) -> None:
     r = projection.run(**o)
     click.echo(f"projection: seconds_per_channel={r['seconds_per_channel']:.1f} "
                f"total_hours={r['total_hours']:.1f} channels={r['channels']}")
+
+
+@bench.command("site")
+@click.option("--images", "n_images", default=1000, show_default=True)
+@click.option("--max-layers", type=int, default=None, help="only the first N layers plus the widest (quicker)")
+def bench_site(n_images: int, max_layers: int | None) -> None:
+    """Render a synthetic full ResNet-50 atlas; measure its size and its largest page."""
+    from atlas.bench import site
+    r = site.run(n_images=n_images, max_layers=max_layers)
+    click.echo(f"site: resnet50_site_mb={r['resnet50_site_mb']} largest_page_kb={r['largest_page_kb']} "
+               f"layer_grid_requests={r['layer_grid_requests']}")
+
+
+@bench.command("featurevis")
+@click.option("--model", default="resnet50", show_default=True)
+@click.option("--weights", default="random", show_default=True)
+@click.option("--channels", default=16, show_default=True, help="units both tools render")
+@click.option("--steps", default=64, show_default=True)
+@click.option("--size", default=128, show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--lucent-size", type=int, default=None, help="size Lucent feeds the model (default: its own, 224)")
+def bench_featurevis(**o) -> None:
+    """Atlas's batched renderer against Lucent 0.1.8 on the same channels."""
+    from atlas.bench import featurevis
+    r = featurevis.run(**o)
+    click.echo(f"featurevis: speedup_vs_lucent={r['speedup_vs_lucent']:.2f} "
+               f"quality_vs_lucent={r['quality_vs_lucent']:.2f} "
+               f"overhead_vs_forward_backward={r['overhead_vs_forward_backward']:.2f}")

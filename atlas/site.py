@@ -8,9 +8,14 @@
     site/<model>/<layer>/<channel>.html  one unit
     site/<model>/images/<index>.html     one dataset image with its attributions
 
-A model is rendered into a temporary folder and swapped into place when
-complete, so a crash never leaves a half-written model behind. The site index
-is rebuilt from the `summary.json` each model folder holds.
+    site/<model>/search.js               the search box's index of the model
+
+Every file is written in place through a temporary name and an atomic rename,
+and only when its content differs from what is there: a crash never leaves a
+half-written file, and re-rendering after a stage added units rewrites only
+the pages and images that changed. Files of an earlier render that this one no
+longer produces are removed at the end. The site index is rebuilt from the
+`summary.json` each model folder holds, which is written last.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -39,6 +45,7 @@ from atlas.store import open_store
 CSP = ("default-src 'none'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; "
        "script-src 'self'; base-uri 'none'; form-action 'none'")
 _CHUNK = 64  # dataset images and maps read per HDF5 slice
+MAX_SITE_MB = 1000.0  # GitHub Pages publishes sites of up to 1 GB
 
 
 def templates_dir() -> Path:
@@ -72,7 +79,9 @@ class SiteWriter:
         """
         self.base, self.env, self.depth, self.bar = base, env, depth, bar
         self.bytes: Counter[str] = Counter()
-        self.pages = 0
+        self.pages = self.changed = 0
+        self.search: list[str] = []  # search indexes every page loads, relative to the site root
+        self.kept: set[str] = set()  # every file written or found identical
         self._folders: set[Path] = set()
 
     def path(self, rel: str) -> Path:
@@ -83,17 +92,43 @@ class SiteWriter:
         return self.base.joinpath(*parts)
 
     def write(self, rel: str, data: bytes, part: str) -> None:
-        """Writes bytes to `rel`, counted under `part` (html, featurevis, ...)."""
+        """Writes bytes to `rel`, counted under `part` (html, featurevis, ...).
+
+        A file that already holds exactly `data` is left alone (its mtime too);
+        any other is replaced atomically.
+        """
         path = self.path(rel)
+        self.bytes[part] += len(data)
+        self.kept.add(rel)
+        try:
+            if path.stat().st_size == len(data) and path.read_bytes() == data:
+                return
+        except OSError:
+            pass  # not there yet
         if path.parent not in self._folders:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._folders.add(path.parent)
-        path.write_bytes(data)
-        self.bytes[part] += len(data)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+        self.changed += 1
+
+    def remove_others(self) -> int:
+        """Deletes every file under `base` that this writer did not write; returns how many."""
+        removed = 0
+        for path in sorted(self.base.rglob("*"), reverse=True):
+            rel = path.relative_to(self.base).as_posix()
+            if path.is_file() and rel not in self.kept:
+                path.unlink()
+                removed += 1
+            elif path.is_dir() and not any(path.iterdir()):
+                path.rmdir()
+        return removed
 
     def page(self, rel: str, template: str, **context: object) -> None:
         """Renders `template` to `rel`, giving it `root`, the relative path up to the site root."""
         context.setdefault("root", "../" * (rel.count("/") + self.depth))
+        context.setdefault("search", self.search)
         html = self.env.get_template(template).render(**context)
         self.write(rel, html.encode(), "html")
         self.pages += 1
@@ -101,18 +136,23 @@ class SiteWriter:
             self.bar.update()
 
 
-def render(store_path: str | Path, site_dir: str | Path, progress: bool = True) -> dict:
+def render(store_path: str | Path, site_dir: str | Path, progress: bool = True,
+           max_site_mb: float = MAX_SITE_MB) -> dict:
     """Renders one store into `site_dir/<model>/` and rewrites the site's index.
 
     Args:
         store_path: a consolidated store (.h5).
         site_dir: the site folder; other models already rendered there are kept
             and listed in its index.
-        progress: show a progress bar over pages.
+        progress: show a progress bar over pages, then the size of each part
+            of the site.
+        max_site_mb: the size budget of the whole site folder; past it, a
+            one-line warning goes to stderr.
 
     Returns:
-        A report: model name, folder, pages written, bytes per part of the site
-        (html, featurevis, sprites, dataset, attributions) and seconds taken.
+        A report: model name, folder, pages, files changed, files removed,
+        bytes per part of the model (html, featurevis, sprites, dataset,
+        attributions, search), bytes of the whole site, and seconds taken.
 
     Raises:
         AtlasError: the store is missing, unreadable, or not an Atlas store.
@@ -123,35 +163,69 @@ def render(store_path: str | Path, site_dir: str | Path, progress: bool = True) 
     with open_store(store_path) as f:
         model = read_model(f)
         final = site_dir / model.slug
-        tmp = site_dir / f".{model.slug}.rendering"
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(site_dir / f".{model.slug}.rendering", ignore_errors=True)  # left by older versions
         with tqdm(total=_page_count(model), disable=not progress, unit="page",
                   desc=f"site {model.name}") as bar:
-            writer = SiteWriter(tmp, env, depth=1, bar=bar)
-            try:
-                _render_model(f, model, writer)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
-    _swap(tmp, final)
-    root_pages = write_site_root(site_dir, env)
-    return {"model": model.name, "folder": str(final), "pages": writer.pages + root_pages,
-            "bytes": dict(sorted(writer.bytes.items())), "seconds": round(time.perf_counter() - start, 2)}
+            writer = SiteWriter(final, env, depth=1, bar=bar)
+            writer.search = [f"{model.slug}/search.js"]
+            _render_model(f, model, writer)
+    removed = writer.remove_others()
+    root = write_site_root(site_dir, env)
+    site_bytes = site_sizes(site_dir)
+    report = {"model": model.name, "folder": str(final), "pages": writer.pages + root["pages"],
+              "changed": writer.changed + root["changed"], "removed": removed,
+              "bytes": dict(sorted(writer.bytes.items())), "site_bytes": site_bytes,
+              "seconds": round(time.perf_counter() - start, 2)}
+    if progress:
+        print(size_table(site_bytes))
+    total_mb = sum(site_bytes.values()) / 1e6
+    if total_mb > max_site_mb:
+        print(f"warning: the site in {site_dir} is {total_mb:.0f} MB, over its budget of {max_site_mb:g} MB "
+              f"(GitHub Pages publishes at most 1 GB); render fewer views, layers or images",
+              file=sys.stderr)
+    return report
+
+
+def site_part(rel: str) -> str:
+    """Which part of the site a file belongs to, from its path relative to the site root."""
+    parts = rel.split("/")
+    name = parts[-1]
+    if parts[0] == "static":
+        return "static"
+    if name.endswith((".html", ".json")):
+        return "html"
+    if len(parts) == 1:
+        return "static"
+    if name == "search.js":
+        return "search"
+    if len(parts) == 3 and parts[1] == "images":
+        return "dataset" if name.endswith(".jpg") else "attributions"
+    if name.startswith(("sprite-", "preview.")):
+        return "sprites"
+    return "featurevis"
+
+
+def site_sizes(site_dir: str | Path) -> dict[str, int]:
+    """Bytes per part of everything in the site folder (html, featurevis, sprites, ...)."""
+    site_dir = Path(site_dir)
+    sizes: Counter[str] = Counter()
+    for folder, dirs, files in os.walk(site_dir):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        rel = Path(folder).relative_to(site_dir).as_posix()
+        for name in files:
+            sizes[site_part(name if rel == "." else f"{rel}/{name}")] += os.path.getsize(os.path.join(folder, name))
+    return dict(sorted(sizes.items()))
+
+
+def size_table(sizes: dict[str, int]) -> str:
+    """The size of each part of a site and the total, one line each."""
+    lines = [f"  {part:13s} {n / 1e6:10.1f} MB" for part, n in sizes.items()]
+    return "\n".join(["site size:", *lines, f"  {'total':13s} {sum(sizes.values()) / 1e6:10.1f} MB"])
 
 
 def _page_count(model: Model) -> int:
     units = sum(layer.channels for layer in model.layers)
     return units + len(model.layers) + model.n_images + pages.image_index_count(model.n_images) + 2
-
-
-def _swap(tmp: Path, final: Path) -> None:
-    """Replaces `final` by `tmp`; the old folder is removed only once the new one is in place."""
-    old = final.with_name(f".{final.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _render_model(f: h5py.File, model: Model, w: SiteWriter) -> None:
@@ -170,6 +244,7 @@ def _render_model(f: h5py.File, model: Model, w: SiteWriter) -> None:
         _render_layer(model, i, arrays, sheets, dataset, w)
     w.page("index.html", "model.html", **pages.model_context(model, extra))
     w.page("about.html", "about.html", **pages.about_context(f, model, dataset))
+    w.write("search.js", pages.search_script(model, dataset), "search")
     summary = pages.summary(model, extra)
     w.write("summary.json", json.dumps(summary, indent=1, sort_keys=True).encode(), "html")
 
@@ -239,7 +314,7 @@ def _render_images(f: h5py.File, model: Model, dataset: dict, w: SiteWriter) -> 
         w.page(pages.image_index_name(number), "images.html", **context)
 
 
-def write_site_root(site_dir: str | Path, env: jinja2.Environment | None = None) -> int:
+def write_site_root(site_dir: str | Path, env: jinja2.Environment | None = None) -> dict:
     """(Re)writes the site's index of models, shared assets, `.nojekyll` and `404.html`.
 
     The index lists every `<model>/summary.json` found in `site_dir`.
@@ -249,7 +324,7 @@ def write_site_root(site_dir: str | Path, env: jinja2.Environment | None = None)
         env: the jinja2 environment; a new one by default.
 
     Returns:
-        The number of pages written.
+        pages: pages written; changed: files whose content changed.
     """
     site_dir = Path(site_dir)
     env = env or _environment()
@@ -267,6 +342,8 @@ def write_site_root(site_dir: str | Path, env: jinja2.Environment | None = None)
         except (OSError, ValueError):
             continue  # a folder that is not a rendered model: leave it out of the index
     models.sort(key=lambda m: m.get("name", ""))
+    w.search = [f"{m['slug']}/search.js" for m in models
+                if isinstance(m.get("slug"), str) and (site_dir / m["slug"] / "search.js").is_file()]
     w.page("index.html", "index.html", models=models, crumbs=[], title="Model atlases")
     w.page("404.html", "404.html")
-    return w.pages
+    return {"pages": w.pages, "changed": w.changed}

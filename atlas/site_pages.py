@@ -6,6 +6,7 @@ templates raw; jinja2's autoescape escapes them there.
 
 from __future__ import annotations
 
+import json
 import math
 
 import h5py
@@ -303,3 +304,22 @@ def summary(model: Model, extra: dict[str, dict]) -> dict:
             "weights_id": model.attrs.get("weights_id", ""), "layers": len(model.layers),
             "units": sum(l.channels for l in model.layers), "images": model.n_images,
             "preview": f"{model.slug}/{preview}" if preview else None}
+
+
+def search_script(model: Model, dataset: dict | None) -> bytes:
+    """The model's search index as a script (fetch() of a local JSON file fails under file://).
+
+    It lists layers and class names, not units: the search box parses unit ids
+    such as `layer3.2:17` against the layers' channel counts, so the file stays
+    small however many units the model has. Classes link to their unit of the
+    output layer (a layer with one channel per class), else to their images.
+    """
+    n = len(model.classes)
+    logits = next((l for l in reversed(model.layers) if n and l.channels == n), None)
+    labels = [int(x) for x in dataset["labels"]] if dataset is not None else []
+    index = {"name": model.name, "slug": model.slug,
+             "layers": [[l.name, l.slug, l.channels] for l in model.layers],
+             "classes": list(model.classes), "logits": logits.slug if logits else None, "labels": labels}
+    # ASCII only, and no "<", so no store string can end the script early
+    text = json.dumps(index, ensure_ascii=True, separators=(",", ":")).replace("<", "\\u003c")
+    return f"(window.atlasModels = window.atlasModels || []).push({text});\n".encode()

@@ -88,6 +88,22 @@ def write_synthetic_store(
     return path
 
 
+def add_featurevis(path: Path, layer: str, views: Sequence[str] = ("channel",), seed: int = 1) -> None:
+    """Adds synthetic feature visualizations to a layer of a store that lacks them, as a later stage would.
+
+    Args:
+        path: a store written by `write_synthetic_store`.
+        layer: the layer's name.
+        views: views to write.
+        seed: seed of the new values.
+    """
+    with h5py.File(path, "r+") as f:
+        g = f["layers"][layer]
+        size = int(json.loads(f.attrs["config"])["fv_size"])
+        best = g["topk/value"][:, 0] if "topk/value" in g else None
+        _write_featurevis(g, int(g.attrs["channels"]), size, views, best, np.random.default_rng(seed))
+
+
 def _strings(values: Sequence[str]) -> np.ndarray:
     return np.array(list(values), dtype=object)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from html.parser import HTMLParser
 from pathlib import Path
@@ -15,7 +16,7 @@ from atlas.errors import AtlasError
 from atlas.site import SiteWriter, render
 from atlas.site_data import slug
 from atlas.site_images import histogram_plot
-from atlas.synthetic import VIEWS, histogram, write_synthetic_store
+from atlas.synthetic import VIEWS, add_featurevis, histogram, write_synthetic_store
 
 XSS = "<script>alert(1)</script>"
 LAYERS = [("conv1", 6, 16), ("block.0.relu@1", 300, 8), ('head."q"<i>', 3, 4), ("fc", 4, 1)]
@@ -128,7 +129,8 @@ def test_root_files(site):
     assert (root / ".nojekyll").is_file()
     assert "not found" in (root / "404.html").read_text().lower()
     assert (root / "static" / "atlas.css").is_file() and (root / "static" / "atlas.js").is_file()
-    assert set(report["bytes"]) == {"html", "featurevis", "sprites", "dataset", "attributions"}
+    assert set(report["bytes"]) == {"html", "featurevis", "sprites", "dataset", "attributions", "search"}
+    assert set(report["site_bytes"]) == set(report["bytes"]) | {"static"}
     assert all(v > 0 for v in report["bytes"].values())
 
 
@@ -369,3 +371,105 @@ def test_layer_grid_carries_sort_keys(full):
     assert 'id="grid-controls"' in page and 'value="q-desc"' in page and 'value="m-desc"' in page
     summary = (model / "index.html").read_text()
     assert f"<td>{int((quality < 1).sum())}</td>" in summary  # low-quality count per layer
+
+
+def test_rerender_rewrites_only_what_changed(tmp_path):
+    """Adding featurevis to one layer rewrites that layer's files and the pages that summarize it."""
+    store = _store(tmp_path)
+    out = tmp_path / "site"
+    render(store, out, progress=False)
+    old = 1_000_000_000  # a time no write of this test can produce
+    files = [p for p in out.rglob("*") if p.is_file()]
+    for p in files:
+        os.utime(p, (old, old))
+    add_featurevis(store, "fc")
+    report = render(store, out, progress=False)
+    changed = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file() and p.stat().st_mtime != old}
+    fc = {p for p in changed if p.startswith("tiny/fc/")}
+    assert {"tiny/fc/index.html", "tiny/fc/0.html", "tiny/fc/sprite-0.webp", "tiny/fc/0.webp"} <= fc
+    # the model's index, about page and summary list the layer; the site index shows a preview of it
+    assert changed - fc == {"tiny/index.html", "tiny/about.html", "tiny/summary.json", "index.html"}
+    assert report["changed"] == len(changed)
+    assert not list(out.rglob(".*.tmp"))
+
+
+def test_rerender_removes_files_no_longer_produced(tmp_path):
+    out = tmp_path / "site"
+    render(_store(tmp_path), out, progress=False)
+    render(write_synthetic_store(tmp_path / "tiny.h5", LAYERS[:1], 2, name="tiny"), out, progress=False)
+    assert not (out / "tiny" / "fc").exists()
+    assert (out / "tiny" / "conv1" / "0.html").is_file()
+
+
+def test_size_report_and_budget(tmp_path, capsys):
+    report = render(_store(tmp_path), tmp_path / "site", progress=True, max_site_mb=0.001)
+    out, err = capsys.readouterr()
+    assert "featurevis" in out and "total" in out
+    assert err.count("over its budget of 0.001 MB") == 1
+    assert sum(report["site_bytes"].values()) == sum(p.stat().st_size for p in (tmp_path / "site").rglob("*")
+                                                      if p.is_file())
+    render(_store(tmp_path), tmp_path / "site", progress=False)
+    assert "budget" not in capsys.readouterr().err
+
+
+def test_search_index_is_small_and_escaped(site):
+    root, _ = site
+    text = (root / "tiny" / "search.js").read_text()
+    assert "<" not in text and text.isascii()
+    assert '"block.0.relu@1",' in text and "class 3" in text
+    for page in (root / "index.html", root / "tiny" / "conv1" / "0.html"):
+        assert "search.js" in page.read_text()
+
+
+def _git(repo: Path, *args: str) -> str:
+    import subprocess
+    return subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True, text=True).stdout
+
+
+@pytest.fixture
+def repo(tmp_path) -> Path:
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    _git(repo, "init", "-q", "-b", "main")
+    _git(repo, "config", "user.email", "atlas@example.org")
+    _git(repo, "config", "user.name", "Atlas test")
+    (repo / "README.md").write_text("project\n")
+    _git(repo, "add", "README.md")
+    _git(repo, "commit", "-q", "-m", "start")
+    (repo / "notes.txt").write_text("uncommitted work\n")  # must survive publishing untouched
+    return repo
+
+
+def test_publish_to_gh_pages_leaves_the_work_tree_alone(site, repo):
+    from atlas.publish import publish
+    root, _ = site
+    status = _git(repo, "status", "--porcelain")
+    first = publish(root, "gh-pages", repo)
+    files = set(_git(repo, "ls-tree", "-r", "--name-only", "gh-pages").split())
+    assert files == {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
+    assert {".nojekyll", "index.html", "tiny/conv1/index.html"} <= files
+    assert _git(repo, "branch", "--show-current").strip() == "main"
+    assert _git(repo, "status", "--porcelain") == status
+    assert publish(root, "gh-pages", repo) == first  # nothing new to commit
+    (root / "extra.txt").write_text("x")
+    try:
+        second = publish(root, "gh-pages", repo)
+    finally:
+        (root / "extra.txt").unlink()
+    assert _git(repo, "rev-parse", f"{second}^").strip() == first
+
+
+def test_publish_to_docs(site, repo):
+    from atlas.publish import publish
+    root, _ = site
+    (repo / "docs").mkdir()
+    (repo / "docs" / "guide.md").write_text("the project's own docs")
+    with pytest.raises(AtlasError, match="already holds other files"):
+        publish(root, "docs", repo)
+    (repo / "docs" / "guide.md").unlink()
+    docs = Path(publish(root, "docs", repo))
+    assert (docs / "index.html").read_bytes() == (root / "index.html").read_bytes()
+    publish(root, "docs", repo)  # replaces its own earlier copy
+    assert (docs / "tiny" / "conv1" / "index.html").is_file()
+    with pytest.raises(AtlasError, match="unknown publish mode"):
+        publish(root, "pages", repo)

@@ -12,11 +12,13 @@ same machine, under these rules:
   against that usage; Lucent's own batched mode (one parameterization with
   batch N and a summed `channel(layer, c, batch=i)` objective) is timed once as
   well and reported beside it.
-* Same work per image: the same image size for both (Lucent's upsampling to
-  224 px is turned off with `fixed_image_size=size`), the same steps, Adam with
-  learning rate 0.05, the same frozen model (weights need no gradient in either
-  tool), and a fresh copy of it for each Lucent call, because Lucent never
-  removes its forward hooks and they would pile up from call to call. Atlas
+* The same image size (128 px) and steps for both, Adam with learning rate
+  0.05, the same frozen model (weights need no gradient in either tool), and a
+  fresh copy of it for each Lucent call, because Lucent never removes its
+  forward hooks and they would pile up from call to call. Lucent runs as its
+  users get it: it upsamples images below 224 px to 224 before the model
+  (`lucent_size=None`); Atlas feeds the model the image at its own size.
+  `lucent_size=128` turns Lucent's upsampling off for an equal-input run. Atlas
   keeps its own defaults otherwise (the redirected ReLU of its first steps,
   which Lucent 0.1.8 lacks, is part of its cost and of its quality).
 * Noise: Atlas's call for a layer and Lucent's calls for the same units run
@@ -25,8 +27,11 @@ same machine, under these rules:
   before every Lucent call, so Lucent's runs are reproducible.
 * Quality: each tool's final image is quantized to uint8 the same way, fed
   through the model without transforms, and the target channel's mean
-  activation is read with Atlas's `Capture`. The quality ratio is the mean over
-  units of Atlas's value divided by the mean over units of Lucent's.
+  activation is read with Atlas's `Capture`, twice: at the image's own size
+  (the image as an atlas shows it, and what Atlas optimizes) and upsampled to
+  224 px (what Lucent optimizes). Each ratio is the mean over units of Atlas's
+  value divided by the mean of Lucent's; the headline is the first, and both
+  are printed.
 * Overhead: Atlas's time per image and step on the deepest layer (which needs
   the whole network), divided by a plain forward and backward to the input per
   image at the same batch size and image size.
@@ -109,16 +114,19 @@ def _to_uint8(images01: np.ndarray) -> np.ndarray:
 
 
 def activation(loaded: LoadedModel, pixels: np.ndarray, layer: str, chans: list[int],
-               device: torch.device) -> np.ndarray:
-    """Mean activation of channel chans[i] of `layer` for image i of uint8 [B, S, S, 3] pixels."""
+               device: torch.device, size: int | None = None) -> np.ndarray:
+    """Mean activation of channel chans[i] of `layer` for image i of uint8 [B, S, S, 3] pixels,
+    optionally upsampled to `size` first (bilinearly, as Lucent does)."""
     x = torch.as_tensor(pixels).permute(0, 3, 1, 2).float().div(255).to(device)
+    if size is not None and size != x.shape[-1]:
+        x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=True)
     with torch.no_grad(), Capture(loaded.model, [layer], stop=True) as cap:
         acts = cap.run(loaded.preprocess.normalize(x))[layer]
     return acts[torch.arange(len(chans)), torch.as_tensor(chans)].mean(dim=(1, 2)).float().cpu().numpy()
 
 
 def _lucent_call(lucent, model: nn.Module, objective, size: int, steps: int, batch: int,
-                 seed: int) -> np.ndarray:
+                 seed: int, model_size: int | None) -> np.ndarray:
     """One documented `render_vis` call on a fresh copy of `model`; returns its final images."""
     _, param, lucent_render = lucent
     torch.manual_seed(seed)  # Lucent's start image
@@ -126,25 +134,26 @@ def _lucent_call(lucent, model: nn.Module, objective, size: int, steps: int, bat
     images = lucent_render.render_vis(
         model, objective, param_f=lambda: param.image(size, batch=batch),
         optimizer=lambda p: torch.optim.Adam(p, lr=LR), thresholds=(steps,),
-        show_image=False, progress=False, fixed_image_size=size)
+        show_image=False, progress=False, fixed_image_size=model_size)
     return images[-1]
 
 
 def _lucent_one(lucent, model: nn.Module, layer: str, chan: int, size: int, steps: int,
-                seed: int) -> tuple[np.ndarray, float]:
+                seed: int, model_size: int | None) -> tuple[np.ndarray, float]:
     fresh = copy.deepcopy(model)  # outside the timing: Lucent leaves its hooks on the model
     images, seconds = _timed(lambda: _lucent_call(lucent, fresh, f"{layer.replace('.', '_')}:{chan}",
-                                                   size, steps, 1, seed))
+                                                   size, steps, 1, seed, model_size))
     return _to_uint8(images), seconds
 
 
 def _lucent_batched(lucent, model: nn.Module, units: list[tuple[str, int]], size: int, steps: int,
-                    seed: int) -> tuple[np.ndarray, float]:
+                    seed: int, model_size: int | None) -> tuple[np.ndarray, float]:
     objectives = lucent[0]
     objective = objectives.Objective.sum([objectives.channel(layer.replace(".", "_"), c, batch=i)
                                           for i, (layer, c) in enumerate(units)])
     fresh = copy.deepcopy(model)
-    images, seconds = _timed(lambda: _lucent_call(lucent, fresh, objective, size, steps, len(units), seed))
+    images, seconds = _timed(lambda: _lucent_call(lucent, fresh, objective, size, steps, len(units), seed,
+                                                  model_size))
     return _to_uint8(images), seconds
 
 
@@ -159,17 +168,19 @@ def _forward_backward(loaded: LoadedModel, batch: int, size: int, device: torch.
     return best_time(step, repeats=5) / batch
 
 
-def _warm_up(loaded: LoadedModel, lucent, units: Units, size: int, device: torch.device) -> None:
+def _warm_up(loaded: LoadedModel, lucent, units: Units, size: int, device: torch.device,
+             model_size: int | None) -> None:
     """A few steps of each tool, so neither pays first-call costs inside the timings."""
     layer = list(units)[-1]
     render(loaded.model, loaded.preprocess, channel(layer, units[layer]), list(range(len(units[layer]))),
            RenderSettings(size=size, steps=2, lr=LR), device)
-    _lucent_one(lucent, loaded.model, layer, units[layer][0], size, 2, 0)
-    _lucent_batched(lucent, loaded.model, [(l, c) for l, cs in units.items() for c in cs], size, 2, 0)
+    _lucent_one(lucent, loaded.model, layer, units[layer][0], size, 2, 0, model_size)
+    _lucent_batched(lucent, loaded.model, [(l, c) for l, cs in units.items() for c in cs], size, 2, 0,
+                    model_size)
 
 
-def run(model: str = "resnet50", weights: str = models.RANDOM, channels: int = 8, steps: int = 128,
-        size: int = 128, device: str = "cpu") -> dict:
+def run(model: str = "resnet50", weights: str = models.RANDOM, channels: int = 16, steps: int = 64,
+        size: int = 128, device: str = "cpu", lucent_size: int | None = None) -> dict:
     """Renders the same units with Atlas and Lucent; prints details, returns the three ratios.
 
     Args:
@@ -177,8 +188,9 @@ def run(model: str = "resnet50", weights: str = models.RANDOM, channels: int = 8
         weights: weights as for `atlas.models.load` ("random" needs no download).
         channels: how many units both tools render.
         steps: optimization steps per image, the same for both tools.
-        size: image side in pixels, fed to the model as is by both tools.
+        size: image side in pixels, the same for both tools.
         device: torch device.
+        lucent_size: the size Lucent feeds the model (None: its default, 224 for small images).
 
     Returns:
         speedup_vs_lucent (channels per second, Atlas over one-at-a-time Lucent),
@@ -193,24 +205,28 @@ def run(model: str = "resnet50", weights: str = models.RANDOM, channels: int = 8
     print(f"{model} ({loaded.weights_id}), {channels} units, {size} px, {steps} steps, Adam lr {LR}, "
           f"{torch.get_num_threads()} threads, {dev}", flush=True)
     print("units: " + "; ".join(f"{l} {c}" for l, c in units.items()), flush=True)
-    _warm_up(loaded, lucent, units, size, dev)
+    _warm_up(loaded, lucent, units, size, dev, lucent_size)
     settings = RenderSettings(size=size, steps=steps, lr=LR)
-    atlas_s, lucent_s, atlas_q, lucent_q = {}, {}, [], []
+    atlas_s, lucent_s, atlas_q, lucent_q, atlas_q224, lucent_q224 = {}, {}, [], [], [], []
     for layer, chans in units.items():
         seeds = [unit_seed(loaded.name, layer, c) for c in chans]
         out, atlas_s[layer] = _timed(lambda: render(loaded.model, loaded.preprocess, channel(layer, chans),
                                                     seeds, settings, dev))
         atlas_q += activation(loaded, out.images, layer, chans, dev).tolist()
+        atlas_q224 += activation(loaded, out.images, layer, chans, dev, 224).tolist()
         print(f"  atlas  {layer}: {len(chans)} channels in one batch, {atlas_s[layer]:.1f} s "
               f"({1e3 * atlas_s[layer] / (steps * len(chans)):.0f} ms per image-step)", flush=True)
         for c, seed in zip(chans, seeds):
-            pixels, lucent_s[(layer, c)] = _lucent_one(lucent, loaded.model, layer, c, size, steps, seed)
+            pixels, lucent_s[(layer, c)] = _lucent_one(lucent, loaded.model, layer, c, size, steps, seed,
+                                                       lucent_size)
             lucent_q += activation(loaded, pixels, layer, [c], dev).tolist()
+            lucent_q224 += activation(loaded, pixels, layer, [c], dev, 224).tolist()
             print(f"  lucent {layer}:{c}: {lucent_s[(layer, c)]:.1f} s "
                   f"({1e3 * lucent_s[(layer, c)] / steps:.0f} ms per step)", flush=True)
     flat = [(l, c) for l, cs in units.items() for c in cs]
     atlas_total, lucent_total = sum(atlas_s.values()), sum(lucent_s.values())
-    pixels, batched_total = _lucent_batched(lucent, loaded.model, flat, size, steps, unit_seed(loaded.name, "", 0))
+    pixels, batched_total = _lucent_batched(lucent, loaded.model, flat, size, steps, unit_seed(loaded.name, "", 0),
+                                            lucent_size)
     batched_q = [activation(loaded, pixels[i:i + 1], l, [c], dev)[0] for i, (l, c) in enumerate(flat)]
     print(f"  lucent batched (all {len(flat)} units, one param, summed objective): {batched_total:.1f} s",
           flush=True)
@@ -220,6 +236,8 @@ def run(model: str = "resnet50", weights: str = models.RANDOM, channels: int = 8
     result = {
         "speedup_vs_lucent": lucent_total / atlas_total,
         "quality_vs_lucent": float(np.mean(atlas_q) / np.mean(lucent_q)),
+        "quality_vs_lucent_at_size": float(np.mean(atlas_q) / np.mean(lucent_q)),
+        "quality_vs_lucent_at_224": float(np.mean(atlas_q224) / np.mean(lucent_q224)),
         "overhead_vs_forward_backward": per_image_step / fb,
         "speedup_vs_lucent_batched": batched_total / atlas_total,
         "quality_vs_lucent_batched": float(np.mean(atlas_q) / np.mean(batched_q)),
@@ -239,9 +257,10 @@ def run(model: str = "resnet50", weights: str = models.RANDOM, channels: int = 8
           f"{result['lucent_channels_per_s']:.4f} (the headline), lucent batched "
           f"{result['lucent_batched_channels_per_s']:.4f} (speedup vs batched "
           f"{result['speedup_vs_lucent_batched']:.2f}x)", flush=True)
-    print(f"mean final activation: atlas {result['atlas_mean_activation']:.4g}, lucent "
-          f"{result['lucent_mean_activation']:.4g}, lucent batched {result['lucent_batched_mean_activation']:.4g}",
-          flush=True)
+    print(f"mean final activation at {size} px: atlas {result['atlas_mean_activation']:.4g}, lucent "
+          f"{result['lucent_mean_activation']:.4g}, lucent batched {result['lucent_batched_mean_activation']:.4g}; "
+          f"quality ratio at {size} px {result['quality_vs_lucent_at_size']:.3f}, upsampled to 224 px "
+          f"{result['quality_vs_lucent_at_224']:.3f}", flush=True)
     print(f"atlas {result['atlas_ms_per_image_step_deepest']:.1f} ms per image-step on {deepest} (batch "
           f"{len(units[deepest])}); plain forward+backward {result['forward_backward_ms_per_image']:.1f} ms "
           f"per image", flush=True)

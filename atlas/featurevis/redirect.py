@@ -34,11 +34,13 @@ class _RedirectedClamp(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         (x,) = ctx.saved_tensors
         ordinary = grad * ((x > 0) & (x < ctx.upper))
+        alive = ordinary.flatten(1).abs().amax(1) > 0  # per image: does any gradient get through?
+        if bool(alive.all()):
+            return ordinary, None  # the usual case once past the first layers: nothing to redirect
         # grad is d(loss)/d(output); the optimizer steps against it, so grad > 0 lowers x
         lowering_below = (x <= 0) & (grad > 0)
         raising_above = (x >= ctx.upper) & (grad < 0)
         redirected = grad.masked_fill(lowering_below | raising_above, 0)
-        alive = ordinary.flatten(1).abs().amax(1) > 0  # per image: does any gradient get through?
         alive = alive.view(-1, *([1] * (grad.dim() - 1)))
         return torch.where(alive, ordinary, redirected), None
 

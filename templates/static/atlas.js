@@ -93,3 +93,72 @@ document.addEventListener("DOMContentLoaded", () => {
   const grid = document.querySelector("ol.grid");
   if (form && grid) setUpGrid(form, grid);
 });
+
+// Search box: layers by name, units by id ("layer3.2:17"), classes by name, from the
+// search.js index each model writes (a script, since fetch() of local files fails
+// under file://). Hrefs are built from the page's data-root, so they stay relative.
+const MAX_HITS = 12;
+
+function searchHits(models, query, root) {
+  const q = query.trim().toLowerCase();
+  if (!q) return [];
+  const hits = [];
+  const unit = /^(.*?)\s*:\s*(\d+)$/.exec(q);
+  for (const m of models) {
+    const base = `${root}${m.slug}/`;
+    const tag = models.length > 1 ? ` (${m.name})` : "";
+    if (unit) {
+      const c = Number(unit[2]);
+      for (const [name, slug, channels] of m.layers) {
+        if (name.toLowerCase() === unit[1] && c < channels)
+          hits.push({ label: `${name}:${c}${tag}`, href: `${base}${slug}/${c}.html` });
+      }
+    }
+    for (const [name, slug, channels] of m.layers) {
+      if (name.toLowerCase().includes(q))
+        hits.push({ label: `layer ${name}, ${channels} units${tag}`, href: `${base}${slug}/index.html` });
+    }
+    m.classes.forEach((name, k) => {
+      if (!name.toLowerCase().includes(q)) return;
+      if (m.logits) {
+        hits.push({ label: `class ${name}: unit ${k} of the output${tag}`, href: `${base}${m.logits}/${k}.html` });
+      }
+      const image = m.labels.indexOf(k);
+      if (image >= 0) hits.push({ label: `class ${name}: an image of it${tag}`, href: `${base}images/${image}.html` });
+    });
+  }
+  return hits.slice(0, MAX_HITS);
+}
+
+function setUpSearch(form) {
+  const input = form.elements.namedItem("q");
+  const list = form.querySelector(".hits");
+  const root = form.dataset.root;
+  let hits = [];
+  input.addEventListener("input", () => {
+    hits = searchHits(window.atlasModels || [], input.value, root);
+    list.replaceChildren(...hits.map((hit) => {
+      const item = document.createElement("li");
+      const link = document.createElement("a");
+      link.href = hit.href;
+      link.textContent = hit.label; // text, never HTML: names come from the store
+      item.append(link);
+      return item;
+    }));
+    if (input.value.trim() && !hits.length) {
+      const item = document.createElement("li");
+      item.textContent = "no match";
+      list.append(item);
+    }
+  });
+  form.addEventListener("submit", (event) => {
+    event.preventDefault(); // the site is static: Enter opens the first hit
+    if (hits.length) window.location.href = list.querySelector("a").href;
+  });
+  form.hidden = false;
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  const form = document.querySelector("form.search");
+  if (form) setUpSearch(form);
+});

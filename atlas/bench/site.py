@@ -1,0 +1,97 @@
+"""Site benchmark: the static site of a full ResNet-50 atlas, from a synthetic store.
+
+The store has ResNet-50's real default layers (names and channel counts from
+`atlas.layers` on torchvision's `resnet50()` at 224 px: 69 layers, 41,664
+units), synthetic pixels for every view of the full preset, 10 top and 10
+bottom dataset examples per unit, 1,000 dataset images and their gradient
+attributions. The site is rendered into a temporary folder and measured
+against what GitHub Pages allows: a published site of at most 1 GB.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from atlas.config import preset
+from atlas.site import render, site_sizes
+from atlas.synthetic import write_synthetic_store
+
+URL = re.compile(r"""url\(([^)]*)\)|<img[^>]*\ssrc="([^"]*)\"""")
+TARGETS = {"resnet50_site_mb": 1000, "largest_page_kb": 300, "layer_grid_requests": 20}
+
+
+def resnet50_layers(size: int = 224) -> list[tuple[str, int, int]]:
+    """(name, channels, spatial side) of ResNet-50's default layers, in forward order."""
+    import torchvision
+
+    from atlas import layers
+
+    model = torchvision.models.resnet50().eval()  # random weights: only the shapes matter
+    chosen = layers.select(model, layers.discover(model, size))
+    return [(l.name, l.channels, l.height) for l in chosen]
+
+
+def grid_requests(page: Path) -> int:
+    """Distinct images a layer page loads to show its grid: sprite sheets and <img> sources."""
+    html = page.read_text(encoding="utf-8")
+    return len({a or b for a, b in URL.findall(html)})
+
+
+def largest_page(site: Path) -> tuple[Path, int]:
+    pages = [(p.stat().st_size, p) for p in site.rglob("*.html")]
+    size, path = max(pages)
+    return path, size
+
+
+def run(n_images: int = 1000, k: int = 10, fv_size: int | None = None, views: tuple[str, ...] | None = None,
+        max_layers: int | None = None, keep: Path | None = None) -> dict:
+    """Renders the synthetic ResNet-50 atlas and measures its site.
+
+    Args:
+        n_images: dataset images.
+        k: top and bottom examples per unit.
+        fv_size: feature-visualization side; the full preset's by default.
+        views: feature-visualization views; the full preset's by default.
+        max_layers: only the first N layers plus the widest one (a quicker, partial run).
+        keep: render into this folder instead of a temporary one, and keep it.
+
+    Returns:
+        resnet50_site_mb, largest_page_kb, layer_grid_requests, the size of each
+        part of the site in MB, pages, and seconds to write the store and render.
+    """
+    full = preset("full")
+    layers = resnet50_layers()
+    if max_layers is not None:
+        widest = max(layers, key=lambda l: l[1])
+        layers = layers[:max_layers] + ([widest] if widest not in layers[:max_layers] else [])
+    with tempfile.TemporaryDirectory(prefix="atlas-bench-site-") as tmp:
+        folder = Path(keep) if keep else Path(tmp)
+        start = time.perf_counter()
+        store = write_synthetic_store(folder / "resnet50.h5", layers, n_images, k=k,
+                                      fv_size=fv_size or full.fv_size, views=views or full.fv_views,
+                                      methods=("gradient",), name="resnet50")
+        store_s = time.perf_counter() - start
+        report = render(store, folder / "site", progress=sys.stderr.isatty())
+        sizes = site_sizes(folder / "site")
+        page, page_bytes = largest_page(folder / "site")
+        widest = max(layers, key=lambda l: l[1])
+        grid = folder / "site" / "resnet50" / widest[0] / "index.html"
+        out = {"resnet50_site_mb": round(sum(sizes.values()) / 1e6, 1),
+               "largest_page_kb": round(page_bytes / 1e3, 1),
+               "largest_page": str(page.relative_to(folder / "site")),
+               "layer_grid_requests": grid_requests(grid),
+               "parts_mb": {k: round(v / 1e6, 1) for k, v in sizes.items()},
+               "layers": len(layers), "units": sum(l[1] for l in layers), "pages": report["pages"],
+               "store_s": round(store_s, 1), "render_s": report["seconds"]}
+    for part, mb in out["parts_mb"].items():
+        print(f"  {part:13s} {mb:9.1f} MB")
+    print(f"  {'total':13s} {out['resnet50_site_mb']:9.1f} MB; largest page {out['largest_page']} "
+          f"{out['largest_page_kb']} KB; {out['pages']} pages; store {out['store_s']} s, render {out['render_s']} s")
+    for key, limit in TARGETS.items():
+        if out[key] > limit:
+            print(f"  over target: {key}={out[key]} > {limit}")
+    return out

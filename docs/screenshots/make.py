@@ -1,0 +1,69 @@
+"""Screenshots of a rendered atlas for the README: index, layer, unit and image pages.
+
+    atlas render atlas-data/efficientnet_lite0.h5 --out site
+    python docs/screenshots/make.py site docs/screenshots
+
+Needs the `playwright` package and a system Chromium (/usr/bin/chromium, or
+$ATLAS_CHROMIUM). Each PNG is a 1000x700 view reduced to a palette of at most 256 colours
+(and scaled down where a busy page needs it) so it stays under 150 KB.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+from pathlib import Path
+
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tests"))
+from test_browser import launch  # noqa: E402  (the browser settings the tests use)
+
+SIZE = {"width": 1000, "height": 700}
+
+
+def pages(site: Path) -> dict[str, Path]:
+    """The pages to shoot: the site index, and of the first model a middle layer, its unit 0, image 0."""
+    summary = json.loads(next(iter(sorted(site.glob("*/summary.json")))).read_text())
+    model = site / summary["slug"]
+    layers = sorted((p for p in model.iterdir() if (p / "index.html").is_file() and p.name != "images"),
+                    key=lambda p: p.name)
+    layer = layers[len(layers) // 2]
+    return {"index": site / "index.html", "layer": layer / "index.html", "unit": layer / "0.html",
+            "image": model / "images" / "0.html"}
+
+
+MAX_BYTES = 150_000
+
+
+def optimize(png: bytes) -> bytes:
+    """A palette PNG under MAX_BYTES: fewer colours first, then a smaller picture (busy grids)."""
+    rgb = Image.open(io.BytesIO(png)).convert("RGB")
+    for scale, colours in ((1, 256), (1, 128), (1, 64), (0.8, 128), (0.8, 64), (0.7, 64), (0.6, 64)):
+        small = rgb.resize((round(rgb.width * scale), round(rgb.height * scale)), Image.Resampling.LANCZOS)
+        out = io.BytesIO()
+        small.quantize(colours, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(out, "PNG", optimize=True)
+        if out.tell() <= MAX_BYTES:
+            break
+    return out.getvalue()
+
+
+def main(site: Path, out: Path) -> None:
+    from playwright.sync_api import sync_playwright
+
+    out.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        browser = launch(p)
+        page = browser.new_page(viewport=SIZE)
+        for name, path in pages(site).items():
+            page.goto(path.as_uri(), wait_until="load")
+            data = optimize(page.screenshot())
+            (out / f"{name}.png").write_bytes(data)
+            print(f"{name}.png {len(data) // 1024} KB  ({path.relative_to(site)})")
+        browser.close()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1] if len(sys.argv) > 1 else "site"), Path(sys.argv[2] if len(sys.argv) > 2 else "docs/screenshots"))
