@@ -122,7 +122,10 @@ class Crawl:
         page.on("console", lambda m: m.type == "error" and self.errors.append(f"{page.url}: {m.text}"))
         page.on("pageerror", lambda e: self.errors.append(f"{page.url}: {e}"))
         page.on("request", lambda r: r.url.startswith(prefix) or self.outside.append(r.url))
-        page.on("requestfailed", lambda r: self.errors.append(f"failed {r.url}: {r.failure}"))
+        # ERR_ABORTED is a load the browser cancelled because the crawl moved on to the next
+        # page (the favicon, typically); a missing file shows as a 4xx response instead
+        page.on("requestfailed", lambda r: r.failure == "net::ERR_ABORTED"
+                or self.errors.append(f"failed {r.url}: {r.failure}"))
         page.on("response", lambda r: r.status < 400 or self.errors.append(f"{r.status} {r.url}"))
 
 
