@@ -178,32 +178,54 @@ def bench() -> None:
     """Side-by-side benchmarks; each prints its summary as the last line."""
 
 
+def bench_options(f):
+    """The model and device options every benchmark takes."""
+    for option in reversed([
+        click.option("--model", default="resnet50", show_default=True),
+        click.option("--weights", default="random", show_default=True, help="a state dict, or random"),
+        click.option("--device", default="cpu", show_default=True),
+    ]):
+        f = option(f)
+    return f
+
+
+def _summary(name: str, result: dict, fields: dict[str, str]) -> None:
+    """Prints a benchmark's last line: `name: key=value ...`, each value in its format."""
+    click.echo(f"{name}: " + " ".join(f"{k}={result[k]:{fmt}}" for k, fmt in fields.items()))
+
+
 @bench.command("dataset")
-@click.option("--model", default="resnet50", show_default=True)
-@click.option("--weights", default="random", show_default=True, help="a state dict, or random")
+@bench_options
 @click.option("--images", default=128, show_default=True, help="images per pass (the memory run uses 4x)")
 @click.option("--batch", default=32, show_default=True)
 @click.option("--workers", default=2, show_default=True)
-@click.option("--device", default="cpu", show_default=True)
 def bench_dataset(**o) -> None:
     """Atlas's dataset pass against a plain model(x) pass over the same images."""
     from atlas.bench import dataset
-    r = dataset.run(**o)
-    click.echo(f"dataset: throughput_vs_plain_forward={r['throughput_vs_plain_forward']:.3f} "
-               f"peak_mem_ratio_4x_images={r['peak_mem_ratio_4x_images']:.3f}")
+    _summary("dataset", dataset.run(**o), {"throughput_vs_plain_forward": ".3f", "peak_mem_ratio_4x_images": ".3f"})
+
+
+@bench.command("featurevis")
+@bench_options
+@click.option("--channels", default=16, show_default=True, help="units both tools render")
+@click.option("--steps", default=64, show_default=True)
+@click.option("--size", default=128, show_default=True)
+@click.option("--lucent-size", type=int, default=None, help="size Lucent feeds the model (default: its own, 224)")
+def bench_featurevis(**o) -> None:
+    """Atlas's batched renderer against Lucent 0.1.8 on the same channels."""
+    from atlas.bench import featurevis
+    _summary("featurevis", featurevis.run(**o), {"speedup_vs_lucent": ".2f", "quality_vs_lucent": ".2f",
+                                                 "overhead_vs_forward_backward": ".2f"})
 
 
 @bench.command("projection")
-@click.option("--model", default="resnet50", show_default=True)
-@click.option("--weights", default="random", show_default=True)
+@bench_options
 @click.option("--preset", "preset_name", default="full", show_default=True)
-@click.option("--device", default="cpu", show_default=True)
 def bench_projection(**o) -> None:
     """Measure feature visualization per layer; project the time to render every channel."""
     from atlas.bench import projection
-    r = projection.run(**o)
-    click.echo(f"projection: seconds_per_channel={r['seconds_per_channel']:.1f} "
-               f"total_hours={r['total_hours']:.1f} channels={r['channels']}")
+    _summary("projection", projection.run(**o), {"seconds_per_channel": ".1f", "total_hours": ".1f",
+                                                 "channels": "d"})
 
 
 @bench.command("site")
@@ -212,23 +234,5 @@ def bench_projection(**o) -> None:
 def bench_site(n_images: int, max_layers: int | None) -> None:
     """Render a synthetic full ResNet-50 atlas; measure its size and its largest page."""
     from atlas.bench import site
-    r = site.run(n_images=n_images, max_layers=max_layers)
-    click.echo(f"site: resnet50_site_mb={r['resnet50_site_mb']} largest_page_kb={r['largest_page_kb']} "
-               f"layer_grid_requests={r['layer_grid_requests']}")
-
-
-@bench.command("featurevis")
-@click.option("--model", default="resnet50", show_default=True)
-@click.option("--weights", default="random", show_default=True)
-@click.option("--channels", default=16, show_default=True, help="units both tools render")
-@click.option("--steps", default=64, show_default=True)
-@click.option("--size", default=128, show_default=True)
-@click.option("--device", default="cpu", show_default=True)
-@click.option("--lucent-size", type=int, default=None, help="size Lucent feeds the model (default: its own, 224)")
-def bench_featurevis(**o) -> None:
-    """Atlas's batched renderer against Lucent 0.1.8 on the same channels."""
-    from atlas.bench import featurevis
-    r = featurevis.run(**o)
-    click.echo(f"featurevis: speedup_vs_lucent={r['speedup_vs_lucent']:.2f} "
-               f"quality_vs_lucent={r['quality_vs_lucent']:.2f} "
-               f"overhead_vs_forward_backward={r['overhead_vs_forward_backward']:.2f}")
+    _summary("site", site.run(n_images=n_images, max_layers=max_layers),
+             {"resnet50_site_mb": "", "largest_page_kb": "", "layer_grid_requests": ""})
