@@ -95,11 +95,38 @@ def box_of(pos: np.ndarray, height: int, width: int, rf: int, size: int) -> np.n
 
 
 def consolidate(store: Store, f: h5py.File) -> None:
-    """Writes /dataset and, per layer, the merged top-k, bottom-k and statistics."""
+    """Writes /dataset and, per layer, the merged top-k, bottom-k and statistics.
+
+    One pass over the parts folds every layer at once, so each part is opened
+    once and memory holds one summary per layer, whatever the number of parts.
+    """
     compact, attrs = _write_images(store, f)
-    layers = [name for name in f["layers"]]
-    for name in layers:
-        _merge_layer(store, f, name, compact, attrs)
+    k = int(attrs.get("k", 10))
+    merged = {name: _Merged(int(g.attrs["channels"]), k) for name, g in f["layers"].items()}
+    for _, part in store.units(STAGE):
+        for name in list(merged):
+            if f"{name}/top_value" not in part:
+                del merged[name]  # the layer was added after this pass: no dataset examples for it yet
+            else:
+                merged[name].add(part, name)
+    for name, m in merged.items():
+        _write_layer(f, name, m, compact, attrs["rf"][name], k)
+
+
+class _Merged:
+    """The running merge of one layer's top-k, bottom-k and statistics over the parts."""
+
+    def __init__(self, channels: int, k: int):
+        self.lists = {"top": TopK(channels, k, True), "bottom": TopK(channels, k, False)}
+        self.stats: dict[str, np.ndarray] = {}
+
+    def add(self, part: h5py.File, name: str) -> None:
+        for prefix, t in self.lists.items():
+            t.update(*(torch.from_numpy(part[f"{name}/{prefix}_{x}"][...]) for x in ("value", "index", "pos")))
+        for key in STATS:
+            value = part[f"{name}/{key}"][...]
+            old = self.stats.get(key)
+            self.stats[key] = value if old is None else np.maximum(old, value) if key == "max" else old + value
 
 
 def _write_images(store: Store, f: h5py.File) -> tuple[np.ndarray, dict]:
@@ -135,22 +162,11 @@ def _write_images(store: Store, f: h5py.File) -> tuple[np.ndarray, dict]:
     return compact, attrs
 
 
-def _merge_layer(store: Store, f: h5py.File, name: str, compact: np.ndarray, attrs: dict) -> None:
+def _write_layer(f: h5py.File, name: str, m: _Merged, compact: np.ndarray, rf: int, k: int) -> None:
     layer = f["layers"][name]
-    channels, height, width = (int(layer.attrs[k]) for k in ("channels", "height", "width"))
-    k = int(attrs.get("k", 10))
-    merged = {"top": TopK(channels, k, True), "bottom": TopK(channels, k, False)}
-    acc = {key: [] for key in STATS}
-    for _, part in store.units(STAGE):
-        if f"{name}/top_value" not in part:
-            return  # the layer was added after this pass: no dataset examples for it yet
-        for prefix, t in merged.items():
-            t.update(*(torch.from_numpy(part[f"{name}/{prefix}_{x}"][...]) for x in ("value", "index", "pos")))
-        for key in STATS:
-            acc[key].append(part[f"{name}/{key}"][...])
-    rf = attrs["rf"][name]
+    height, width = int(layer.attrs["height"]), int(layer.attrs["width"])
     size = f["dataset/images"].shape[1]
-    for prefix, t in merged.items():
+    for prefix, t in m.lists.items():
         g = layer.create_group(f"{prefix}k")
         value, index, pos = (_pad(a, k, fill) for a, fill in
                              ((t.value.numpy(), np.nan), (t.index.numpy(), -1), (t.pos.numpy(), 0)))
@@ -160,7 +176,7 @@ def _merge_layer(store: Store, f: h5py.File, name: str, compact: np.ndarray, att
         g["box"] = box_of(pos, height, width, rf, size)
         g.attrs.update({"k": k, "score": "spatial max", "images": int(f["dataset/images"].shape[0]),
                         "receptive_field": rf})
-    _write_stats(layer.create_group("stats"), {key: np.stack(v) for key, v in acc.items()})
+    _write_stats(layer.create_group("stats"), m.stats)
 
 
 def _pad(a: np.ndarray, k: int, fill) -> np.ndarray:
@@ -170,14 +186,14 @@ def _pad(a: np.ndarray, k: int, fill) -> np.ndarray:
     return np.concatenate([a, np.full((a.shape[0], k - a.shape[1]), fill, a.dtype)], 1)
 
 
-def _write_stats(g: h5py.Group, acc: dict[str, np.ndarray]) -> None:
-    count = np.maximum(acc["count"].sum(0), 1)
-    mean = acc["sum"].sum(0) / count
+def _write_stats(g: h5py.Group, totals: dict[str, np.ndarray]) -> None:
+    count = np.maximum(totals["count"], 1)
+    mean = totals["sum"] / count
     g["mean"] = mean.astype(np.float32)
-    g["std"] = np.sqrt(np.maximum(acc["sumsq"].sum(0) / count - mean**2, 0)).astype(np.float32)
-    g["max"] = acc["max"].max(0).astype(np.float32)
-    g["zero_fraction"] = (acc["zeros"].sum(0) / count).astype(np.float32)
+    g["std"] = np.sqrt(np.maximum(totals["sumsq"] / count - mean**2, 0)).astype(np.float32)
+    g["max"] = totals["max"].astype(np.float32)
+    g["zero_fraction"] = (totals["zeros"] / count).astype(np.float32)
     g["dead"] = g["max"][...] <= 0
-    g["hist"] = acc["hist"].sum(0).astype(np.int64)
+    g["hist"] = totals["hist"].astype(np.int64)
     g["hist"].attrs["of"] = "spatial max per image"
     g["hist_edges"] = HIST_EDGES
