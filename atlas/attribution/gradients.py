@@ -1,0 +1,157 @@
+"""Gradient methods: the gradient, gradient x input, SmoothGrad and its variants, Guided Backprop."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from atlas.attribution.base import Attribution, Explanation
+from atlas.errors import AtlasError
+
+
+class Gradient(Attribution):
+    """The plain gradient of the target logit (Simonyan et al. 2014)."""
+
+    name = "gradient"
+
+    def _attribute(self, inputs, target):
+        return self.grad(inputs, target)
+
+
+class GradientXInput(Attribution):
+    """Gradient times input (Shrikumar et al. 2016)."""
+
+    name = "gradient_x_input"
+
+    def _attribute(self, inputs, target):
+        return self.grad(inputs, target) * inputs
+
+
+class SmoothGrad(Attribution):
+    """The gradient averaged over noisy copies of the input (Smilkov et al. 2017).
+
+    Args:
+        samples: noisy copies per image (paper: 50).
+        noise: standard deviation of the Gaussian noise as a fraction of the
+            input range of each channel (paper: 0.10-0.20).
+        variant: "mean" (SmoothGrad), "squared" (mean of squared gradients,
+            Hooker et al. 2019) or "vargrad" (their variance, Adebayo et al. 2018).
+        seed: seed of the noise; image i of a batch draws from seed + i, so a
+            map does not depend on how images were batched.
+    """
+
+    VARIANTS = {"mean": "smoothgrad", "squared": "smoothgrad_sq", "vargrad": "vargrad"}
+
+    def __init__(self, model, space=None, batch=64, samples: int = 50, noise: float = 0.15,
+                 variant: str = "mean", seed: int = 0):
+        super().__init__(model, space, batch)
+        if variant not in self.VARIANTS:
+            raise ValueError(f"variant: expected one of {', '.join(self.VARIANTS)}, got {variant!r}")
+        if samples < 1 or not 0 <= noise:
+            raise ValueError(f"samples must be >= 1 and noise >= 0, got {samples} and {noise}")
+        self.samples, self.noise, self.variant, self.seed = samples, noise, variant, seed
+        self.name = self.VARIANTS[variant]
+
+    @property
+    def params(self):
+        return {**super().params, "samples": self.samples, "noise_fraction_of_range": self.noise,
+                "variant": self.variant, "seed": self.seed}
+
+    def noise_for(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        """The `samples` noise draws [n, 3, H, W] of image `i` of the batch `x`."""
+        gen = torch.Generator().manual_seed(self.seed + i)
+        eps = torch.randn((self.samples, *x.shape[1:]), generator=gen)
+        return eps.to(x.device, x.dtype) * (self.noise * self.space.range(x))
+
+    def _attribute(self, inputs, target):
+        out = []
+        for i in range(inputs.shape[0]):
+            noisy = inputs[i:i + 1] + self.noise_for(inputs, i)
+            g = self.grad(noisy, target[i:i + 1].expand(self.samples))
+            if self.variant == "mean":
+                out.append(g.mean(0))
+            elif self.variant == "squared":
+                out.append((g * g).mean(0))
+            else:
+                out.append(g.var(0, unbiased=False))
+        return torch.stack(out)
+
+
+class GuidedBackprop(Attribution):
+    """Guided Backpropagation (Springenberg et al. 2015).
+
+    At every rectifier the backward pass lets a gradient through only where
+    the rectifier's input was positive and the gradient itself is positive.
+    Rectifiers are found by intercepting the functions every ReLU ends in
+    (`nn.ReLU`, `F.relu`, `torch.relu_`, `Tensor.relu`, ReLU6 / hardtanh with a
+    floor of 0), so in-place, functional and module ReLUs are all guided.
+    """
+
+    name = "guided_backprop"
+
+    def _explain(self, inputs, target):
+        with _Guided() as guided:
+            maps = self.grad(inputs, target)
+        if not guided.count:
+            raise AtlasError("guided_backprop: the model has no ReLU (or ReLU6) to guide; "
+                             "the method is undefined for it")
+        return Explanation(maps)
+
+
+class _GuidedRectifier(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, low, high):
+        out = x.clamp(min=low) if high is None else x.clamp(low, high)
+        inside = x > low if high is None else (x > low) & (x < high)
+        ctx.save_for_backward(inside)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inside,) = ctx.saved_tensors
+        return grad.clamp(min=0) * inside, None, None
+
+
+_RELUS = {F.relu, torch.relu, torch.Tensor.relu}
+_RELUS_INPLACE = {F.relu_, torch.relu_, torch.Tensor.relu_}
+_HARDTANH = {F.hardtanh, F.relu6, F.hardtanh_}
+
+
+class _Guided(TorchFunctionMode):
+    """Replaces every rectifier evaluated inside the `with` block by its guided version."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        rectified = self._rectify(func, args, kwargs)
+        if rectified is not None:
+            self.count += 1
+            return rectified
+        return func(*args, **kwargs)
+
+    def _rectify(self, func, args, kwargs):
+        if func in _RELUS or func in _RELUS_INPLACE:
+            inplace = func in _RELUS_INPLACE or kwargs.get("inplace", args[1] if len(args) > 1 else False)
+            return _apply(args[0], 0.0, None, inplace)
+        if func in _HARDTANH:
+            if func is F.relu6:
+                low, high = 0.0, 6.0
+                inplace = kwargs.get("inplace", args[1] if len(args) > 1 else False)
+            else:
+                low = kwargs.get("min_val", args[1] if len(args) > 1 else -1.0)
+                high = kwargs.get("max_val", args[2] if len(args) > 2 else 1.0)
+                inplace = func is F.hardtanh_ or kwargs.get("inplace", args[3] if len(args) > 3 else False)
+            if low == 0:
+                return _apply(args[0], 0.0, high, inplace)
+        return None
+
+
+def _apply(x: torch.Tensor, low: float, high: float | None, inplace: bool) -> torch.Tensor:
+    out = _GuidedRectifier.apply(x, low, high)
+    if inplace and not (x.is_leaf and x.requires_grad):
+        return x.copy_(out)  # in-place semantics, for callers that ignore the return value
+    return out
