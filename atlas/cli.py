@@ -218,6 +218,18 @@ def bench_featurevis(**o) -> None:
                                                  "overhead_vs_forward_backward": ".2f"})
 
 
+@bench.command("attribution")
+@bench_options
+@click.option("--images", default=1, show_default=True, help="images attributed together")
+@click.option("--chunk", default=10, show_default=True, help="model evaluations per pass (Atlas and tuned Captum)")
+def bench_attribution(**o) -> None:
+    """Integrated Gradients and SmoothGrad against Captum 0.9: speed and agreement."""
+    from atlas.bench import attribution
+    _summary("attribution", attribution.run(**o), {"ig_speedup_vs_captum": ".2f",
+                                                   "smoothgrad_speedup_vs_captum": ".2f",
+                                                   "max_rel_diff_vs_captum": ".1e"})
+
+
 @bench.command("projection")
 @bench_options
 @click.option("--preset", "preset_name", default="full", show_default=True)

@@ -14,6 +14,12 @@ from pathlib import Path
 from atlas.errors import AtlasError
 
 
+# Every attribution method, in the order the site shows them.
+ALL_METHODS = ("gradient", "gradient_x_input", "smoothgrad", "smoothgrad_sq", "vargrad", "guided_backprop",
+               "grad_cam", "guided_grad_cam", "integrated_gradients", "ig_max_distance", "ig_blurred",
+               "ig_uniform", "ig_gaussian", "expected_gradients", "occlusion", "extremal_perturbation")
+
+
 @dataclass(frozen=True)
 class Config:
     # --- what to build ---
@@ -49,8 +55,22 @@ class Config:
     fuse: bool = True  # fuse the pass's per-layer reductions with torch.compile (eager fallback)
 
     # --- attribution ---
-    attr_methods: tuple[str, ...] = ("gradient",)  # methods computed for every dataset image
-    attr_batch: int = 16  # images per attribution pass
+    attr_methods: tuple[str, ...] = ALL_METHODS  # methods computed for every dataset image
+    attr_batch: int = 8  # images handed to a method at once
+    attr_chunk: int = 64  # model evaluations per forward pass (path points, noise draws); halved on OOM
+    attr_steps: int = 50  # Integrated Gradients path points, Gauss-Legendre (IG paper: 20-300)
+    attr_max_steps: int = 400  # path points the completeness check may grow to
+    attr_tolerance: float = 0.01  # completeness target: relative error below 1 %
+    attr_samples: int = 50  # SmoothGrad noise draws and Expected Gradients samples (paper: 50)
+    attr_noise: float = 0.15  # SmoothGrad noise, fraction of the input range (paper: 0.10-0.20)
+    attr_draws: int = 4  # random IG baselines (uniform, Gaussian) averaged per image
+    attr_extremal_steps: int = 800  # Extremal Perturbations optimizer steps (paper: 800)
+    attr_occlusion_stride: float = 0.5  # occlusion stride as a fraction of the patch (side / 8)
+    attr_unit_topk: int = 3  # top dataset images per unit given a unit attribution (0: none)
+    attr_unit_size: int = 64  # side of a stored unit-attribution map (over the example's crop box)
+    attr_check_images: int = 8  # dataset images the sanity checks run on
+    attr_check_groups: int = 8  # parameter groups of the randomization test, from the logits down
+    attr_check_points: int = 21  # points of each deletion / insertion curve
 
     seed: int = 0  # root of every per-unit seed
 
@@ -81,7 +101,7 @@ class Config:
 
 
 # Fields that decide how work is cut or which units exist, not what a unit holds.
-_UNIT_GRAIN = ("fv_batch", "attr_batch", "attr_methods", "fv_views")
+_UNIT_GRAIN = ("fv_batch", "attr_batch", "attr_chunk", "attr_methods", "fv_views")
 
 # The full preset is the reference recipe; the quick one renders every selected
 # layer of the default model on a 2-core CPU in a few minutes: smaller images
@@ -89,7 +109,10 @@ _UNIT_GRAIN = ("fv_batch", "attr_batch", "attr_methods", "fv_views")
 PRESETS: dict[str, Config] = {
     "full": Config(preset="full"),
     "quick": Config(preset="quick", fv_size=64, fv_steps=48, fv_lr=0.08, fv_batch=64,
-                    fv_loss_points=16, fv_views=("channel",), fv_redirect_steps=8),
+                    fv_loss_points=16, fv_views=("channel",), fv_redirect_steps=8,
+                    attr_methods=tuple(m for m in ALL_METHODS if m != "extremal_perturbation"),
+                    attr_steps=16, attr_samples=16, attr_draws=2, attr_occlusion_stride=1.0, attr_unit_topk=1,
+                    attr_check_images=4, attr_check_groups=5, attr_check_points=11),
 }
 
 

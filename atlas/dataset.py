@@ -197,3 +197,37 @@ def _write_stats(g: h5py.Group, totals: dict[str, np.ndarray]) -> None:
     g["hist"] = totals["hist"].astype(np.int64)
     g["hist"].attrs["of"] = "spatial max per image"
     g["hist_edges"] = HIST_EDGES
+
+
+def top_examples(store: Store, layers: list) -> dict[str, tuple[np.ndarray, np.ndarray, int]]:
+    """Each layer's merged top-k straight from the dataset parts, before consolidation.
+
+    Args:
+        store: the store holding the dataset stage's parts.
+        layers: LayerInfo of the layers wanted.
+
+    Returns:
+        name -> (source index [C, K] of the k-th image, -1 if none; crop boxes
+        [C, K, 4] in input pixels; receptive field in pixels), for every layer
+        the parts have examples of.
+    """
+    merged: dict[str, TopK] = {}
+    rf: dict[str, int] = {}
+    size = 0
+    for _, part in store.units(STAGE):
+        size = part["images"].shape[1] if part["images"].ndim == 4 else size
+        rf = read_attrs(part).get("rf", rf)
+        for layer in layers:
+            if f"{layer.name}/top_value" not in part:
+                continue
+            t = merged.setdefault(layer.name, TopK(layer.channels, int(part.attrs["k"]), True))
+            t.update(*(torch.from_numpy(part[f"{layer.name}/top_{x}"][...]) for x in ("value", "index", "pos")))
+    out = {}
+    for layer in layers:
+        if layer.name in merged:
+            t = merged[layer.name]
+            valid = torch.isfinite(t.value) & (t.index >= 0)
+            index = torch.where(valid, t.index, -1).numpy()
+            out[layer.name] = (index, box_of(t.pos.numpy(), layer.height, layer.width, rf[layer.name], size),
+                               rf[layer.name])
+    return out

@@ -86,7 +86,9 @@ def list_images(source: str | os.PathLike | None, class_names: list[str]) -> lis
         AtlasError: the source does not exist or holds no image files.
     """
     if source is None:
-        return sample_images()
+        # the sample labels are ImageNet indices: they mean nothing to a model with other classes
+        imagenet = len(class_names) == 1000
+        return [r if imagenet else ImageRecord(r.path, -1, r.name) for r in sample_images()]
     root = Path(source).expanduser()
     if root.is_dir():
         lookup = _label_lookup(class_names)

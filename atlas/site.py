@@ -7,6 +7,7 @@
     site/<model>/<layer>/index.html      every unit, drawn from sprite sheets
     site/<model>/<layer>/<channel>.html  one unit
     site/<model>/images/<index>.html     one dataset image with its attributions
+    site/<model>/checks.html             sanity checks of every attribution method
 
     site/<model>/search.js               the search box's index of the model
 
@@ -35,10 +36,12 @@ import numpy as np
 from tqdm import tqdm
 
 import atlas
+from atlas import site_checks as checks_page
 from atlas import site_images as img
 from atlas import site_pages as pages
 from atlas.errors import AtlasError
-from atlas.site_data import Layer, Model, pictures, read_dataset, read_layer_arrays, read_model, slug
+from atlas.site_data import (Layer, Model, pictures, read_checks, read_dataset, read_layer_arrays, read_model,
+                             unit_attribution)
 from atlas.store import open_store
 
 # Nothing but the site's own files may load: no CDN, font, tracker or frame.
@@ -62,6 +65,7 @@ def _environment() -> jinja2.Environment:
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(templates_dir()), autoescape=True,
                              undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     env.filters["num"] = pages.fmt
+    env.filters["num3"] = lambda value: pages.fmt(value, 3)
     env.globals.update(csp=markupsafe.Markup(CSP), version=atlas.__version__)  # a constant, safe as is
     return env
 
@@ -200,6 +204,8 @@ def site_part(rel: str) -> str:
         return "search"
     if len(parts) == 3 and parts[1] == "images":
         return "dataset" if name.endswith(".jpg") else "attributions"
+    if name.split(".")[0].endswith("-attribution"):
+        return "attributions"  # a unit's attribution maps
     if name.startswith(("sprite-", "preview.")):
         return "sprites"
     return "featurevis"
@@ -225,13 +231,14 @@ def size_table(sizes: dict[str, int]) -> str:
 
 def _page_count(model: Model) -> int:
     units = sum(layer.channels for layer in model.layers)
-    return units + len(model.layers) + model.n_images + pages.image_index_count(model.n_images) + 2
+    return units + len(model.layers) + model.n_images + pages.image_index_count(model.n_images) + 3
 
 
 def _render_model(f: h5py.File, model: Model, w: SiteWriter) -> None:
     dataset = read_dataset(f) if model.n_images else None
+    checks = read_checks(f)
     if dataset is not None:
-        _render_images(f, model, dataset, w)
+        _render_images(f, model, dataset, checks, w)
     extra: dict[str, dict] = {}
     for i, layer in enumerate(model.layers):
         group = f["layers"][layer.name]
@@ -241,9 +248,11 @@ def _render_model(f: h5py.File, model: Model, w: SiteWriter) -> None:
         sheets = _render_pictures(layer, arrays, pictures(group), w)
         preview = f"{layer.slug}/preview.{img.PICTURE_EXT}" if sheets else None
         extra[layer.name] = pages.layer_summary(arrays, preview)
-        _render_layer(model, i, arrays, sheets, dataset, w)
-    w.page("index.html", "model.html", **pages.model_context(model, extra))
-    w.page("about.html", "about.html", **pages.about_context(f, model, dataset))
+        _render_layer(model, i, arrays, sheets, dataset, group, w)
+    w.page("index.html", "model.html", **pages.model_context(model, extra, checks))
+    w.page("about.html", "about.html", **pages.about_context(f, model, dataset, checks))
+    w.page("checks.html", "checks.html",
+           **checks_page.checks_context(model, checks, dataset, pages.model_crumbs(model, "sanity checks")))
     w.write("search.js", pages.search_script(model, dataset), "search")
     summary = pages.summary(model, extra)
     w.write("summary.json", json.dumps(summary, indent=1, sort_keys=True).encode(), "html")
@@ -287,29 +296,61 @@ def _render_pictures(layer: Layer, arrays: dict, stored: dict[str, h5py.Dataset]
 
 
 def _render_layer(model: Model, i: int, arrays: dict, sheets: list[dict], dataset: dict | None,
-                  w: SiteWriter) -> None:
+                  group: h5py.Group, w: SiteWriter) -> None:
+    """Writes the layer's grid page, and each unit's page with its attribution strip.
+
+    Unit-attribution maps are read SHEET_UNITS channels at a time.
+    """
     layer = model.layers[i]
     w.page(f"{layer.slug}/index.html", "layer.html", **pages.layer_context(model, i, arrays, sheets))
-    for c in range(layer.channels):
-        w.page(f"{layer.slug}/{c}.html", "unit.html", **pages.unit_context(model, i, c, arrays, dataset))
+    maps, params = unit_attribution(group) if dataset is not None else (None, {})
+    for start in range(0, layer.channels, img.SHEET_UNITS):
+        chunk = maps[start:start + img.SHEET_UNITS] if maps is not None else None
+        for c in range(start, min(start + img.SHEET_UNITS, layer.channels)):
+            fired = _unit_strip(layer, c, chunk[c - start], w) if chunk is not None else None
+            if fired is not None:
+                fired["params"] = params
+            w.page(f"{layer.slug}/{c}.html", "unit.html",
+                   **pages.unit_context(model, i, c, arrays, dataset, fired, maps is not None))
 
 
-def _render_images(f: h5py.File, model: Model, dataset: dict, w: SiteWriter) -> None:
-    """Writes each dataset image once (JPEG), its attribution heatmaps, and its page."""
+def _unit_strip(layer: Layer, c: int, maps: np.ndarray, w: SiteWriter) -> dict | None:
+    """Writes unit c's attribution maps [Ku, R, R] as one strip; returns what its page needs, or None."""
+    side = min(img.UNIT_HEAT_SIDE, maps.shape[-1])
+    pixels, scale = img.unit_strip(maps, side)
+    if pixels is None:
+        return None
+    src = f"{c}-attribution.{img.PICTURE_EXT}"
+    w.write(f"{layer.slug}/{src}", img.encode(pixels, quality=img.HEAT_QUALITY), "attributions")
+    return {"src": src, "scale": scale, "finite": [bool(np.isfinite(m).any()) for m in maps]}
+
+
+def _render_images(f: h5py.File, model: Model, dataset: dict, checks: dict | None, w: SiteWriter) -> None:
+    """Writes each dataset image once (JPEG), one sprite of all its attribution maps, and its page."""
     images, n = f["dataset/images"], model.n_images
+    methods = checks_page.ordered(model.methods)
+    signed = [checks_page.is_signed(m, dataset["attribution"][m]["params"]) for m in methods]
+    groups = {m: f["attribution"][m] for m in methods}
     for start in range(0, n, _CHUNK):
         pixels = images[start:start + _CHUNK]
-        maps = {m: f["attribution"][m]["maps"][start:start + _CHUNK] for m in model.methods}
+        maps = {m: g["maps"][start:start + _CHUNK] for m, g in groups.items()}
+        label_maps = {m: g["label_maps"][start:start + _CHUNK] for m, g in groups.items()
+                      if dataset["attribution"][m]["has_label_maps"]}
         for j, picture in enumerate(pixels):
             i = start + j
             w.write(f"images/{i}.jpg", img.encode(picture, "jpg", quality=88), "dataset")
-            heat = {}
-            for method, values in maps.items():
-                colours, scale = img.heatmap(values[j])
-                heat[method] = scale
-                w.write(f"images/{i}-{slug(method)}.{img.PICTURE_EXT}", img.encode(colours, quality=80),
-                        "attributions")
-            w.page(f"images/{i}.html", "image.html", **pages.image_context(model, dataset, i, heat))
+            sprite = None
+            if methods:
+                shown = pages.label_methods(dataset, methods, i, label_maps)
+                rows = [[maps[m][j] for m in methods]]
+                if shown:
+                    rows.append([label_maps[m][j] if m in shown else None for m in methods])
+                side = min(img.HEAT_SIDE, picture.shape[0])
+                sheet, scales = img.map_sprite(rows, signed, side)
+                sprite = {"src": f"{i}-maps.{img.PICTURE_EXT}", "scales": scales, "rows": len(rows)}
+                w.write(f"images/{sprite['src']}", img.encode(sheet, quality=img.HEAT_QUALITY), "attributions")
+            w.page(f"images/{i}.html", "image.html",
+                   **pages.image_context(model, dataset, checks, i, methods, sprite))
     for number, context in enumerate(pages.image_index_contexts(model, dataset)):
         w.page(pages.image_index_name(number), "images.html", **context)
 

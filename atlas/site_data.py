@@ -160,11 +160,54 @@ def read_dataset(f: h5py.File) -> dict:
         "skipped": list(zip(_strings(d["skipped_paths"]), _strings(d["skipped_reasons"])))
         if "skipped_paths" in d and "skipped_reasons" in d else [],
         "attrs": read_attrs(d["images"]),
-        "attribution": {m: {"target": g["target"][()] if "target" in g else None,
-                            "score": g["score"][()] if "score" in g else None,
-                            "params": read_attrs(g["maps"])}
-                        for m, g in f.get("attribution", {}).items() if "maps" in g},
+        "attribution": {m: _attribution(g) for m, g in f.get("attribution", {}).items() if "maps" in g},
     }
+
+
+def _attribution(g: h5py.Group) -> dict:
+    """One method's per-image vectors (not its maps), its parameters and the group's attributes."""
+    def get(key: str) -> np.ndarray | None:
+        return g[key][()] if isinstance(g.get(key), h5py.Dataset) else None
+    return {"target": get("target"), "score": get("score"), "label_target": get("label_target"),
+            "completeness": get("completeness"), "steps": get("steps"),
+            "has_label_maps": isinstance(g.get("label_maps"), h5py.Dataset),
+            "params": read_attrs(g["maps"]), "attrs": read_attrs(g)}
+
+
+def _tree(g: h5py.Group) -> dict:
+    """A group's datasets (read) and subgroups, recursively, with its attributes under "attrs"."""
+    out: dict = {"attrs": read_attrs(g)}
+    for key, item in g.items():
+        out[key] = _tree(item) if isinstance(item, h5py.Group) else item[()]
+    return out
+
+
+def read_checks(f: h5py.File) -> dict | None:
+    """The sanity checks: images, fractions, attributes, and per method (and `random`) its check groups.
+
+    Returns None when the store has no /checks group. Every array is small
+    ([G, n] scores, [n, P] curves), so the whole group is read at once.
+    """
+    c = f.get("checks")
+    if not isinstance(c, h5py.Group):
+        return None
+    tree = _tree(c)
+    attrs = tree.pop("attrs")
+    images, fractions = tree.pop("images", np.zeros(0, np.int64)), tree.pop("fractions", None)
+    methods = {k: v for k, v in tree.items() if isinstance(v, dict)}
+    random = methods.pop("random", None)
+    caveats = attrs.get("caveats", {})
+    return {"images": np.asarray(images, np.int64), "fractions": fractions, "attrs": attrs,
+            "caveats": caveats if isinstance(caveats, dict) else {}, "threshold": attrs.get("threshold"),
+            "methods": methods, "random": random}
+
+
+def unit_attribution(g: h5py.Group) -> tuple[h5py.Dataset | None, dict]:
+    """A layer's unit-attribution maps (unread) and their attributes; (None, {}) if not computed."""
+    u = g.get("unit_attribution")
+    if not isinstance(u, h5py.Group) or not isinstance(u.get("maps"), h5py.Dataset):
+        return None, {}
+    return u["maps"], {**read_attrs(u), **read_attrs(u["maps"])}
 
 
 def store_contents(f: h5py.File) -> list[dict]:

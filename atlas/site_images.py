@@ -108,26 +108,117 @@ def preview_strip(images: np.ndarray, done: np.ndarray) -> np.ndarray:
     return _shrink(_tile(chunk, n), size, min(CELL, size))
 
 
-def heatmap(values: np.ndarray) -> tuple[np.ndarray, float]:
-    """Colours a signed map [H, W] symmetrically around 0: blue < 0 < red.
+# Sequential colormap anchors (white - yellow - orange - red), from 0 to +1, for unsigned maps.
+_SEQ_ANCHORS = np.array([[255, 255, 255], [255, 237, 160], [254, 217, 118], [254, 178, 76], [253, 141, 60],
+                         [252, 78, 42], [227, 26, 28], [189, 0, 38], [128, 0, 38]], np.float32)
+_SEQ_LUT = np.stack([np.interp(np.linspace(0, 1, 256), np.linspace(0, 1, len(_SEQ_ANCHORS)), _SEQ_ANCHORS[:, c])
+                     for c in range(3)], axis=1).round().astype(np.uint8)
+HEAT_SIDE = 112  # pixels of one heatmap in an image page's sprite (half a 224 px input, shown at ~140 CSS px)
+HEAT_QUALITY = 70  # WebP quality of heatmaps: noisy maps cost the most bytes of an image page
+UNIT_HEAT_SIDE = 48  # pixels of one unit-attribution map (shown over a 96 px crop): one file per unit
+# Layers under a heatmap tile: a white veil over the photo, desaturated; the tile multiplies onto them,
+# so white (no attribution) leaves the photo visible and colour tints it.
+_UNDER = "linear-gradient(#fff9,#fff9),linear-gradient(#888,#888)"
 
-    The scale is the 99.5th percentile of |value|, so a few extreme pixels do
-    not wash the rest out; returns the RGB image and that scale.
+
+def heatmap(values: np.ndarray, signed: bool = True) -> tuple[np.ndarray, float]:
+    """Colours a map [H, W]: signed maps symmetrically around 0 (blue < 0 < red), unsigned from 0 up.
+
+    The scale is the 99.5th percentile of |value| (of the positive part for an
+    unsigned map), so a few extreme pixels do not wash the rest out; NaN counts
+    as 0. Returns the RGB image and that scale.
     """
     values = np.nan_to_num(values.astype(np.float32))
-    scale = float(np.percentile(np.abs(values), 99.5)) or float(np.abs(values).max()) or 1.0
-    index = np.clip((values / scale + 1) * 127.5, 0, 255).astype(np.uint8)
-    return _LUT[index], scale
+    if not signed:
+        values = np.maximum(values, 0)
+    magnitude = np.abs(values)
+    scale = float(np.percentile(magnitude, 99.5)) or float(magnitude.max()) or 1.0
+    if signed:
+        return _LUT[np.clip((values / scale + 1) * 127.5, 0, 255).astype(np.uint8)], scale
+    return _SEQ_LUT[np.clip(values / scale * 255, 0, 255).astype(np.uint8)], scale
 
 
-def colorbar_css() -> str:
-    """A CSS linear-gradient of the heatmap colormap, for the legend."""
-    stops = ", ".join(f"rgb({r},{g},{b})" for r, g, b in _ANCHORS.astype(int))
+def resize_map(values: np.ndarray, side: int) -> np.ndarray:
+    """A float map [H, W] averaged (or stretched) to [side, side]; a NaN spreads to the pixels it touches."""
+    values = np.asarray(values, np.float32)
+    if values.shape == (side, side):
+        return values
+    resample = Image.Resampling.BOX if side <= min(values.shape) else Image.Resampling.BILINEAR
+    return np.asarray(Image.fromarray(values, "F").resize((side, side), resample))
+
+
+def map_sprite(rows: list[list[np.ndarray | None]], signed: list[bool],
+               side: int) -> tuple[np.ndarray, list[list[float | None]]]:
+    """Heatmaps in a grid, one column per method and one row per target; returns the RGB sheet and each scale.
+
+    Args:
+        rows: maps [H, W] per row and column; None leaves a white tile.
+        signed: per column, whether the method's maps are signed.
+        side: pixels of one tile.
+    """
+    columns = len(signed)
+    sheet = np.full((len(rows) * side, columns * side, 3), 255, np.uint8)
+    scales: list[list[float | None]] = []
+    for r, row in enumerate(rows):
+        scales.append([])
+        for c, values in enumerate(row):
+            if values is None:
+                scales[-1].append(None)
+                continue
+            colours, scale = heatmap(resize_map(values, side), signed[c])
+            sheet[r * side:(r + 1) * side, c * side:(c + 1) * side] = colours
+            scales[-1].append(scale)
+    return sheet, scales
+
+
+def unit_strip(maps: np.ndarray, side: int) -> tuple[np.ndarray | None, float]:
+    """A unit's attribution maps [K, R, R] side by side on one scale (signed): [side, K*side, 3].
+
+    A map that is all NaN (no image) stays white. Returns None when every map is NaN.
+    """
+    maps = np.asarray(maps, np.float32)
+    if not np.isfinite(maps).any():
+        return None, 0.0
+    colours, scale = heatmap(np.concatenate([resize_map(m, side) for m in maps], axis=1))
+    return colours, scale
+
+
+def tile_position(index: int, count: int) -> str:
+    """CSS background-position (a percentage) of tile `index` of `count` along one axis of a sprite."""
+    return "0%" if count <= 1 else f"{index / (count - 1) * 100:.4g}%"
+
+
+def overlay_layers(tile: str, tile_size: str, tile_at: str, photo: str, photo_size: str, photo_at: str) -> dict:
+    """The CSS backgrounds that draw a heatmap tile over a grey, veiled photo (see atlas.css `.hm`).
+
+    Returns background-image, -size and -position values, four layers each.
+    """
+    return {"image": f"url({tile}),{_UNDER},url({photo})", "size": f"{tile_size},auto,auto,{photo_size}",
+            "position": f"{tile_at},0 0,0 0,{photo_at}"}
+
+
+def colorbar_css(signed: bool = True) -> str:
+    """A CSS linear-gradient of the diverging (signed) or sequential heatmap colormap, for the legend."""
+    anchors = _ANCHORS if signed else _SEQ_ANCHORS
+    stops = ", ".join(f"rgb({r},{g},{b})" for r, g, b in anchors.astype(int))
     return f"linear-gradient(to right, {stops})"
 
 
 def _px(value: float) -> str:
     return f"{value:.1f}".removesuffix(".0") + "px"
+
+
+def crop_geometry(box: np.ndarray, image_size: int, display: int = 96) -> dict:
+    """Where a crop box `x0, y0, x1, y1` of a stored image shows in an element `display` px wide at most.
+
+    Returns the element's size ("" for the stylesheet's square), and the
+    image's background position and size that leave only the box visible.
+    """
+    x0, y0, x1, y1 = (int(v) for v in box)
+    w, h = max(x1 - x0, 1), max(y1 - y0, 1)
+    s = display / max(w, h)
+    return {"size": "" if w == h else f"width:{_px(w * s)};height:{_px(h * s)};",
+            "at": f"{_px(-x0 * s)} {_px(-y0 * s)}", "scale": _px(image_size * s)}
 
 
 def crop_style(box: np.ndarray, image_href: str, image_size: int, display: int = 96) -> str:
@@ -137,11 +228,8 @@ def crop_style(box: np.ndarray, image_href: str, image_size: int, display: int =
     that only the box shows: one JPEG serves every crop of that image. The
     stylesheet makes crops `display` px square; other shapes set their size.
     """
-    x0, y0, x1, y1 = (int(v) for v in box)
-    w, h = max(x1 - x0, 1), max(y1 - y0, 1)
-    s = display / max(w, h)
-    size = "" if w == h else f"width:{_px(w * s)};height:{_px(h * s)};"
-    return f"{size}background:url({image_href}) {_px(-x0 * s)} {_px(-y0 * s)}/{_px(image_size * s)} no-repeat"
+    g = crop_geometry(box, image_size, display)
+    return f"{g['size']}background:url({image_href}) {g['at']}/{g['scale']} no-repeat"
 
 
 def loss_points(curve: np.ndarray, width: int = 160, height: int = 40) -> str:
@@ -204,3 +292,47 @@ def histogram_plot(counts: np.ndarray, edges: np.ndarray, marks: dict[str, float
 def _anchor(x: float) -> str:
     """Text anchor that keeps a label near either end inside the plot."""
     return "end" if x > HIST_WIDTH - 40 else "start" if x < 40 else "middle"
+
+
+PLOT_WIDTH, PLOT_HEIGHT = 220, 90  # plot area of a check's line plot, SVG user units
+
+
+def line_plot(series: list[tuple[str, str, np.ndarray]], xs: np.ndarray, y_range: tuple[float, float],
+              x_labels: list[str] | None = None, level: float | None = None) -> dict:
+    """A small line plot for inline SVG: polylines, axis ticks, an optional horizontal level.
+
+    Args:
+        series: (label, CSS class, ys) per line; ys are aligned with `xs`, NaN points are dropped.
+        xs: x values.
+        y_range: the y axis (widened to hold the data).
+        x_labels: a label per x value (drawn slanted under the axis); else the ends of xs.
+        level: y of a dashed horizontal line (a threshold).
+
+    Returns:
+        width, height (of the plot area), lines (label, cls, points), x_ticks and
+        y_ticks (position and label), level (its y), and bottom and right (room
+        beside the plot area for labels).
+    """
+    xs = np.asarray(xs, np.float64)
+    finite = [np.asarray(ys, np.float64) for _, _, ys in series]
+    values = np.concatenate([v[np.isfinite(v)] for v in finite] + [np.array(y_range, np.float64)])
+    lo, hi = float(values.min()), float(values.max())
+    lo = lo if lo >= y_range[0] else math.floor(lo * 10) / 10  # round numbers at the ends of the axis
+    hi = hi if hi <= y_range[1] else math.ceil(hi * 10) / 10
+    span_x = float(xs.max() - xs.min()) or 1.0
+    x = lambda v: (v - xs.min()) / span_x * PLOT_WIDTH  # noqa: E731
+    y = lambda v: PLOT_HEIGHT - (v - lo) / ((hi - lo) or 1.0) * PLOT_HEIGHT  # noqa: E731
+    lines = []
+    for (label, cls, _), ys in zip(series, finite):
+        ok = np.isfinite(ys)
+        lines.append({"label": label, "cls": cls,
+                      "points": " ".join(f"{x(a):.1f},{y(b):.1f}" for a, b in zip(xs[ok], ys[ok]))})
+    if x_labels is not None:
+        x_ticks = [{"x": f"{x(a):.1f}", "label": text} for a, text in zip(xs, x_labels)]
+    else:
+        x_ticks = [{"x": f"{x(a):.1f}", "label": _label(a)} for a in (xs.min(), xs.max())]
+    y_ticks = [{"y": f"{y(v):.1f}", "label": _label(v)} for v in sorted({lo, hi, 0.0}) if lo <= v <= hi]
+    return {"width": PLOT_WIDTH, "height": PLOT_HEIGHT, "lines": lines, "x_ticks": x_ticks,
+            "slanted": x_labels is not None, "y_ticks": y_ticks,
+            "level": f"{y(level):.1f}" if level is not None and lo <= level <= hi else None,
+            "bottom": 64 if x_labels is not None else 16, "right": 66 if x_labels is not None else 10}

@@ -12,8 +12,9 @@ import math
 import h5py
 import numpy as np
 
+from atlas import site_checks
 from atlas import site_images as img
-from atlas.site_data import Layer, Model, pretty_json, slug, store_contents
+from atlas.site_data import Layer, Model, pretty_json, store_contents, unit_attribution
 
 IMAGES_PER_INDEX = 500  # thumbnails on one page of the dataset image index
 STATS = (("mean", "mean"), ("std", "std"), ("max", "max"), ("zero_fraction", "zero fraction"))
@@ -24,8 +25,8 @@ VIEW_TEXT = {  # what each view of a unit shows, as its caption says
     "diversity": "several images of the channel, pushed apart in style: the different things it responds to",
 }
 
-def fmt(value: object) -> str:
-    """A number for display: 4 significant digits; missing or NaN as an en dash."""
+def fmt(value: object, digits: int = 4) -> str:
+    """A number for display: `digits` significant digits; missing or NaN as an en dash."""
     if value is None:
         return "–"
     if isinstance(value, (bool, np.bool_)):
@@ -33,7 +34,7 @@ def fmt(value: object) -> str:
     if isinstance(value, (int, np.integer)):
         return str(int(value))
     x = float(value)  # type: ignore[arg-type]
-    return "–" if math.isnan(x) else f"{x:.4g}"
+    return "–" if math.isnan(x) else f"{x:.{digits}g}"
 
 
 def _crumbs(model: Model, up: int, *more: tuple[str, str | None]) -> list[dict]:
@@ -41,6 +42,11 @@ def _crumbs(model: Model, up: int, *more: tuple[str, str | None]) -> list[dict]:
     back = "../" * up
     items = [("Atlas", f"{back}../index.html"), (model.name, f"{back}index.html"), *more]
     return [{"label": label, "href": href} for label, href in items]
+
+
+def model_crumbs(model: Model, label: str) -> list[dict]:
+    """Breadcrumbs of a page in the model folder."""
+    return _crumbs(model, 0)[:-1] + [{"label": model.name, "href": "index.html"}, {"label": label, "href": None}]
 
 
 def _class_name(model: Model, index: int) -> str:
@@ -59,7 +65,17 @@ def layer_summary(arrays: dict, preview: str | None) -> dict:
             "low": int((quality < 1).sum()) if quality is not None else None}
 
 
-def model_context(model: Model, extra: dict[str, dict]) -> dict:
+def _checks_line(model: Model, checks: dict | None) -> dict | None:
+    """How many checked methods pass the randomization test, and which do not."""
+    if checks is None:
+        return None
+    verdicts = {m: site_checks.randomization(checks, m) for m in site_checks.ordered(list(checks["methods"]))}
+    failing = [m for m, v in verdicts.items() if v is not None and v["verdict"] == "fail"]
+    passing = [m for m, v in verdicts.items() if v is not None and v["verdict"] == "pass"]
+    return {"passing": len(passing), "checked": len(passing) + len(failing), "failing": failing}
+
+
+def model_context(model: Model, extra: dict[str, dict], checks: dict | None = None) -> dict:
     """The model's index: every layer in forward order."""
     layers = [{"name": l.name, "href": f"{l.slug}/index.html", "kind": l.kind, "channels": l.channels,
                "shape": f"{l.height}×{l.width}", **extra[l.name]} for l in model.layers]
@@ -71,7 +87,7 @@ def model_context(model: Model, extra: dict[str, dict]) -> dict:
     elif not model.methods:
         notes.append("Attribution has not run: image pages show predictions only.")
     return {"title": model.name, "model": model, "layers": layers, "notes": notes,
-            "units": sum(l.channels for l in model.layers),
+            "units": sum(l.channels for l in model.layers), "checks": _checks_line(model, checks),
             "crumbs": _crumbs(model, 0)[:-1] + [{"label": model.name, "href": None}]}
 
 
@@ -207,8 +223,32 @@ def _histogram(c: int, arrays: dict) -> dict | None:
     return img.histogram_plot(arrays["stats/hist"][c], arrays["stats/hist_edges"], marks)
 
 
-def unit_context(model: Model, i: int, c: int, arrays: dict, dataset: dict | None) -> dict:
-    """A unit page: every view, quality, loss curve, dataset examples, statistics, histogram."""
+def _fired(c: int, arrays: dict, dataset: dict | None, fired: dict | None, size: int) -> list[dict]:
+    """The first Ku top images of unit c: the crop, and the unit's attribution map over it."""
+    if fired is None or dataset is None or "topk/index" not in arrays:
+        return []
+    count = len(fired["finite"])
+    out = []
+    for j, ok in enumerate(fired["finite"]):
+        index = int(arrays["topk/index"][c, j]) if j < arrays["topk/index"].shape[1] else -1
+        if not ok or not 0 <= index < len(dataset["paths"]):
+            continue
+        g = img.crop_geometry(arrays["topk/box"][c, j], size)
+        photo = f"../images/{index}.jpg"
+        layers = img.overlay_layers(fired["src"], f"{count * 100}% 100%", f"{img.tile_position(j, count)} 0%",
+                                    photo, g["scale"], g["at"])
+        out.append({"href": f"../images/{index}.html", "index": index,
+                    "value": arrays["topk/value"][c, j], "crop": f"{g['size']}background:url({photo}) "
+                    f"{g['at']}/{g['scale']} no-repeat",
+                    "overlay": f"{g['size']}background-image:{layers['image']};background-size:{layers['size']};"
+                    f"background-position:{layers['position']}"})
+    return out
+
+
+def unit_context(model: Model, i: int, c: int, arrays: dict, dataset: dict | None,
+                 fired: dict | None = None, has_unit_attribution: bool = False) -> dict:
+    """A unit page: every view, quality, loss curve, dataset examples, statistics, histogram,
+    and what made the unit fire on its top images."""
     layer = model.layers[i]
     done = arrays.get("featurevis/channel_done")
     fv = None
@@ -219,35 +259,69 @@ def unit_context(model: Model, i: int, c: int, arrays: dict, dataset: dict | Non
               "loss": img.loss_points(loss) if loss is not None else ""}
     stats = [(label, arrays[f"stats/{key}"][c]) for key, label in STATS if f"stats/{key}" in arrays]
     size = int(model.attrs.get("input_size", 224))
+    top = _examples("topk", c, arrays, dataset, size)
     return {"title": f"{layer.name}:{c}", "layer": layer, "channel": c, "fv": fv,
             "fv_pending": layer.has_fv and fv is None, "stats": stats,
             "views": _views(layer, c, arrays), "views_line": _views_line(model),
             "quality": _quality(c, arrays), "hist": _histogram(c, arrays),
             "dead": bool(arrays["stats/dead"][c]) if "stats/dead" in arrays else None,
-            "top": _examples("topk", c, arrays, dataset, size),
-            "bottom": _examples("bottomk", c, arrays, dataset, size),
+            "top": top, "bottom": _examples("bottomk", c, arrays, dataset, size),
+            "fired": _fired(c, arrays, dataset, fired, size), "fired_scale": fired["scale"] if fired else None,
+            "fired_params": fired["params"] if fired else {},
+            "fired_missing": bool(top) and not has_unit_attribution, "run": site_checks.RUN,
             "prev": _unit_link(model, i, c - 1), "next": _unit_link(model, i, c + 1),
             "prev_layer": _layer_link(model, i - 1, "../"), "next_layer": _layer_link(model, i + 1, "../"),
             "crumbs": _crumbs(model, 1, (layer.name, "index.html"), (f"unit {c}", None))}
 
 
-def image_context(model: Model, dataset: dict, i: int, heat: dict[str, float]) -> dict:
-    """A dataset image page: the image, label, top-5 predictions, attribution heatmaps."""
+def label_methods(dataset: dict, methods: list[str], i: int, label_maps: dict) -> list[str]:
+    """Methods whose true-label map of image i is worth showing: the label is known and is not the top-1."""
+    out = []
+    for m in methods:
+        info = dataset["attribution"][m]
+        label, target = info["label_target"], info["target"]
+        if m in label_maps and label is not None and target is not None and 0 <= label[i] != target[i]:
+            out.append(m)
+    return out
+
+
+def _map_item(dataset: dict, checks: dict | None, i: int, column: int, method: str, sprite: dict) -> dict:
+    """One method's cell of an image page: where its maps lie in the sprite, scales, badges."""
+    info = dataset["attribution"][method]
+    columns, rows = len(sprite["scales"][0]), sprite["rows"]
+    at = lambda r: f"{img.tile_position(column, columns)} {img.tile_position(r, rows)},0 0,0 0,0 0"  # noqa: E731
+    label_scale = sprite["scales"][1][column] if rows > 1 else None
+    return {"method": method, "parts": method.split("_"), "at": at(0), "scale": sprite["scales"][0][column],
+            "signed": site_checks.is_signed(method, info["params"]),
+            "label_at": at(1) if label_scale is not None else None, "label_scale": label_scale,
+            "score": info["score"][i] if info["score"] is not None else None,
+            "completeness": site_checks.completeness_badge(info, i),
+            "verdict": site_checks.verdict_badge(checks, method, "../checks.html")}
+
+
+def image_context(model: Model, dataset: dict, checks: dict | None, i: int, methods: list[str],
+                  sprite: dict | None) -> dict:
+    """A dataset image page: the image, label, top-5 predictions, every attribution map, grouped by family."""
     label = int(dataset["labels"][i])
     predictions = [{"name": _class_name(model, int(k)), "prob": float(p), "correct": int(k) == label}
                    for k, p in zip(dataset["top5"][i], dataset["top5_prob"][i])]
-    maps = []
-    for method, scale in heat.items():
-        info = dataset["attribution"][method]
-        target = int(info["target"][i]) if info["target"] is not None else -1
-        maps.append({"method": method, "src": f"{i}-{slug(method)}.{img.PICTURE_EXT}", "scale": scale,
-                     "target": _class_name(model, target),
-                     "score": info["score"][i] if info["score"] is not None else None,
-                     "params": dict(info["params"])})
+    families = []
+    target = label_target = None
+    if sprite is not None:
+        items = {m: _map_item(dataset, checks, i, k, m, sprite) for k, m in enumerate(methods)}
+        families = [(name, [items[m] for m in members]) for name, members in site_checks.families(methods)]
+        first = dataset["attribution"][methods[0]]["target"]
+        top1 = first[i] if first is not None else dataset["top5"][i][0] if len(dataset["top5"][i]) else -1
+        target = _class_name(model, int(top1))
+        if sprite["rows"] > 1:
+            label_target = _class_name(model, label)
+        sprite = sprite | {"size": f"{len(methods) * 100}% {sprite['rows'] * 100}%"}
     n = model.n_images
     return {"title": f"image {i}", "index": i, "path": dataset["paths"][i],
             "label": _class_name(model, label) if label >= 0 else None, "predictions": predictions,
-            "maps": maps, "colorbar": img.colorbar_css(), "methods_missing": not model.methods,
+            "families": families, "sprite": sprite, "target": target, "label_target": label_target,
+            "colorbar": img.colorbar_css(True), "colorbar_unsigned": img.colorbar_css(False),
+            "methods_missing": not model.methods, "has_checks": checks is not None,
             "prev": {"href": f"{i - 1}.html", "label": f"image {i - 1}"} if i > 0 else None,
             "next": {"href": f"{i + 1}.html", "label": f"image {i + 1}"} if i + 1 < n else None,
             "crumbs": _crumbs(model, 1, ("images", image_index_name(i // IMAGES_PER_INDEX)[7:]),
@@ -279,21 +353,22 @@ def image_index_contexts(model: Model, dataset: dict) -> list[dict]:
     return out
 
 
-def about_context(f: h5py.File, model: Model, dataset: dict | None) -> dict:
-    """How the store was made: spec, weights, versions, config, parameters, contents."""
+def about_context(f: h5py.File, model: Model, dataset: dict | None, checks: dict | None = None) -> dict:
+    """How the store was made: spec, weights, versions, config, parameters, settings, contents."""
     attrs = model.attrs
     facts = [(k, attrs.get(k)) for k in ("spec", "name", "weights_id", "input_size", "created",
                                          "atlas_version", "store_format") if k in attrs]
     params = [(f"{l.name} featurevis {v}", pretty_json(p)) for l in model.layers for v, p in l.view_params.items()]
     if dataset is not None:
         params.append(("dataset images", pretty_json(dataset["attrs"])))
-        params += [(f"attribution {m}", pretty_json(v["params"])) for m, v in dataset["attribution"].items()]
+    units = [(layer.name, unit_attribution(f["layers"][layer.name])[1]) for layer in model.layers]
+    units = [(name, params) for name, params in units if params]
     return {"title": f"About {model.name}", "facts": facts,
             "config": pretty_json(attrs.get("config", {})), "versions": pretty_json(attrs.get("versions", {})),
             "preprocess": pretty_json(attrs.get("preprocess", {})), "params": params,
+            "settings": site_checks.settings(checks, dataset, units), "run": site_checks.RUN,
             "contents": store_contents(f), "skipped": dataset["skipped"] if dataset else [],
-            "crumbs": _crumbs(model, 0)[:-1] + [{"label": model.name, "href": "index.html"},
-                                                {"label": "about", "href": None}]}
+            "crumbs": model_crumbs(model, "about")}
 
 
 def summary(model: Model, extra: dict[str, dict]) -> dict:

@@ -32,6 +32,7 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
 LAYERS = [("conv1", 4, 8), ("block.0.relu@1", 5, 4), ("fc", 3, 1)]
 CLASSES = ["tench", "goldfish", "great white shark"]
+METHODS = ("gradient", "integrated_gradients", "guided_backprop", "grad_cam")  # every kind of badge and palette
 
 
 def chromium_path() -> str | None:
@@ -81,7 +82,8 @@ def launch(playwright) -> Browser:
 def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tmp = tmp_path_factory.mktemp("browser")
     store = write_synthetic_store(tmp / "tiny.h5", LAYERS, n_images=3, k=2, fv_size=16, image_size=32,
-                                  name="tiny", classes=CLASSES, views=("channel", "diversity"))
+                                  name="tiny", classes=CLASSES, views=("channel", "diversity"), methods=METHODS,
+                                  incomplete={"integrated_gradients"}, unit_size=16, check_images=2)
     render(store, tmp / "site", progress=False)
     return tmp / "site"
 
@@ -116,6 +118,7 @@ class Crawl:
 
     def __init__(self, page: Page, prefix: str):
         self.prefix, self.pages = prefix, 0
+        self.visited: list[str] = []
         self.errors: list[str] = []
         self.outside: list[str] = []
         self.images = 0
@@ -142,6 +145,7 @@ def crawl(page: Page, start: str) -> Crawl:
         seen.add(url)
         page.goto(url, wait_until="load")
         found.pages += 1
+        found.visited.append(url)
         result = page.evaluate(_BROKEN_IMAGES)
         found.errors += [f"{url}: image did not load: {src}" for src in result["bad"]]
         found.images += result["images"] + result["backgrounds"]
@@ -156,7 +160,8 @@ def crawl(page: Page, start: str) -> Crawl:
 
 def _assert_clean(found: Crawl, site: Path) -> None:
     units = sum(channels for _, channels, _ in LAYERS)
-    assert found.pages >= 1 + 2 + len(LAYERS) + units + 3, f"only {found.pages} pages reached"
+    assert found.pages >= 1 + 3 + len(LAYERS) + units + 3, f"only {found.pages} pages reached"
+    assert any(url.endswith("/tiny/checks.html") for url in found.visited)
     assert found.images > 0
     assert found.errors == []
     assert found.outside == []
@@ -199,3 +204,32 @@ def test_search_box_finds_layers_units_and_classes(browser: Browser, site: Path)
     assert _search(page, "conv1:3")[0][1] == (site / "tiny" / "conv1" / "3.html").as_uri()
     page.close()
     assert errors == []
+
+
+PHONE = {"width": 390, "height": 844}
+
+
+def test_pages_fit_a_phone(browser: Browser, site: Path) -> None:
+    """On a phone-wide screen no page scrolls sideways (wide tables scroll in their own box)."""
+    page = browser.new_page(viewport=PHONE)
+    wide = []
+    for rel in ("tiny/images/0.html", "tiny/checks.html", "tiny/conv1/0.html", "tiny/about.html"):
+        page.goto((site / rel).as_uri(), wait_until="load")
+        width = page.evaluate("document.documentElement.scrollWidth")
+        if width > PHONE["width"]:
+            wide.append(f"{rel}: {width} px")
+    page.close()
+    assert wide == []
+
+
+def test_heatmaps_draw_over_the_photo(browser: Browser, site: Path) -> None:
+    """Every map is a tile of the page's one sprite over the photo; the checkbox takes the photo away."""
+    page = browser.new_page()
+    page.goto((site / "tiny" / "images" / "1.html").as_uri(), wait_until="load")
+    style = page.eval_on_selector(".hm", "el => { const s = getComputedStyle(el); return "
+                                  "[s.backgroundImage, s.backgroundBlendMode, el.clientWidth, el.clientHeight]; }")
+    assert "1-maps." in style[0] and "1.jpg" in style[0]
+    assert style[1].startswith("multiply") and style[2] == style[3] > 0
+    page.uncheck("input.under")
+    assert page.eval_on_selector(".hm", "el => getComputedStyle(el).backgroundBlendMode").startswith("normal")
+    page.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from html.parser import HTMLParser
@@ -15,32 +16,38 @@ from PIL import Image
 from atlas.errors import AtlasError
 from atlas.site import SiteWriter, render
 from atlas.site_data import slug
-from atlas.site_images import histogram_plot
+from atlas.site_images import heatmap, histogram_plot
 from atlas.synthetic import VIEWS, add_featurevis, histogram, write_synthetic_store
 
 XSS = "<script>alert(1)</script>"
 LAYERS = [("conv1", 6, 16), ("block.0.relu@1", 300, 8), ('head."q"<i>', 3, 4), ("fc", 4, 1)]
 N_IMAGES = 6
+# a signed method of no known family, the gradients, a path method (incomplete on even images),
+# the insensitive guided backprop and an unsigned CAM
+METHODS = ("gradient", "grad×input", "integrated_gradients", "guided_backprop", "grad_cam")
 URL_IN_CSS = re.compile(r"url\(([^)]*)\)")
 
 
 class _Refs(HTMLParser):
-    """Collects every URL a page refers to, and every <img> lacking alt text."""
+    """Collects every URL a page refers to, every <img> lacking alt text and every role="img" lacking a label."""
 
     def __init__(self) -> None:
         super().__init__()
         self.urls: list[str] = []
         self.imgs_without_alt = 0
         self.imgs = 0
+        self.ids: list[str] = []
         self._in_style = False
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         a = dict(attrs)
         self.urls += [v for k, v in attrs if k in ("href", "src") and v is not None]
         self.urls += URL_IN_CSS.findall(a.get("style") or "")
-        if tag == "img":
+        if a.get("id"):
+            self.ids.append(a["id"])
+        if tag == "img" or a.get("role") == "img":
             self.imgs += 1
-            self.imgs_without_alt += not (a.get("alt") or "").strip()
+            self.imgs_without_alt += not (a.get("alt") or a.get("aria-label") or "").strip()
         self._in_style = tag == "style"
 
     def handle_endtag(self, tag: str) -> None:
@@ -60,8 +67,8 @@ def refs(page: Path) -> _Refs:
 def _store(tmp: Path, name: str = "tiny", **kwargs) -> Path:
     classes = [f'{XSS} "quoted" \'single\' & class {i}' for i in range(20)]
     paths = [f"photos/{XSS}\"'{i}.jpg" for i in range(N_IMAGES)]
-    args = dict(n_images=N_IMAGES, k=4, fv_size=16, image_size=32, methods=("gradient", "grad×input"),
-                name=name, no_featurevis={"fc"}, classes=classes, paths=paths)
+    args = dict(n_images=N_IMAGES, k=4, fv_size=16, image_size=32, methods=METHODS, incomplete={"integrated_gradients"},
+                name=name, no_featurevis={"fc"}, classes=classes, paths=paths, unit_size=16, check_images=3)
     return write_synthetic_store(tmp / f"{name}.h5", LAYERS, **{**args, **kwargs})
 
 
@@ -77,7 +84,7 @@ def html_files(root: Path) -> list[Path]:
 
 
 def crawl(start: Path) -> set[Path]:
-    """Every file reachable from `start` through href, src and CSS url(); asserts each exists."""
+    """Every file reachable from `start` through href, src and CSS url(); asserts each exists, anchors too."""
     seen: set[Path] = set()
     todo = [start.resolve()]
     while todo:
@@ -86,8 +93,11 @@ def crawl(start: Path) -> set[Path]:
             continue
         seen.add(page)
         for url in refs(page).urls:
-            target = (page.parent / url.split("#")[0].split("?")[0]).resolve()
+            path, _, anchor = url.partition("#")
+            target = (page.parent / path.split("?")[0]).resolve() if path else page
             assert target.is_file(), f"{page} links to missing {url}"
+            if anchor and target.suffix == ".html":
+                assert anchor in refs(target).ids, f"{page} links to {url}: no such anchor"
             if target.suffix == ".html":
                 todo.append(target)
             else:
@@ -177,10 +187,10 @@ def test_crops_reuse_the_stored_images(site):
     root, _ = site
     images = root / "tiny" / "images"
     assert len(list(images.glob("*.jpg"))) == N_IMAGES
-    assert len(list(images.glob("*.webp"))) == 2 * N_IMAGES  # one heatmap per method and image
+    assert len(list(images.glob("*.webp"))) == N_IMAGES  # one sprite of every method's maps per image
     unit = (root / "tiny" / "conv1" / "0.html").read_text()
-    crops = re.findall(r'role="img" aria-label="[^"]+" style="([^"]+)"', unit)
-    assert len(crops) == 8  # k=4 highest and 4 lowest
+    crops = re.findall(r'class="crop" role="img" aria-label="[^"]+" style="([^"]+)"', unit)
+    assert len(crops) == 8 + 3  # k=4 highest and 4 lowest, and the 3 that unit attributions explain
     assert all(re.search(r"url\(\.\./images/\d+\.jpg\)", c) for c in crops)
 
 
@@ -188,7 +198,7 @@ def test_missing_featurevis_is_explained(site):
     root, _ = site
     for page in (root / "tiny" / "fc" / "index.html", root / "tiny" / "fc" / "0.html"):
         assert "Feature visualization has not run for this layer" in page.read_text()
-    assert not list((root / "tiny" / "fc").glob("*.webp"))
+    assert not [p for p in (root / "tiny" / "fc").glob("*.webp") if not p.stem.endswith("-attribution")]
     assert "Feature visualization has not run" not in (root / "tiny" / "conv1" / "0.html").read_text()
 
 
@@ -213,9 +223,15 @@ def test_store_without_dataset_or_attribution(tmp_path):
     assert not (model / "images").exists()
     crawl(tmp_path / "site" / "index.html")
 
+    assert "No checks in this store: run <code>atlas attribute</code>" in (model / "checks.html").read_text()
+
     store = _store(tmp_path, name="noattr", methods=())
     render(store, tmp_path / "site", progress=False)
-    assert "Attribution has not run" in (tmp_path / "site" / "noattr" / "images" / "0.html").read_text()
+    model = tmp_path / "site" / "noattr"
+    assert "Attribution has not run" in (model / "images" / "0.html").read_text()
+    assert "No checks in this store" in (model / "checks.html").read_text()
+    assert "Unit attributions have not been computed" in (model / "conv1" / "0.html").read_text()
+    crawl(tmp_path / "site" / "index.html")
 
 
 def test_rendering_twice_gives_the_same_files(site, tmp_path):
@@ -314,7 +330,7 @@ def test_quick_store_shows_channel_only(site):
     unit = (root / "tiny" / "conv1" / "0.html").read_text()
     assert "not rendered: negative, neuron, diversity" in unit
     assert "-negative." not in unit and "-diversity." not in unit and "More views" not in unit
-    assert not list((root / "tiny" / "conv1").glob("[0-9]*-*.webp"))
+    assert not [p for p in (root / "tiny" / "conv1").glob("[0-9]*-*.webp") if not p.stem.endswith("-attribution")]
 
 
 def test_quality_flag(full):
@@ -419,6 +435,185 @@ def test_search_index_is_small_and_escaped(site):
     assert '"block.0.relu@1",' in text and "class 3" in text
     for page in (root / "index.html", root / "tiny" / "conv1" / "0.html"):
         assert "search.js" in page.read_text()
+
+
+# --- attributions and their sanity checks ---
+
+def _badges(page: str) -> dict[str, list[tuple[str, str]]]:
+    """Per method of an image page: the (state, text) of each badge in its caption."""
+    out = {}
+    for caption in re.findall(r"<figcaption><strong>(.*?)</figcaption>", page, re.S):
+        name = re.sub(r"<wbr>", "", caption.split("</strong>")[0])
+        out[name] = re.findall(r'class="flag (\w+)"[^>]*>([^<]+)<', caption)
+    return out
+
+
+def test_image_page_shows_every_method_in_one_sprite(site):
+    root, _ = site
+    images = root / "tiny" / "images"
+    with h5py.File(_store(root.parent / "again", name="tiny"), "r") as f:
+        labels, top1 = f["dataset/labels"][()], f["dataset/top5"][:, 0]
+    for i in range(N_IMAGES):
+        page = (images / f"{i}.html").read_text()
+        urls = refs(images / f"{i}.html").urls
+        assert f"{i}-maps.webp" in urls and f"{i}.jpg" in urls
+        assert [u for u in urls if u.endswith(".webp")] == [f"{i}-maps.webp"]  # one request for every map
+        rows = 2 if labels[i] >= 0 and labels[i] != top1[i] else 1
+        assert Image.open(images / f"{i}-maps.webp").size == (len(METHODS) * 32, rows * 32)
+        assert page.count('class="hm" role="img"') == len(METHODS) * rows
+        assert ("for the true label" in page) == (rows == 2)
+        for family in ("Gradients", "Guided", "CAM", "Path methods", "Other"):
+            assert f"<h3>{family}</h3>" in page
+    assert (labels[1], labels[2]) != (-1, -1)  # the store has images with and without a second row
+
+
+def test_true_label_row_names_the_class(site):
+    root, _ = site
+    page = (root / "tiny" / "images" / "1.html").read_text()
+    assert "the map below it, the true label, <strong>&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert re.search(r'aria-label="integrated_gradients attribution of image 1 for the true label &lt;script&gt;', page)
+
+
+def test_completeness_badges(site, tmp_path):
+    root, _ = site
+    with h5py.File(_store(tmp_path), "r") as f:
+        error = f["attribution/integrated_gradients/completeness"][()]
+        tolerance = f["attribution/integrated_gradients"].attrs["tolerance"]
+    assert error[0] > tolerance >= error[1]  # incomplete on even images
+    for i in (0, 1):
+        badges = _badges((root / "tiny" / "images" / f"{i}.html").read_text())
+        path = [b for b in badges["integrated_gradients"] if b[1].startswith("completeness")]
+        state = "ok" if i == 1 else "warn" if error[i] <= 5 * tolerance else "bad"
+        assert path == [(state, f"completeness {error[i] * 100:.2g} %")]
+        for method in ("gradient", "guided_backprop", "grad_cam", "grad×input"):  # no completeness: no badge
+            assert not [b for b in badges[method] if b[1].startswith("completeness")]
+
+
+def test_randomization_badges_link_to_the_checks(site):
+    root, _ = site
+    page = root / "tiny" / "images" / "0.html"
+    badges = _badges(page.read_text())
+    assert ("bad", "insensitive to weights") in badges["guided_backprop"]
+    for method in ("gradient", "integrated_gradients", "grad_cam"):
+        assert ("ok", "passes randomization") in badges[method]
+    assert "../checks.html#guided_backprop" in refs(page).urls
+    crawl(page)  # every anchor exists on checks.html
+
+
+def test_unsigned_maps_use_the_sequential_palette(site):
+    values = np.array([[-2.0, -1.0, 0.0, 1.0, 2.0]] * 5, np.float32)
+    signed, scale = heatmap(values, signed=True)
+    signed = signed.astype(int)
+    assert scale == pytest.approx(2.0) and signed[0, 0, 2] - signed[0, 0, 0] > 50  # negative: blue
+    assert signed[0, -1, 0] - signed[0, -1, 2] > 50 and (signed[0, 2] > 240).all()  # positive red, zero white
+    unsigned, _ = heatmap(values, signed=False)
+    assert (unsigned[:, :3] == 255).all() and (unsigned[..., 0] >= unsigned[..., 2]).all()  # never blue
+    root, _ = site  # in the sprite, grad_cam (third in display order) has no blue pixel
+    sheet = np.asarray(Image.open(root / "tiny" / "images" / "0-maps.webp").convert("RGB"), float)
+    cam = sheet[:32, 2 * 32:3 * 32]
+    assert (cam[..., 2] - cam[..., 0]).max() < 8
+
+
+def test_checks_page(site, tmp_path):
+    root, _ = site
+    page = root / "tiny" / "checks.html"
+    text = page.read_text()
+    ids = refs(page).ids
+    for method in METHODS:
+        assert slug(method) in ids
+        assert f'<a href="#{slug(method)}">' in text  # the summary table links to it
+    assert text.count('<section class="method"') == len(METHODS)
+    assert text.count("<svg") == 4 * len(METHODS)  # cascading, independent, deletion, insertion
+    assert re.search(r'id="guided_backprop">\s*<h2>guided_backprop <span class="flag bad">insensitive to weights', text)
+    assert "Caveat:</strong> Maps that stay alike after the weights are randomized" in text
+    with h5py.File(_store(tmp_path), "r") as f:
+        auc = f["checks/gradient/deletion"].attrs["auc_mean"]
+        control = f["checks/random/deletion"].attrs["auc_mean"]
+        groups = json.loads(f["checks/gradient/randomization"].attrs["groups"])
+    assert f'{auc:.3g} <span class="ctl" title="random pixel order">{control:.3g}</span>' in text
+    assert ">head.&#34;q&#34;&lt;i&gt;</text>" in text  # group labels on the axis, escaped
+    assert len(groups) == 6
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in text and XSS not in text  # class names of the checked images
+    assert "index.html" in refs(page).urls and "checks.html" in refs(root / "tiny" / "index.html").urls
+
+
+def test_unit_page_shows_what_made_it_fire(site):
+    root, _ = site
+    unit = root / "tiny" / "block.0.relu-401" / "7.html"
+    text = unit.read_text()
+    assert "What made this unit fire" in text
+    overlays = re.findall(r'class="crop hu" role="img" aria-label="([^"]+)" style="([^"]+)"', text)
+    assert len(overlays) == 3
+    for k, (label, style) in enumerate(overlays):
+        assert label.startswith("what made unit 7 fire on image ")
+        assert f"url(7-attribution.webp)" in style and re.search(r"url\(\.\./images/\d+\.jpg\)", style)
+        assert f"{k * 50}% 0%" in style  # its tile of the strip
+    assert Image.open(unit.parent / "7-attribution.webp").size == (3 * 16, 16)
+
+
+def test_about_page_lists_attribution_and_check_settings(site):
+    root, _ = site
+    text = (root / "tiny" / "about.html").read_text()
+    assert 'id="attribution"' in text and 'id="checks"' in text
+    for method in METHODS:
+        assert f"<h3>{method}</h3>" in text
+    assert "&#34;tolerance&#34;: 0.01" in text and "&#34;threshold&#34;: 0.5" in text
+    assert "&#34;target&#34;: &#34;channel spatial max&#34;" in text  # unit attribution settings
+
+
+def test_older_store_without_the_new_datasets(tmp_path):
+    """A store written before label maps, completeness, unit attributions and checks still renders."""
+    store = _store(tmp_path, name="older")
+    with h5py.File(store, "r+") as f:
+        for g in f["attribution"].values():
+            for key in ("label_maps", "label_target", "completeness", "steps"):
+                del g[key]
+            g.attrs.clear()
+        for layer in f["layers"].values():
+            layer.pop("unit_attribution", None)
+        del f["checks"]
+    render(store, tmp_path / "site", progress=False)
+    model = tmp_path / "site" / "older"
+    image = (model / "images" / "1.html").read_text()
+    assert "completeness" not in image and "randomization" not in image and "true label, <strong>" not in image
+    assert Image.open(model / "images" / "1-maps.webp").size == (len(METHODS) * 32, 32)
+    assert "No checks in this store" in (model / "checks.html").read_text()
+    assert "Unit attributions have not been computed" in (model / "conv1" / "0.html").read_text()
+    crawl(tmp_path / "site" / "index.html")
+
+
+def test_partial_checks(tmp_path):
+    """Checks of some methods, and a method without some of its checks, leave the rest of the page intact."""
+    store = _store(tmp_path, name="partial", checks=("gradient", "integrated_gradients"))
+    with h5py.File(store, "r+") as f:
+        del f["checks/integrated_gradients/randomization"]
+        del f["checks/random"]
+    render(store, tmp_path / "site", progress=False)
+    model = tmp_path / "site" / "partial"
+    checks = (model / "checks.html").read_text()
+    assert checks.count('<section class="method"') == 2 and "Not run for this method." in checks
+    assert 'class="ctl"' not in checks  # no control to show
+    badges = _badges((model / "images" / "0.html").read_text())
+    assert ("ok", "passes randomization") in badges["gradient"]
+    assert not [b for b in badges["guided_backprop"] + badges["integrated_gradients"] if "randomization" in b[1]]
+    crawl(tmp_path / "site" / "index.html")
+
+
+def test_pages_stay_small_with_every_method(tmp_path):
+    """The full preset's methods and checks (16 methods, 8 images, 8 groups) keep pages under 300 KB."""
+    methods = ("gradient", "gradient_x_input", "smoothgrad", "smoothgrad_sq", "vargrad", "guided_backprop",
+               "grad_cam", "guided_grad_cam", "integrated_gradients", "ig_max_distance", "ig_blurred",
+               "ig_uniform", "ig_gaussian", "expected_gradients", "occlusion", "extremal_perturbation")
+    classes = [f"a rather long class name number {i}" for i in range(1000)]
+    store = write_synthetic_store(tmp_path / "big.h5", [("conv", 4, 4), ("fc", 1000, 1)], n_images=8, k=10,
+                                  fv_size=8, image_size=32, methods=methods, classes=classes, check_images=8,
+                                  check_groups=8, unit_size=8, views=())
+    render(store, tmp_path / "site", progress=False)
+    model = tmp_path / "site" / "synthetic"
+    for page in ("checks.html", "images/1.html", "about.html", "conv/0.html"):
+        assert (model / page).stat().st_size < 300_000, page
+    assert max(p.stat().st_size for p in model.rglob("*.html")) < 300_000
+
 
 
 def _git(repo: Path, *args: str) -> str:

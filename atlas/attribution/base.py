@@ -124,6 +124,14 @@ class Attribution(abc.ABC):
 
     def explain(self, inputs: torch.Tensor, target: torch.Tensor | int) -> Explanation:
         """`attribute` with per-image diagnostics (see `Explanation`)."""
+        inputs, target = self.prepare(inputs, target)
+        with torch.no_grad():
+            explained = self._explain(inputs, target)
+        explained.maps = explained.maps.detach()
+        return explained
+
+    def prepare(self, inputs: torch.Tensor, target: torch.Tensor | int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Checks the arguments; returns detached channels-last inputs and one target per image."""
         if not isinstance(inputs, torch.Tensor) or inputs.dim() != 4 or not inputs.is_floating_point():
             raise ValueError(f"inputs: expected a float tensor [B, 3, H, W], got "
                              f"{getattr(inputs, 'shape', type(inputs).__name__)}")
@@ -131,12 +139,9 @@ class Attribution(abc.ABC):
         if target.numel() not in (1, inputs.shape[0]):
             raise ValueError(f"target: expected one class or one per image ({inputs.shape[0]}), "
                              f"got {target.numel()}")
-        target = target.expand(inputs.shape[0])
-        inputs = inputs.detach()
-        with torch.no_grad():
-            explained = self._explain(inputs, target)
-        explained.maps = explained.maps.detach()
-        return explained
+        # channels-last: convolutions' backward passes run several times faster in it on CPUs,
+        # and every row built from the inputs (path points, noisy copies) inherits it
+        return inputs.detach().contiguous(memory_format=torch.channels_last), target.expand(inputs.shape[0])
 
     def _explain(self, inputs: torch.Tensor, target: torch.Tensor) -> Explanation:
         return Explanation(self._attribute(inputs, target))

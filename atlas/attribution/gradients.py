@@ -37,8 +37,10 @@ class SmoothGrad(Attribution):
             input range of each channel (paper: 0.10-0.20).
         variant: "mean" (SmoothGrad), "squared" (mean of squared gradients,
             Hooker et al. 2019) or "vargrad" (their variance, Adebayo et al. 2018).
-        seed: seed of the noise; image i of a batch draws from seed + i, so a
-            map does not depend on how images were batched.
+        seed: seed of the noise; image i of a call draws from seed + i (the
+            attribution stage passes one image at a time with a seed derived
+            from the image's place in the dataset, so its maps do not depend
+            on batching).
     """
 
     VARIANTS = {"mean": "smoothgrad", "squared": "smoothgrad_sq", "vargrad": "vargrad"}
@@ -65,17 +67,29 @@ class SmoothGrad(Attribution):
         return eps.to(x.device, x.dtype) * (self.noise * self.space.range(x))
 
     def _attribute(self, inputs, target):
-        out = []
+        return self._statistics(inputs, target)[self.variant]
+
+    def all_variants(self, inputs: torch.Tensor, target: torch.Tensor | int) -> dict[str, torch.Tensor]:
+        """Every variant's map from one set of noisy gradients, keyed by method name.
+
+        The three variants differ only in how they reduce the same gradients, so
+        computing them together costs one variant's passes.
+        """
+        inputs, target = self.prepare(inputs, target)
+        with torch.no_grad():
+            stats = self._statistics(inputs, target)
+        return {self.VARIANTS[v]: m for v, m in stats.items()}
+
+    def _statistics(self, inputs: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        out: dict[str, list[torch.Tensor]] = {v: [] for v in self.VARIANTS}
         for i in range(inputs.shape[0]):
             noisy = inputs[i:i + 1] + self.noise_for(inputs, i)
             g = self.grad(noisy, target[i:i + 1].expand(self.samples))
-            if self.variant == "mean":
-                out.append(g.mean(0))
-            elif self.variant == "squared":
-                out.append((g * g).mean(0))
-            else:
-                out.append(g.var(0, unbiased=False))
-        return torch.stack(out)
+            mean, squared = g.mean(0), (g * g).mean(0)
+            out["mean"].append(mean)
+            out["squared"].append(squared)
+            out["vargrad"].append((squared - mean * mean).clamp_min(0))
+        return {v: torch.stack(maps) for v, maps in out.items()}
 
 
 class GuidedBackprop(Attribution):

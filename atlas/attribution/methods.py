@@ -13,15 +13,31 @@ from typing import Callable
 from torch import nn
 
 from atlas.attribution.base import Attribution, InputSpace
+from atlas.attribution.cam import GradCAM, GuidedGradCAM
 from atlas.attribution.gradients import Gradient, GradientXInput, GuidedBackprop, SmoothGrad
+from atlas.attribution.paths import ExpectedGradients, IntegratedGradients
+from atlas.attribution.perturbation import ExtremalPerturbation, Occlusion
 from atlas.errors import AtlasError
 
-Factory = Callable[..., Attribution]
+Factory = Callable[[nn.Module, InputSpace, int, dict], Attribution]
 
 
 def _smooth(variant: str) -> Factory:
     return lambda model, space, batch, s: SmoothGrad(model, space, batch, samples=s["samples"],
                                                      noise=s["noise"], variant=variant, seed=s["seed"])
+
+
+def _ig(baseline: str) -> Factory:
+    return lambda model, space, batch, s: IntegratedGradients(
+        model, space, batch, steps=s["steps"], baseline=baseline, draws=s["draws"],
+        tolerance=s["tolerance"], max_steps=s["max_steps"], seed=s["seed"])
+
+
+def _occlusion(model, space, batch, s) -> Occlusion:
+    size = s["input_size"]
+    patch = max(1, size // 8) if size else None  # Occlusion's own default when the size is unknown
+    stride = max(1, round(patch * s["occlusion_stride"])) if patch else None
+    return Occlusion(model, space, batch, patch=patch, stride=stride)
 
 
 METHODS: dict[str, Factory] = {
@@ -31,10 +47,26 @@ METHODS: dict[str, Factory] = {
     "smoothgrad_sq": _smooth("squared"),
     "vargrad": _smooth("vargrad"),
     "guided_backprop": lambda model, space, batch, s: GuidedBackprop(model, space, batch),
+    "grad_cam": lambda model, space, batch, s: GradCAM(model, space, batch, layer=s["layer"],
+                                                       input_size=s["input_size"]),
+    "guided_grad_cam": lambda model, space, batch, s: GuidedGradCAM(model, space, batch, layer=s["layer"],
+                                                                    input_size=s["input_size"]),
+    "integrated_gradients": _ig("black"),
+    "ig_max_distance": _ig("max_distance"),
+    "ig_blurred": _ig("blurred"),
+    "ig_uniform": _ig("uniform"),
+    "ig_gaussian": _ig("gaussian"),
+    "expected_gradients": lambda model, space, batch, s: ExpectedGradients(
+        model, space, batch, samples=s["samples"], seed=s["seed"], tolerance=s["tolerance"],
+        max_samples=min(s["max_steps"], 4 * s["samples"])),
+    "occlusion": lambda model, space, batch, s: _occlusion(model, space, batch, s),
+    "extremal_perturbation": lambda model, space, batch, s: ExtremalPerturbation(
+        model, space, batch, steps=s["extremal_steps"]),
 }
 
-# What a method's settings default to when a caller names none (the reference recipes).
-DEFAULTS = {"samples": 50, "noise": 0.15, "seed": 0}
+# The settings a caller does not name default to the reference recipes (RECIPES.md).
+DEFAULTS = {"samples": 50, "noise": 0.15, "steps": 50, "draws": 4, "tolerance": 0.01, "max_steps": 400,
+            "extremal_steps": 800, "occlusion_stride": 0.5, "seed": 0, "layer": None, "input_size": None}
 
 
 def get(name: str, model: nn.Module, space: InputSpace | None = None, batch: int = 64,
@@ -46,10 +78,16 @@ def get(name: str, model: nn.Module, space: InputSpace | None = None, batch: int
         model: the classifier.
         space: its input normalization.
         batch: model evaluations per forward pass (halved on out-of-memory).
-        settings: overrides of DEFAULTS (samples, noise, steps, ...).
+        settings: overrides of DEFAULTS (samples, noise, steps, layer, ...).
+
+    Returns:
+        The configured method.
     """
     if name not in METHODS:
         close = difflib.get_close_matches(name, METHODS, n=2)
         raise AtlasError(f"unknown attribution method {name!r}; choose from {', '.join(METHODS)}"
                          + (f" (did you mean {close[0]}?)" if close else ""))
-    return METHODS[name](model, space, batch, {**DEFAULTS, **settings})
+    unknown = set(settings) - set(DEFAULTS)
+    if unknown:
+        raise ValueError(f"settings: unknown name(s) {', '.join(sorted(unknown))}")
+    return METHODS[name](model, space or InputSpace(), batch, {**DEFAULTS, **settings})

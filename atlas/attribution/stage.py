@@ -1,82 +1,160 @@
-"""The attribution stage: every method on every dataset image, explaining the top-1 class.
+"""The attribution stage: every method on every dataset image, unit attributions, and the checks.
 
 It reads the images the dataset stage stored (the model's exact view of each
-photo), so no file is decoded twice. A work unit is one method on one dataset
-unit's images.
+photo), so no file is decoded twice. Work units, each written atomically:
+
+  * `<method>/<dataset unit>`: one method's maps of one dataset unit's images,
+    for the top-1 class and for the true class where the label is known;
+  * `unit/<layer>/<first>-<end>`: unit attributions of a range of channels;
+  * `checks/<method>` and `checks/random`: the sanity checks of one method on
+    the checked images, and the random-order control.
 """
 
 from __future__ import annotations
 
-import h5py
 import numpy as np
 import torch
 
+from atlas import dataset
+from atlas.attribution import checks as sanity
+from atlas.attribution.ablation import fractions
+from atlas.attribution.base import Attribution, InputSpace
+from atlas.attribution.consolidate import consolidate  # noqa: F401  (the stage's consolidation)
+from atlas.attribution.maps import run_maps
 from atlas.attribution.methods import get
+from atlas.attribution.units import UnitAttribution, unit_maps
 from atlas.errors import AtlasError
 from atlas.store import Store
 
 STAGE = "attribution"
+UNIT_CHANNELS = 128  # channels per unit-attribution work unit
+REFERENCES = 64  # dataset images Expected Gradients draws its baselines from
+
+
+class DatasetImages:
+    """The dataset stage's stored images, looked up by source index, as model inputs."""
+
+    def __init__(self, store: Store, preprocess, device: torch.device):
+        self.store, self.preprocess, self.device = store, preprocess, device
+        self.where: dict[int, tuple[str, int]] = {}
+        self.labels: dict[int, int] = {}
+        self.top1: dict[int, int] = {}
+        for key, part in store.units("dataset"):
+            for row, (i, label, top) in enumerate(zip(part["index"][...], part["labels"][...], part["top5"][:, 0])):
+                self.where[int(i)] = (key, row)
+                self.labels[int(i)], self.top1[int(i)] = int(label), int(top)
+        self.order = np.array(sorted(self.where), np.int64)
+        self._cache: tuple[str, np.ndarray] | None = None
+        self._references: torch.Tensor | None = None
+
+    def pixels(self, index: np.ndarray) -> np.ndarray:
+        """uint8 [n, S, S, 3] of the images with these source indices."""
+        out = []
+        for i in np.asarray(index).reshape(-1):
+            key, row = self.where[int(i)]
+            if self._cache is None or self._cache[0] != key:
+                with self.store.read_unit("dataset", key) as part:
+                    self._cache = (key, part["images"][...])
+            out.append(self._cache[1][row])
+        return np.stack(out)
+
+    def inputs(self, index: np.ndarray) -> torch.Tensor:
+        """The model's inputs [n, 3, S, S] of the images with these source indices."""
+        return self.preprocess.from_uint8(self.pixels(index)).to(self.device)
+
+    def references(self) -> torch.Tensor:
+        """The images Expected Gradients draws baselines from (computed once)."""
+        if self._references is None:
+            self._references = self.inputs(self.spread(REFERENCES))
+        return self._references
+
+    def spread(self, count: int) -> np.ndarray:
+        """`count` source indices spread evenly over the dataset."""
+        pick = np.unique(np.linspace(0, len(self.order) - 1, min(count, len(self.order))).round().astype(int))
+        return self.order[pick] if len(self.order) else self.order
 
 
 def run(ctx) -> None:
-    """Attributes every stored dataset image the store has no map of yet."""
+    """Computes every map, unit attribution and check the store does not have yet."""
     cfg = ctx.config
-    methods = {name: get(name, ctx.loaded.model) for name in cfg.attr_methods}
     done = ctx.store.begin(STAGE, cfg.stage_params(STAGE))
     data_units = sorted(ctx.store.done("dataset"))
     if not data_units:
         raise AtlasError("attribution needs dataset images: run `atlas dataset` (or `atlas build`) first")
-    todo = [(m, d) for m in methods for d in data_units if f"{m}/{d}" not in done]
+    for name in cfg.attr_methods:
+        make_method(ctx, name, None)  # an unknown name fails before any work
+    images = DatasetImages(ctx.store, ctx.loaded.preprocess, ctx.device)
+    run_maps(ctx, images, [(m, d) for d in data_units for m in cfg.attr_methods if f"{m}/{d}" not in done],
+             make_method)
+    if cfg.attr_unit_topk:
+        _run_units(ctx, images, done)
+    if cfg.attr_check_images and len(images.order):
+        todo = [m for m in (*cfg.attr_methods, "random") if f"checks/{m}" not in done]
+        _run_checks(ctx, images, todo)
+
+
+def make_method(ctx, name: str, images: DatasetImages | None, model=None) -> Attribution:
+    """The method `name` configured from the build config (Expected Gradients gets its references).
+
+    Args:
+        model: the network to bind it to; default the loaded model (the checks pass randomized copies).
+    """
+    cfg, loaded = ctx.config, ctx.loaded
+    method = get(name, model or loaded.model, InputSpace.of(loaded.preprocess), cfg.attr_chunk,
+                 steps=cfg.attr_steps, max_steps=cfg.attr_max_steps, tolerance=cfg.attr_tolerance,
+                 samples=cfg.attr_samples, noise=cfg.attr_noise, draws=cfg.attr_draws, seed=cfg.seed,
+                 extremal_steps=cfg.attr_extremal_steps, occlusion_stride=cfg.attr_occlusion_stride,
+                 input_size=loaded.input_size)
+    if images is not None and hasattr(method, "set_references"):
+        method.set_references(images.references())
+    return method
+
+
+def _run_units(ctx, images: DatasetImages, done: set[str]) -> None:
+    cfg = ctx.config
+    examples = dataset.top_examples(ctx.store, ctx.layers)
+    todo = [(layer, a, min(a + UNIT_CHANNELS, layer.channels)) for layer in ctx.layers if layer.name in examples
+            for a in range(0, layer.channels, UNIT_CHANNELS) if _unit_key(layer.name, a) not in done]
     if not todo:
         return
-    sizes = {key: part["images"].shape[0] for key, part in ctx.store.units("dataset")}
-    with ctx.bar(sum(sizes[d] for _, d in todo), "attribution", "img") as bar:
-        for name, data_key in todo:
-            bar.set_postfix_str(name)
-            arrays = _attribute_unit(ctx, methods[name], data_key, bar)
-            ctx.store.write_unit(STAGE, f"{name}/{data_key}", arrays, {
-                "method": name, "target_rule": "top-1 prediction",
-                "reduction": "sum over colour channels", **methods[name].params})
+    with ctx.bar(sum(e - a for _, a, e in todo), "unit attributions", "ch") as bar:
+        for layer, first, end in todo:
+            bar.set_postfix_str(layer.name)
+            index, boxes, _ = examples[layer.name]
+            k = min(cfg.attr_unit_topk, index.shape[1])
+            method = UnitAttribution(ctx.loaded.model, layer, cfg.attr_chunk)
+            maps = unit_maps(method, images.inputs, index[first:end, :k], boxes[first:end, :k],
+                             range(first, end), cfg.attr_unit_size)
+            ctx.store.write_unit(STAGE, _unit_key(layer.name, first), {"maps": maps.astype(np.float16)}, {
+                **method.params, "layer": layer.name, "first": first, "end": end, "k": k,
+                "size": cfg.attr_unit_size})
+            bar.update(end - first)
 
 
-def _attribute_unit(ctx, method, data_key: str, bar) -> dict[str, np.ndarray]:
-    with ctx.store.read_unit("dataset", data_key) as part:
-        pixels, index, target = part["images"][...], part["index"][...], part["top5"][:, 0]
-    maps, scores = [], []
-    pre, batch = ctx.loaded.preprocess, ctx.config.attr_batch
-    for a in range(0, len(index), batch):
-        x = pre.from_uint8(pixels[a:a + batch]).to(ctx.device)
-        t = torch.from_numpy(target[a:a + batch]).to(ctx.device)
-        maps.append(method.attribute(x, t).sum(1).cpu().numpy().astype(np.float16))
-        with torch.no_grad():
-            scores.append(ctx.loaded.model(x).gather(1, t[:, None])[:, 0].float().cpu().numpy())
-        bar.update(len(t))
-    size = pixels.shape[1]
-    return {"index": index, "target": target.astype(np.int64),
-            "maps": np.concatenate(maps) if maps else np.zeros((0, size, size), np.float16),
-            "score": np.concatenate(scores) if scores else np.zeros(0, np.float32)}
+def _unit_key(layer: str, first: int) -> str:
+    return f"unit/{layer}/{first:06d}"
 
 
-def consolidate(store: Store, f: h5py.File) -> None:
-    """Writes /attribution/<method>/{maps,target,score}, rows aligned with /dataset."""
-    if "dataset" not in f:
+def _run_checks(ctx, images: DatasetImages, todo: list[str]) -> None:
+    if not todo:
         return
-    source = f["dataset/source_index"][...]
-    groups: dict[str, h5py.Group] = {}
-    for key, part in store.units(STAGE):
-        name = key.split("/", 1)[0]
-        if name not in groups:
-            groups[name] = _create(f, name, source.size, part)
-        rows = np.searchsorted(source, part["index"][...])
-        for k in ("maps", "target", "score"):
-            groups[name][k][rows] = part[k][...]
-
-
-def _create(f: h5py.File, name: str, n: int, part: h5py.File) -> h5py.Group:
-    g = f.require_group("attribution").create_group(name)
-    size = part["maps"].shape[1] if part["maps"].ndim == 3 else f["dataset/images"].shape[1]
-    maps = g.create_dataset("maps", (n, size, size), np.float16, chunks=(1, size, size))
-    maps.attrs.update(dict(part.attrs))
-    g.create_dataset("target", (n,), np.int64, fillvalue=-1)
-    g.create_dataset("score", (n,), np.float32, fillvalue=np.nan)
-    return g
+    cfg = ctx.config
+    index = images.spread(cfg.attr_check_images)
+    x = images.inputs(index)
+    target = torch.as_tensor([images.top1[int(i)] for i in index], device=ctx.device)
+    with ctx.bar(len(todo), "attribution checks", "method") as bar:
+        for name in todo:
+            bar.set_postfix_str(name)
+            if name == "random":
+                result = sanity.run_controls(ctx.loaded.model, x, target, points=cfg.attr_check_points,
+                                             seed=cfg.seed, batch=cfg.attr_chunk)
+            else:
+                result = sanity.run_checks(lambda model: make_method(ctx, name, images, model), ctx.loaded.model,
+                                           x, target, n_classes=len(ctx.loaded.class_names),
+                                           groups_count=cfg.attr_check_groups, points=cfg.attr_check_points,
+                                           seed=cfg.seed, batch=cfg.attr_chunk)
+            arrays, attrs = sanity.flatten(result)
+            arrays.update(images=index, fractions=fractions(cfg.attr_check_points))
+            ctx.store.write_unit(STAGE, f"checks/{name}", arrays,
+                                 {"method": name, "nested_attrs": attrs})
+            bar.update(1)

@@ -1,4 +1,4 @@
-"""Screenshots of a rendered atlas for the README: index, layer, unit and image pages.
+"""Screenshots of a rendered atlas for the README: index, layer, unit, image and checks pages.
 
     atlas render atlas-data/efficientnet_lite0.h5 --out site
     python docs/screenshots/make.py site docs/screenshots
@@ -25,14 +25,14 @@ SIZE = {"width": 1000, "height": 700}
 
 
 def pages(site: Path) -> dict[str, Path]:
-    """The pages to shoot: the site index, and of the first model a middle layer, its unit 0, image 0."""
+    """The pages to shoot: the site index, and of the first model a middle layer, its unit 0, image 0, checks."""
     summary = json.loads(next(iter(sorted(site.glob("*/summary.json")))).read_text())
     model = site / summary["slug"]
     layers = sorted((p for p in model.iterdir() if (p / "index.html").is_file() and p.name != "images"),
                     key=lambda p: p.name)
     layer = layers[len(layers) // 2]
     return {"index": site / "index.html", "layer": layer / "index.html", "unit": layer / "0.html",
-            "image": model / "images" / "0.html"}
+            "image": model / "images" / "0.html", "checks": model / "checks.html"}
 
 
 MAX_BYTES = 150_000

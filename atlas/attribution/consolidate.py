@@ -1,0 +1,101 @@
+"""Writes the attribution stage's sections of the consolidated store from its parts.
+
+/attribution/<method>/ (rows aligned with /dataset), /layers/<layer>/unit_attribution/
+and /checks/ — the layout docs/store.md documents.
+"""
+
+from __future__ import annotations
+
+import json
+
+import h5py
+import numpy as np
+
+from atlas.store import Store, read_attrs
+
+STAGE = "attribution"
+_PER_IMAGE = {"target": (np.int64, -1), "score": (np.float32, np.nan), "label_target": (np.int64, -1),
+              "completeness": (np.float32, np.nan), "steps": (np.int32, 0),
+              "scale": (np.float32, np.nan), "label_scale": (np.float32, np.nan)}
+
+
+def consolidate(store: Store, f: h5py.File) -> None:
+    """Writes every attribution section the parts have."""
+    if "dataset" not in f:
+        return
+    source = f["dataset/source_index"][...]
+    groups: dict[str, h5py.Group] = {}
+    units: dict[str, list[tuple[dict, h5py.File]]] = {}
+    for key, part in store.units(STAGE):
+        kind, _, rest = key.partition("/")
+        if kind == "checks":
+            _write_check(f, rest, part, source)
+        elif kind == "unit":
+            _write_unit_part(f, part)
+        else:
+            if kind not in groups:
+                groups[kind] = _create(f, kind, source.size, part)
+            _write_maps(groups[kind], part, source)
+    for name, g in groups.items():
+        done = g["target"][...] >= 0
+        g.attrs["completeness_failures"] = int(np.sum(g["completeness"][...][done] > g.attrs["tolerance"]))
+
+
+def _create(f: h5py.File, name: str, n: int, part: h5py.File) -> h5py.Group:
+    g = f.require_group("attribution").create_group(name)
+    size = part["maps"].shape[1]
+    attrs = {k: v for k, v in part.attrs.items() if k != "tolerance"}
+    g.attrs["tolerance"] = float(part.attrs.get("tolerance", np.nan))
+    for k in ("maps", "label_maps"):
+        d = g.create_dataset(k, (n, size, size), np.float16, chunks=(1, size, size), fillvalue=np.nan)
+        d.attrs.update(attrs)
+    g["maps"].attrs["stored_as"] = "map / scale: multiply each image's map by `scale` for the attribution"
+    for k, (dtype, fill) in _PER_IMAGE.items():
+        g.create_dataset(k, (n,), dtype, fillvalue=fill)
+    return g
+
+
+def _write_maps(g: h5py.Group, part: h5py.File, source: np.ndarray) -> None:
+    rows = np.searchsorted(source, part["index"][...])
+    for k in ("maps", "label_maps", *_PER_IMAGE):
+        if k in part:
+            for j, row in enumerate(rows):  # h5py writes scattered rows one at a time anyway
+                g[k][row] = part[k][j]
+
+
+def _write_unit_part(f: h5py.File, part: h5py.File) -> None:
+    a = read_attrs(part)
+    layer = f["layers"].get(a["layer"])
+    if layer is None:
+        return
+    maps = part["maps"]
+    if "unit_attribution" not in layer:
+        g = layer.create_group("unit_attribution")
+        shape = (int(layer.attrs["channels"]), *maps.shape[1:])
+        g.create_dataset("maps", shape, np.float16, chunks=(1, *maps.shape[1:]), fillvalue=np.nan)
+        g.attrs.update({"method": a["method"], "target": a["target"], "k": a["k"], "size": a["size"]})
+    layer["unit_attribution/maps"][a["first"]:a["end"]] = maps[...]
+
+
+def _write_check(f: h5py.File, name: str, part: h5py.File, source: np.ndarray) -> None:
+    checks = f.require_group("checks")
+    if "images" not in checks:
+        checks["images"] = np.searchsorted(source, part["images"][...])
+        from atlas.attribution import checks as sanity
+        checks.attrs["caveats"] = json.dumps(sanity.CAVEATS)
+        checks.attrs["threshold"] = sanity.THRESHOLD
+    g = checks.create_group(name)
+    nested = json.loads(part.attrs.get("nested_attrs", "{}"))
+
+    def copy(path: str, obj) -> None:
+        if isinstance(obj, h5py.Dataset) and path != "images":
+            if path == "fractions":
+                if "fractions" not in checks:
+                    checks["fractions"] = obj[...]
+            else:
+                g[path] = obj[...]
+    part.visititems(copy)
+    for path, attrs in nested.items():
+        target = g if path in ("", ".") else g.require_group(path) if path not in g else g[path]
+        for k, v in attrs.items():
+            target.attrs[k] = json.dumps(v) if isinstance(v, (list, dict)) else v

@@ -1,0 +1,126 @@
+"""Maps of every dataset image: each method, for the top-1 class and for the true class.
+
+Used by the attribution stage; a work unit is one method on one dataset unit.
+The SmoothGrad variants share their noisy gradients, so pending units of the
+three are computed together.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from atlas.attribution.base import Attribution
+from atlas.attribution.gradients import SmoothGrad
+
+STAGE = "attribution"
+
+
+def run_maps(ctx, images, todo: list[tuple[str, str]], make_method) -> None:
+    """Computes and writes the units `<method>/<dataset unit>` in `todo` (data-unit major).
+
+    Args:
+        make_method: `make_method(ctx, name, images)` builds a configured method.
+    """
+    if not todo:
+        return
+    sizes = {key: part["index"].shape[0] for key, part in ctx.store.units("dataset")}
+    methods: dict[str, Attribution] = {}
+    with ctx.bar(sum(sizes[d] for _, d in todo), "attribution", "img") as bar:
+        for data_key, names in _groups(todo):
+            bar.set_postfix_str(", ".join(names))
+            for name in names:
+                if name not in methods:
+                    methods[name] = make_method(ctx, name, images)
+            with ctx.store.read_unit("dataset", data_key) as part:
+                index = part["index"][...]
+            group = {name: methods[name] for name in names}
+            for name, arrays in _maps_of(ctx, group, images, index, bar).items():
+                ctx.store.write_unit(STAGE, f"{name}/{data_key}", arrays, {
+                    **methods[name].params, "target_rule": "top-1 prediction; label_maps: the true class",
+                    "reduction": "sum over colour channels", "tolerance": ctx.config.attr_tolerance})
+
+
+def _groups(todo: list[tuple[str, str]]) -> list[tuple[str, list[str]]]:
+    """(data unit, methods computed together): the SmoothGrad variants of a unit form one group."""
+    out: list[tuple[str, list[str]]] = []
+    smooth = set(SmoothGrad.VARIANTS.values())
+    for name, data_key in todo:
+        last = out[-1] if out else None
+        if last and last[0] == data_key and name in smooth and set(last[1]) <= smooth:
+            last[1].append(name)
+        else:
+            out.append((data_key, [name]))
+    return out
+
+
+def _explain(ctx, group: dict[str, Attribution], images, index: np.ndarray, target: np.ndarray) -> dict:
+    """name -> (maps [n, S, S] summed over colour, completeness [n], steps [n])."""
+    x, t = images.inputs(index), torch.as_tensor(target, device=ctx.device)
+    first = next(iter(group.values()))
+    if hasattr(first, "seed"):  # random draws are seeded by the image, not by its place in a batch
+        parts = []
+        for i in range(len(index)):
+            for method in group.values():
+                method.seed = ctx.config.seed + int(index[i])
+            parts.append(_explain_rows(group, x[i:i + 1], t[i:i + 1]))
+        return {name: tuple(np.concatenate([p[name][j] for p in parts]) for j in range(3)) for name in group}
+    return _explain_rows(group, x, t)
+
+
+def _explain_rows(group: dict[str, Attribution], x: torch.Tensor, t: torch.Tensor) -> dict:
+    n = x.shape[0]
+    if len(group) > 1:  # SmoothGrad variants from one set of noisy gradients
+        found = next(iter(group.values())).all_variants(x, t)
+        results = {name: (found[name], {}) for name in group}
+    else:
+        results = {name: (e.maps, e.info) for name, m in group.items() for e in [m.explain(x, t)]}
+    out = {}
+    for name, (maps, info) in results.items():
+        completeness = info.get("completeness", torch.full((n,), float("nan")))
+        steps = info.get("steps", torch.zeros(n))
+        out[name] = (maps.sum(1).float().cpu().numpy(), completeness.float().cpu().numpy(),
+                     steps.cpu().numpy().astype(np.int32))
+    return out
+
+
+def _maps_of(ctx, group: dict[str, Attribution], images, index: np.ndarray, bar) -> dict[str, dict]:
+    n, size = len(index), ctx.loaded.input_size
+    target = np.array([images.top1[int(i)] for i in index], np.int64)
+    label = np.array([images.labels[int(i)] for i in index], np.int64)
+    out = {name: {"maps": np.zeros((n, size, size), np.float32),
+                  "label_maps": np.full((n, size, size), np.nan, np.float32),
+                  "completeness": np.full(n, np.nan, np.float32), "steps": np.zeros(n, np.int32)}
+           for name in group}
+    score = np.zeros(n, np.float32)
+    batch = ctx.config.attr_batch
+    for a in range(0, n, batch):
+        rows = slice(a, min(n, a + batch))
+        for name, (maps, completeness, steps) in _explain(ctx, group, images, index[rows], target[rows]).items():
+            out[name]["maps"][rows], out[name]["completeness"][rows], out[name]["steps"][rows] = \
+                maps, completeness, steps
+        with torch.no_grad():
+            logits = ctx.loaded.model(images.inputs(index[rows])).float()
+        picked = logits.gather(1, torch.as_tensor(target[rows], device=ctx.device)[:, None])[:, 0]
+        score[rows] = picked.cpu().numpy()
+        bar.update(rows.stop - rows.start)
+    same = label == target
+    other = np.nonzero((label >= 0) & ~same)[0]
+    for arrays in out.values():
+        arrays["label_maps"][same] = arrays["maps"][same]
+    for a in range(0, other.size, batch):
+        rows = other[a:a + batch]
+        for name, (maps, _, _) in _explain(ctx, group, images, index[rows], label[rows]).items():
+            out[name]["label_maps"][rows] = maps
+    common = {"index": index, "target": target, "score": score, "label_target": label}
+    return {name: {**common, "completeness": a["completeness"], "steps": a["steps"],
+                   **_scaled("maps", a["maps"]), **_scaled("label_maps", a["label_maps"])}
+            for name, a in out.items()}
+
+
+def _scaled(name: str, maps: np.ndarray) -> dict[str, np.ndarray]:
+    """float16 maps divided by their largest |value| per image, and that scale: no map underflows."""
+    flat = np.abs(np.nan_to_num(maps.reshape(len(maps), -1)))
+    scale = flat.max(1) if flat.size else np.zeros(len(maps), np.float32)
+    scale = np.where(scale > 0, scale, 1).astype(np.float32)
+    return {name: (maps / scale[:, None, None]).astype(np.float16), f"{name.removesuffix('maps')}scale": scale}

@@ -1,0 +1,265 @@
+"""The page model of attributions: method families, badges, the checks page, settings.
+
+Which methods are path methods is read from the store (a finite
+`completeness`), not from their names; which maps are unsigned, and the
+families the image page groups methods in, come from the tables below.
+Every href is relative to the page it appears on.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+
+from atlas import site_images as img
+from atlas.site_data import Model, pretty_json, slug
+
+FAMILIES = (  # how the image and checks pages group methods, in display order
+    ("Gradients", ("gradient", "gradient_x_input")),
+    ("SmoothGrad family", ("smoothgrad", "smoothgrad_sq", "vargrad")),
+    ("Guided", ("guided_backprop", "guided_grad_cam")),
+    ("CAM", ("grad_cam",)),
+    ("Path methods", ("integrated_gradients", "ig_max_distance", "ig_blurred", "ig_uniform", "ig_gaussian",
+                      "expected_gradients")),
+    ("Perturbation", ("occlusion", "extremal_perturbation")),
+)
+UNSIGNED = frozenset({"grad_cam", "occlusion", "extremal_perturbation", "smoothgrad_sq", "vargrad"})
+WARN_FACTOR = 5  # a completeness error up to this many tolerances is amber, beyond it red
+SIMILARITY = (("spearman_abs", "Spearman |·|", "l-sa"), ("spearman", "Spearman", "l-s"), ("ssim", "SSIM", "l-ssim"))
+VERDICTS = {"pass": ("ok", "passes randomization"), "fail": ("bad", "insensitive to weights")}
+LOGIT_VERDICTS = {"pass": ("ok", "depends on the class"), "fail": ("bad", "ignores the class")}
+RUN = "atlas attribute"  # the command that computes attributions and checks
+
+
+def families(methods: list[str]) -> list[tuple[str, list[str]]]:
+    """Methods grouped by family, in display order; methods of no known family last, as "Other"."""
+    known = {m for _, members in FAMILIES for m in members}
+    out = [(label, [m for m in members if m in methods]) for label, members in FAMILIES]
+    out.append(("Other", sorted(m for m in methods if m not in known)))
+    return [(label, members) for label, members in out if members]
+
+
+def ordered(methods: list[str]) -> list[str]:
+    """Methods in display order."""
+    return [m for _, members in families(methods) for m in members]
+
+
+def is_signed(method: str, params: dict | None = None) -> bool:
+    """Whether a method's maps take both signs: the maps' `signed` attribute if any, else by name."""
+    if params and "signed" in params:
+        return bool(params["signed"])
+    return method not in UNSIGNED
+
+
+def _percent(x: float) -> str:
+    return f"{x * 100:.2g} %"
+
+
+def completeness_badge(info: dict, i: int) -> dict | None:
+    """A path method's completeness on image i: ok (within tolerance), warn or bad; None for other methods."""
+    values = info.get("completeness")
+    if values is None or not math.isfinite(float(values[i])):
+        return None
+    error = float(values[i])
+    tolerance = info["attrs"].get("tolerance")
+    steps = info.get("steps")
+    title = (f"relative completeness error |sum of the map − (f(x) − f(baseline))| / |f(x) − f(baseline)| "
+             f"= {_percent(error)}")
+    if tolerance is None:
+        state = "info"
+    else:
+        tolerance = float(tolerance)
+        title += f"; tolerance {_percent(tolerance)}"
+        state = "ok" if error <= tolerance else "warn" if error <= WARN_FACTOR * tolerance else "bad"
+    if steps is not None and int(steps[i]) > 0:
+        title += f"; {int(steps[i])} path steps"
+    return {"state": state, "text": f"completeness {_percent(error)}", "title": title}
+
+
+def randomization(checks: dict | None, method: str) -> dict | None:
+    """The randomization verdict of a method: state, text, score, threshold; None if not checked."""
+    group = ((checks or {}).get("methods", {}).get(method) or {}).get("randomization")
+    if not group:
+        return None
+    a = group["attrs"]
+    verdict = str(a.get("verdict", ""))
+    state, text = VERDICTS.get(verdict, ("info", f"randomization: {verdict or 'no verdict'}"))
+    return {"state": state, "text": text, "verdict": verdict, "score": a.get("score"),
+            "threshold": a.get("threshold", checks.get("threshold"))}
+
+
+def verdict_badge(checks: dict | None, method: str, href: str) -> dict | None:
+    """The small randomization badge of an image page, linking to the method on the checks page."""
+    r = randomization(checks, method)
+    if r is None:
+        return None
+    title = f"cascading randomization score {float(r['score']):.3g}" if r["score"] is not None else ""
+    if r["threshold"] is not None and title:
+        title += f" (insensitive above {float(r['threshold']):.3g})"
+    return {"state": r["state"], "text": r["text"], "title": title, "href": f"{href}#{slug(method)}"}
+
+
+def _short(text: str, n: int = 16) -> str:
+    return text if len(text) <= n else text[:n - 1] + "…"
+
+
+def group_labels(groups: object, count: int) -> list[str]:
+    """A label per randomized parameter group (top first) from the `groups` attribute."""
+    labels = []
+    for g in groups if isinstance(groups, list) else []:
+        if isinstance(g, list):
+            labels.append(str(g[0]) + (f" +{len(g) - 1}" if len(g) > 1 else "") if g else "?")
+        else:
+            labels.append(str(g))
+    labels += [f"group {k + 1}" for k in range(len(labels), count)]
+    return labels[:count]
+
+
+def _mean(values: object, axis: int | None = None) -> np.ndarray | float | None:
+    """The mean over images, ignoring NaN (an image a check could not score); NaN if none is left."""
+    if values is None:
+        return None
+    values = np.asarray(values, np.float64)
+    if axis is not None and values.ndim <= 1:
+        return values  # already one value per step or point
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN slices: NaN, shown as a dash
+        out = np.nanmean(values, axis=axis) if values.size else np.nan
+    return out if axis is not None else float(out)
+
+
+def _randomization_plots(group: dict, threshold: object) -> dict:
+    """Similarity per cascading and independent step, averaged over the checked images."""
+    plots = {}
+    labels = None
+    for kind in ("cascading", "independent"):
+        scores = group.get(kind) or {}
+        present = [(label, cls, _mean(scores[key], axis=1)) for key, label, cls in SIMILARITY if key in scores]
+        if not present:
+            continue
+        count = len(present[0][2])
+        labels = group_labels(group["attrs"].get("groups"), count)
+        plots[kind] = img.line_plot(present, np.arange(count), (0.0, 1.0), [_short(t) for t in labels],
+                                    float(threshold) if threshold is not None else None)
+    return {"plots": plots, "groups": labels or []}
+
+
+def _curve_plot(method: dict, random: dict | None, kind: str, fractions: np.ndarray | None) -> dict | None:
+    """A deletion or insertion plot: the method's mean and blur curves against the random control's."""
+    own = method.get(kind)
+    if not own:
+        return None
+    series = []
+    for source, prefix, tag in ((own, "", ""), ((random or {}).get(kind) or {}, "random, ", "r")):
+        for fill in ("mean", "blur"):
+            if fill in source:
+                series.append((f"{prefix}{fill} fill", f"l-{tag}{fill}", _mean(source[fill], axis=0)))
+    if not series:
+        return None
+    count = len(series[0][2])
+    xs = fractions if fractions is not None and len(fractions) == count else np.linspace(0, 1, count)
+    control = (random or {}).get(kind) or {}
+    return {"plot": img.line_plot(series, xs, (0.0, 1.0)),
+            "auc": {fill: own["attrs"].get(f"auc_{fill}") for fill in ("mean", "blur")},
+            "random": {fill: control.get("attrs", {}).get(f"auc_{fill}") for fill in ("mean", "blur")}}
+
+
+def _class_names(model: Model, targets: object) -> list[str]:
+    names = model.classes
+    return [names[t] if 0 <= t < len(names) else f"class {t}" for t in np.asarray(targets, np.int64).tolist()]
+
+
+def method_checks(model: Model, checks: dict, method: str) -> dict:
+    """Everything the checks page shows of one method."""
+    data = checks["methods"].get(method) or {}
+    random = checks.get("random")
+    out: dict = {"name": method, "id": slug(method), "verdict": randomization(checks, method)}
+    group = data.get("randomization")
+    out["randomization"] = _randomization_plots(group, out["verdict"]["threshold"]) if group else None
+    logit = data.get("random_logit")
+    out["random_logit"] = None
+    if logit:
+        verdict = str(logit["attrs"].get("verdict", ""))
+        state, text = LOGIT_VERDICTS.get(verdict, ("info", verdict or "no verdict"))
+        out["random_logit"] = {"state": state, "text": text, "verdict": verdict, "score": logit["attrs"].get("score"),
+                               "means": [(label, _mean(logit[k])) for k, label, _ in SIMILARITY if k in logit],
+                               "targets": list(dict.fromkeys(_class_names(model, logit["target"])))
+                               if "target" in logit else []}
+    for kind in ("deletion", "insertion"):
+        out[kind] = _curve_plot(data, random, kind, checks["fractions"])
+    drop = (data.get("mass_centre") or {}).get("drop")
+    control = ((random or {}).get("mass_centre") or {}).get("drop")
+    out["mass_centre"] = {"drop": _mean(drop), "random": _mean(control)} if drop is not None else None
+    return out
+
+
+def checks_context(model: Model, checks: dict | None, dataset: dict | None, crumbs: list[dict]) -> dict:
+    """The checks page: a summary table of every method, then each method's scores and plots."""
+    base = {"title": f"Sanity checks · {model.name}", "crumbs": crumbs, "run": RUN, "checks": checks is not None}
+    if checks is None:
+        return base | {"families": [], "images": [], "caveats": {}, "attrs": []}
+    names = ordered(list(checks["methods"]))
+    methods = {m: method_checks(model, checks, m) for m in names}
+    images = []
+    for i in checks["images"].tolist():
+        known = dataset is not None and 0 <= i < len(dataset["paths"])
+        top = int(dataset["top5"][i][0]) if known and len(dataset["top5"][i]) else -1
+        images.append({"index": i, "known": known, "path": dataset["paths"][i] if known else "",
+                       "top1": _class_names(model, [top])[0] if top >= 0 else None})
+    attrs = [(k, v) for k, v in sorted(checks["attrs"].items()) if k != "caveats"]
+    random = checks.get("random") or {}
+    control = {kind: {fill: ((random.get(kind) or {}).get("attrs") or {}).get(f"auc_{fill}")
+                      for fill in ("mean", "blur")} for kind in ("deletion", "insertion")}
+    control["mass_centre"] = _mean((random.get("mass_centre") or {}).get("drop"))
+    return base | {"families": [(label, [methods[m] for m in members]) for label, members in families(names)],
+                   "images": images, "caveats": checks["caveats"], "attrs": attrs, "control": control,
+                   "fractions": len(checks["fractions"]) if checks["fractions"] is not None else None,
+                   "has_random": bool(random)}
+
+
+RESULTS = frozenset({"verdict", "score", "auc_mean", "auc_blur"})  # attributes that are results, not settings
+
+
+def _check_settings(data: dict) -> dict:
+    """The attributes of one method's check groups that are settings (groups, threshold, ...), by check."""
+    out = {}
+    for kind, group in data.items():
+        if isinstance(group, dict):
+            params = {k: v for k, v in group.get("attrs", {}).items() if k not in RESULTS}
+            if params:
+                out[kind] = params
+    return out
+
+
+def settings(checks: dict | None, dataset: dict | None, unit_params: list[tuple[str, dict]]) -> dict:
+    """The about page's attribution, unit-attribution and check settings."""
+    methods = []
+    if dataset is not None:
+        for m in ordered(list(dataset["attribution"])):
+            info = dataset["attribution"][m]
+            methods.append({"name": m, "params": pretty_json(info["params"]),
+                            "group": pretty_json(info["attrs"]) if info["attrs"] else None})
+    shown = None
+    if checks is not None:
+        per_method = {m: _check_settings(data) for m, data in checks["methods"].items()}
+        per_method = {m: v for m, v in per_method.items() if v}
+        if len({pretty_json(v) for v in per_method.values()}) == 1:  # the usual case: the same for every method
+            per_method = {"every method": next(iter(per_method.values()))}
+        shared = {k: v for k, v in checks["attrs"].items() if k != "caveats"}
+        shared["images"] = ", ".join(map(str, checks["images"].tolist()))  # dataset rows, one line
+        fractions = checks["fractions"]
+        if fractions is not None and len(fractions):
+            shared["fractions"] = f"{len(fractions)} points from {float(fractions[0]):.3g} to {float(fractions[-1]):.3g}"
+        control = _check_settings(checks.get("random") or {})
+        if control:
+            per_method["random control"] = control
+        shown = {"shared": pretty_json(shared), "caveats": checks["caveats"],
+                 "per_method": pretty_json(per_method) if per_method else None}
+    by_text: dict[str, list[str]] = {}
+    for layer, params in unit_params:
+        by_text.setdefault(pretty_json(params), []).append(layer)
+    units = [("every layer with dataset examples" if len(by_text) == 1 else ", ".join(layers), text)
+             for text, layers in by_text.items()]
+    return {"methods": methods, "checks": shown, "units": units}
