@@ -105,8 +105,12 @@ def _short(text: str, n: int = 16) -> str:
     return text if len(text) <= n else text[:n - 1] + "…"
 
 
-def group_labels(groups: object, count: int) -> list[str]:
-    """A label per randomized parameter group (top first) from the `groups` attribute."""
+def group_labels(attrs: dict, count: int) -> list[str]:
+    """A label per randomized parameter group (top first): the `labels` attribute, else from `groups`."""
+    given = attrs.get("labels")
+    if isinstance(given, list) and len(given) == count:
+        return [str(label) for label in given]
+    groups = attrs.get("groups")
     labels = []
     for g in groups if isinstance(groups, list) else []:
         if isinstance(g, list):
@@ -140,7 +144,7 @@ def _randomization_plots(group: dict, threshold: object) -> dict:
         if not present:
             continue
         count = len(present[0][2])
-        labels = group_labels(group["attrs"].get("groups"), count)
+        labels = group_labels(group["attrs"], count)
         plots[kind] = img.line_plot(present, np.arange(count), (0.0, 1.0), [_short(t) for t in labels],
                                     float(threshold) if threshold is not None else None)
     return {"plots": plots, "groups": labels or []}

@@ -285,13 +285,21 @@ def label_methods(dataset: dict, methods: list[str], i: int, label_maps: dict) -
     return out
 
 
+def _unscaled(value: float | None, factors: np.ndarray | None, i: int) -> float | None:
+    """A value read off a stored map, in attribution units: stores may keep maps divided by a per-image scale."""
+    if value is None or factors is None or not np.isfinite(factors[i]):
+        return value
+    return value * float(factors[i])
+
+
 def _map_item(dataset: dict, checks: dict | None, i: int, column: int, method: str, sprite: dict) -> dict:
     """One method's cell of an image page: where its maps lie in the sprite, scales, badges."""
     info = dataset["attribution"][method]
     columns, rows = len(sprite["scales"][0]), sprite["rows"]
     at = lambda r: f"{img.tile_position(column, columns)} {img.tile_position(r, rows)},0 0,0 0,0 0"  # noqa: E731
-    label_scale = sprite["scales"][1][column] if rows > 1 else None
-    return {"method": method, "parts": method.split("_"), "at": at(0), "scale": sprite["scales"][0][column],
+    label_scale = _unscaled(sprite["scales"][1][column] if rows > 1 else None, info["label_scale"], i)
+    return {"method": method, "parts": method.split("_"), "at": at(0),
+            "scale": _unscaled(sprite["scales"][0][column], info["scale"], i),
             "signed": site_checks.is_signed(method, info["params"]),
             "label_at": at(1) if label_scale is not None else None, "label_scale": label_scale,
             "score": info["score"][i] if info["score"] is not None else None,

@@ -367,18 +367,26 @@ def _write_attribution(f: h5py.File, method: str, n: int, size: int, incomplete:
     labels = f["dataset/labels"][()]
     maps = g.create_dataset("maps", shape=(n, size, size), dtype=np.float16)
     label_maps = g.create_dataset("label_maps", shape=(n, size, size), dtype=np.float16)
+    scale, label_scale = np.empty(n, np.float32), np.empty(n, np.float32)
     for start in range(0, n, 64):
         m = min(64, n - start)
-        top, other = _blobs(m, size, rng), _blobs(m, size, rng)
+        factor = rng.lognormal(-6, 1, (m, 1, 1)).astype(np.float32)  # attributions are small numbers
+        top, other = _blobs(m, size, rng) * factor, _blobs(m, size, rng) * factor
         if method in UNSIGNED:
             top, other = np.abs(top), np.abs(other)
         label = labels[start:start + m]
         other[label == target[start:start + m]] = top[label == target[start:start + m]]
         other[label < 0] = np.nan
-        maps[start:start + m] = top.astype(np.float16)
-        label_maps[start:start + m] = other.astype(np.float16)
+        # as the attribution stage stores them: each map divided by its largest |value|, so float16 keeps it
+        for name, values, out in (("maps", top, scale), ("label_maps", other, label_scale)):
+            peak = np.abs(values).max(axis=(1, 2))
+            out[start:start + m] = peak
+            g[name][start:start + m] = (values / peak[:, None, None]).astype(np.float16)
     maps.attrs.update({"method": method, "target_rule": "top-1 prediction", "reduction": "sum over colour",
+                       "stored_as": "map / scale: multiply each image's map by `scale` for the attribution",
                        **_PARAMS.get(method, {})})
+    g.create_dataset("scale", data=scale)
+    g.create_dataset("label_scale", data=label_scale)
     g.create_dataset("target", data=target.astype(np.int64))
     g.create_dataset("score", data=rng.gamma(3.0, 2.0, n).astype(np.float32))
     g.create_dataset("label_target", data=labels.astype(np.int64))
@@ -488,14 +496,16 @@ def _write_checks(f: h5py.File, methods: list[str], settings: dict[str, int], in
             for key, value in _similarity(np.broadcast_to(level, (len(groups), n)), rng).items():
                 sub.create_dataset(key, data=value)
         score = float(r["cascading/spearman_abs"][:2].mean())
-        r.attrs.update({"groups": json.dumps(groups), "verdict": "fail" if score > threshold else "pass",
-                        "score": score, "threshold": threshold})
+        labels = [names[0] if len(names) == 1 else f"{names[0]} .. {names[-1]}" for names in groups]
+        r.attrs.update({"groups": json.dumps(groups), "labels": json.dumps(labels),
+                        "verdict": "fail" if score > threshold else "pass", "score": score, "threshold": threshold})
         logit = g.create_group("random_logit")
         for key, value in _similarity(np.full(n, 0.85 if bad else 0.3), rng).items():
             logit.create_dataset(key, data=value)
         top1 = f["dataset/top5"][:, 0][rows]
         logit.create_dataset("target", data=((top1 + rng.integers(1, max(n_classes, 2), n)) % n_classes))
         score = float(logit["spearman_abs"][()].mean())
-        logit.attrs.update({"verdict": "fail" if score > threshold else "pass", "score": score})
+        logit.attrs.update({"verdict": "fail" if score > threshold else "pass", "score": score,
+                            "threshold": threshold})
         _curves(g, fractions, n, 3.0 if bad else 8.0, 0.2 if bad else 0.45, rng)
     _curves(c.create_group("random"), fractions, n, 1.2, 0.12, rng)

@@ -177,8 +177,8 @@ def ablation_curves(model: nn.Module, inputs: torch.Tensor, target: torch.Tensor
 
 def mass_centres(maps: torch.Tensor | np.ndarray) -> np.ndarray:
     """Centre of mass (row, column) of |map| for each map, [n, 2]; the image centre for an all-zero map."""
-    m = np.abs(np.asarray(maps, np.float64))
-    m = m.sum(1) if m.ndim == 4 else m
+    m = maps.detach().cpu().double().numpy() if isinstance(maps, torch.Tensor) else np.asarray(maps, np.float64)
+    m = np.abs(m.sum(1) if m.ndim == 4 else m)
     rows, cols = np.arange(m.shape[1], dtype=np.float64), np.arange(m.shape[2], dtype=np.float64)
     total = m.sum((1, 2))
     safe = np.where(total > 0, total, 1.0)

@@ -88,6 +88,7 @@ def _split(names: list[str], parts: int) -> list[list[str]]:
 
 
 def _forward_order(model: nn.Module, example: torch.Tensor) -> list[str]:
+    """Names of the modules owning parameters, in the order of their first call on `example`."""
     owners = {m: name for name, m in model.named_modules() if any(True for _ in m.parameters(recurse=False))}
     order: dict[str, None] = {}  # insertion-ordered: first calls only
     handles = [m.register_forward_pre_hook(lambda m, args: order.setdefault(owners[m])) for m in owners]
@@ -112,9 +113,9 @@ def randomized(model: nn.Module, groups: Iterable[Group], seed: int = 0) -> nn.M
     whichever other groups are randomized with it. Parameters of a module
     without `reset_parameters` are re-drawn from a zero-mean normal with their
     own standard deviation (constant ones, e.g. a layer scale of ones, stay).
-    Buffers such as BatchNorm running statistics are left as they are, as in
-    Adebayo et al. (only learned weights are randomized); the copy keeps the
-    model's mode (eval).
+    BatchNorm's reset sets its scale to 1 and shift to 0, its initial values.
+    Buffers such as BatchNorm running statistics are left as they are: only
+    learned parameters are re-initialized. The copy keeps the model's mode (eval).
 
     Args:
         model: the classifier; it is not modified.
@@ -208,7 +209,7 @@ def verdict(result: Result, threshold: float = THRESHOLD) -> tuple[str, float]:
 
     Args:
         result: the output of `randomization`.
-        threshold: the highest score that passes is just below it.
+        threshold: scores below it pass.
 
     Returns:
         ("pass" if score < threshold else "fail", score).

@@ -1,0 +1,141 @@
+"""The attribution stage end to end on the tiny model: maps, true-label maps, unit attributions, checks."""
+
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from atlas import pipeline
+from atlas.attribution.base import InputSpace
+from atlas.attribution.gradients import SmoothGrad
+from atlas.config import preset
+from atlas.layers import Capture
+from test_pipeline import make_images
+
+METHODS = ("gradient", "smoothgrad", "smoothgrad_sq", "vargrad", "integrated_gradients", "grad_cam")
+
+
+def config(tmp_path: Path, data: Path, **kw):
+    settings = dict(model="atlas:tiny_convnet", data=str(data), store_dir=tmp_path / "store",
+                    site_dir=tmp_path / "site", workers=0, topk=3, device="cpu", attr_methods=METHODS,
+                    attr_steps=8, attr_samples=6, attr_check_images=2, attr_check_groups=3,
+                    attr_check_points=5, attr_unit_topk=2, attr_unit_size=8, data_unit=8)
+    return preset("quick").replace(**{**settings, **kw})
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stage")
+    cfg = config(root, make_images(root / "images", n=10))
+    ctx = pipeline.prepare(cfg, progress=False)
+    return ctx, pipeline.run_stages(ctx, ("dataset", "attribution"))
+
+
+def maps_of(g: h5py.Group, key: str = "maps") -> np.ndarray:
+    scale = g["scale" if key == "maps" else "label_scale"][...]
+    return g[key][...].astype(np.float32) * scale[:, None, None]
+
+
+def test_every_method_has_a_map_per_image(built):
+    _, path = built
+    with h5py.File(path) as f:
+        n, size = f["dataset/images"].shape[:2]
+        top1 = f["dataset/top5"][:, 0]
+        for name in METHODS:
+            g = f[f"attribution/{name}"]
+            assert g["maps"].shape == (n, size, size)
+            np.testing.assert_array_equal(g["target"][...], top1)
+            assert np.isfinite(maps_of(g)).all() and np.abs(maps_of(g)).max() > 0
+            path_method = name == "integrated_gradients"
+            assert np.isfinite(g["completeness"][...]).all() == path_method
+            assert (g["steps"][...] >= 8).all() == path_method
+        ig = f["attribution/integrated_gradients"]
+        failures = int((ig["completeness"][...] > 0.01).sum())
+        assert ig.attrs["completeness_failures"] == failures
+        assert ig["maps"].attrs["baseline"] == "black" and ig["maps"].attrs["rule"] == "gauss_legendre"
+
+
+def test_label_maps_explain_the_true_class(built):
+    ctx, path = built
+    with h5py.File(path) as f:
+        labels, top1 = f["dataset/labels"][...], f["dataset/top5"][:, 0]
+        g = f["attribution/gradient"]
+        label_maps, maps = maps_of(g, "label_maps"), maps_of(g)
+        np.testing.assert_array_equal(g["label_target"][...], labels)
+        assert np.isnan(label_maps[labels < 0]).all()
+        same, other = (labels == top1), (labels >= 0) & (labels != top1)
+        assert same.any() or other.any()
+        np.testing.assert_allclose(label_maps[same], maps[same])
+        x = ctx.loaded.preprocess.from_uint8(f["dataset/images"][...]).requires_grad_(True)
+        ctx.loaded.model(x).gather(1, torch.from_numpy(np.maximum(labels, 0))[:, None]).sum().backward()
+        expected = x.grad.sum(1).numpy()
+        for i in np.nonzero(other)[0]:
+            np.testing.assert_allclose(label_maps[i], expected[i], atol=2e-3 * np.abs(expected[i]).max())
+
+
+def test_smoothgrad_variants_share_their_noise_and_match_the_method(built):
+    ctx, path = built
+    cfg = ctx.config
+    with h5py.File(path) as f:
+        x = ctx.loaded.preprocess.from_uint8(f["dataset/images"][:2])
+        source, top1 = f["dataset/source_index"][:2], f["dataset/top5"][:2, 0]
+        for variant, name in SmoothGrad.VARIANTS.items():
+            stored = maps_of(f[f"attribution/{name}"])[:2]
+            for i in range(2):
+                method = SmoothGrad(ctx.loaded.model, InputSpace.of(ctx.loaded.preprocess), samples=cfg.attr_samples,
+                                    noise=cfg.attr_noise, variant=variant, seed=cfg.seed + int(source[i]))
+                expected = method.attribute(x[i:i + 1], int(top1[i])).sum(1)[0].numpy()
+                np.testing.assert_allclose(stored[i], expected, atol=2e-3 * np.abs(expected).max())
+
+
+def test_unit_attribution_is_gradient_x_input_of_the_channel_peak(built):
+    ctx, path = built
+    with h5py.File(path) as f:
+        layer = "conv2"
+        g = f[f"layers/{layer}"]
+        maps = g["unit_attribution/maps"]
+        assert maps.shape == (g.attrs["channels"], 2, 8, 8)
+        assert g["unit_attribution"].attrs["method"] == "gradient_x_input"
+        channel = 5
+        row, (x0, y0, x1, y1) = g["topk/index"][channel, 0], g["topk/box"][channel, 0]
+        x = ctx.loaded.preprocess.from_uint8(f["dataset/images"][row:row + 1]).requires_grad_(True)
+        with Capture(ctx.loaded.model, [layer], fn=lambda a: a, stop=True) as cap:
+            cap.run(x)[layer][0, channel].amax().backward()
+        full = (x.grad * x).sum(1, keepdim=True).detach()[:, :, y0:y1, x0:x1]
+        mode = "area" if full.shape[-1] >= 8 else "bilinear"
+        expected = F.interpolate(full, size=(8, 8), mode=mode)[0, 0].numpy()
+        np.testing.assert_allclose(maps[channel, 0].astype(np.float32), expected,
+                                   atol=2e-3 * np.abs(expected).max() + 1e-6)
+
+
+def test_checks_hold_every_method_and_the_control(built):
+    _, path = built
+    with h5py.File(path) as f:
+        checks = f["checks"]
+        rows = checks["images"][...]
+        assert rows.shape == (2,) and (rows < f["dataset/images"].shape[0]).all()
+        assert checks["fractions"].shape == (5,)
+        for name in METHODS:
+            g = checks[name]
+            assert g["randomization"].attrs["verdict"] in ("pass", "fail")
+            assert g["randomization/cascading/spearman_abs"].shape == (3, 2)
+            assert g["random_logit/target"].shape == (2,)
+            assert g["deletion/mean"].shape == (2, 5)
+        assert checks["random/deletion/blur"].shape == (2, 5)
+
+
+def test_adding_a_method_computes_only_that_method(tmp_path):
+    data = make_images(tmp_path / "images", n=6)
+    cfg = config(tmp_path, data, attr_methods=("gradient",), attr_check_images=0, attr_unit_topk=0)
+    ctx = pipeline.prepare(cfg, progress=False)
+    pipeline.run_stages(ctx, ("dataset", "attribution"))
+    parts = sorted((tmp_path / "store").glob("*.parts/attribution/*.h5"))
+    before = {p: p.stat().st_mtime_ns for p in parts}
+    ctx = pipeline.prepare(cfg.replace(attr_methods=("gradient", "gradient_x_input")), progress=False)
+    path = pipeline.run_stages(ctx, ("dataset", "attribution"))
+    assert all(p.stat().st_mtime_ns == t for p, t in before.items())
+    with h5py.File(path) as f:
+        assert set(f["attribution"]) == {"gradient", "gradient_x_input"}
