@@ -266,4 +266,5 @@ def settings(checks: dict | None, dataset: dict | None, unit_params: list[tuple[
         by_text.setdefault(pretty_json(params), []).append(layer)
     units = [("every layer with dataset examples" if len(by_text) == 1 else ", ".join(layers), text)
              for text, layers in by_text.items()]
-    return {"methods": methods, "checks": shown, "units": units}
+    skipped = sorted(dataset["skipped_methods"].items()) if dataset is not None else []
+    return {"methods": methods, "checks": shown, "units": units, "skipped": skipped}

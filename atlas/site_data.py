@@ -161,7 +161,15 @@ def read_dataset(f: h5py.File) -> dict:
         if "skipped_paths" in d and "skipped_reasons" in d else [],
         "attrs": read_attrs(d["images"]),
         "attribution": {m: _attribution(g) for m, g in f.get("attribution", {}).items() if "maps" in g},
+        "skipped_methods": skipped_methods(f),
     }
+
+
+def skipped_methods(f: h5py.File) -> dict[str, str]:
+    """Methods that do not apply to the model, with the reason (attribute `skipped` of /attribution)."""
+    g = f.get("attribution")
+    skipped = read_attrs(g).get("skipped", {}) if isinstance(g, h5py.Group) else {}
+    return {str(k): str(v) for k, v in skipped.items()} if isinstance(skipped, dict) else {}
 
 
 def _attribution(g: h5py.Group) -> dict:

@@ -330,6 +330,7 @@ def image_context(model: Model, dataset: dict, checks: dict | None, i: int, meth
             "families": families, "sprite": sprite, "target": target, "label_target": label_target,
             "colorbar": img.colorbar_css(True), "colorbar_unsigned": img.colorbar_css(False),
             "methods_missing": not model.methods, "has_checks": checks is not None,
+            "skipped_methods": sorted(dataset["skipped_methods"].items()),
             "prev": {"href": f"{i - 1}.html", "label": f"image {i - 1}"} if i > 0 else None,
             "next": {"href": f"{i + 1}.html", "label": f"image {i + 1}"} if i + 1 < n else None,
             "crumbs": _crumbs(model, 1, ("images", image_index_name(i // IMAGES_PER_INDEX)[7:]),

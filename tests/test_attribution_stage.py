@@ -1,5 +1,6 @@
 """The attribution stage end to end on the tiny model: maps, true-label maps, unit attributions, checks."""
 
+import json
 from pathlib import Path
 
 import h5py
@@ -139,3 +140,18 @@ def test_adding_a_method_computes_only_that_method(tmp_path):
     assert all(p.stat().st_mtime_ns == t for p, t in before.items())
     with h5py.File(path) as f:
         assert set(f["attribution"]) == {"gradient", "gradient_x_input"}
+
+
+def test_a_method_that_does_not_apply_is_recorded_as_skipped(tmp_path):
+    """The colour probe has no ReLU: Guided Backprop is undefined for it, the other methods still run."""
+    data = make_images(tmp_path / "images", n=4)
+    cfg = config(tmp_path, data, model="atlas:color_probe", attr_methods=("gradient", "guided_backprop"),
+                 attr_check_images=1, attr_unit_topk=0)
+    ctx = pipeline.prepare(cfg, progress=False)
+    path = pipeline.run_stages(ctx, ("dataset", "attribution"))
+    with h5py.File(path) as f:
+        assert set(f["attribution"]) == {"gradient"}
+        skipped = json.loads(f["attribution"].attrs["skipped"])
+        assert "no ReLU" in skipped["guided_backprop"]
+        assert "guided_backprop" not in f["checks"] and "gradient" in f["checks"]
+    pipeline.run_stages(pipeline.prepare(cfg, progress=False), ("attribution",))  # resumes without retrying

@@ -467,6 +467,17 @@ def test_image_page_shows_every_method_in_one_sprite(site):
     assert (labels[1], labels[2]) != (-1, -1)  # the store has images with and without a second row
 
 
+def test_map_scales_are_in_attribution_units(site, tmp_path):
+    """Stores keep maps divided by a per-image `scale`; the page shows the scale of the attribution itself."""
+    root, _ = site
+    with h5py.File(_store(tmp_path), "r") as f:
+        stored, factor = f["attribution/gradient/maps"][0], f["attribution/gradient/scale"][0]
+    assert np.abs(stored).max() == pytest.approx(1, rel=1e-3) and factor < 0.1
+    _, scale = heatmap(stored)
+    badges = (root / "tiny" / "images" / "0.html").read_text()
+    assert f"<strong>gradient</strong> <span class=\"muted small\">±{scale * factor:.3g}</span>" in badges
+
+
 def test_true_label_row_names_the_class(site):
     root, _ = site
     page = (root / "tiny" / "images" / "1.html").read_text()
@@ -580,6 +591,17 @@ def test_older_store_without_the_new_datasets(tmp_path):
     assert "No checks in this store" in (model / "checks.html").read_text()
     assert "Unit attributions have not been computed" in (model / "conv1" / "0.html").read_text()
     crawl(tmp_path / "site" / "index.html")
+
+
+def test_skipped_methods_say_why(tmp_path):
+    store = _store(tmp_path, name="skipping", methods=("gradient",))
+    with h5py.File(store, "r+") as f:
+        f["attribution"].attrs["skipped"] = json.dumps({"guided_backprop": f"no ReLU to guide {XSS}"})
+    render(store, tmp_path / "site", progress=False)
+    model = tmp_path / "site" / "skipping"
+    for page in ("images/0.html", "about.html"):
+        text = (model / page).read_text()
+        assert "guided_backprop" in text and "no ReLU to guide &lt;script&gt;" in text and XSS not in text
 
 
 def test_partial_checks(tmp_path):

@@ -28,7 +28,11 @@ def consolidate(store: Store, f: h5py.File) -> None:
     units: dict[str, list[tuple[dict, h5py.File]]] = {}
     for key, part in store.units(STAGE):
         kind, _, rest = key.partition("/")
-        if kind == "checks":
+        if kind == "skipped":
+            skipped = json.loads(f.require_group("attribution").attrs.get("skipped", "{}"))
+            skipped[rest] = str(part.attrs["reason"])
+            f["attribution"].attrs["skipped"] = json.dumps(skipped)
+        elif kind == "checks":
             _write_check(f, rest, part, source)
         elif kind == "unit":
             _write_unit_part(f, part)

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from atlas.attribution.base import Attribution
 from atlas.attribution.gradients import SmoothGrad
+from atlas.errors import AtlasError
 
 STAGE = "attribution"
 
@@ -27,7 +29,9 @@ def run_maps(ctx, images, todo: list[tuple[str, str]], make_method) -> None:
     sizes = {key: part["index"].shape[0] for key, part in ctx.store.units("dataset")}
     methods: dict[str, Attribution] = {}
     with ctx.bar(sum(sizes[d] for _, d in todo), "attribution", "img") as bar:
-        for data_key, names in _groups(todo):
+        for data_key, names in _groups(list(todo)):
+            if not all((name, data_key) in todo for name in names):
+                continue  # skipped above
             bar.set_postfix_str(", ".join(names))
             for name in names:
                 if name not in methods:
@@ -35,10 +39,23 @@ def run_maps(ctx, images, todo: list[tuple[str, str]], make_method) -> None:
             with ctx.store.read_unit("dataset", data_key) as part:
                 index = part["index"][...]
             group = {name: methods[name] for name in names}
-            for name, arrays in _maps_of(ctx, group, images, index, bar).items():
+            try:
+                results = _maps_of(ctx, group, images, index, bar)
+            except AtlasError as exc:  # a method that does not apply to this model (no ReLU to guide, ...)
+                for name in names:
+                    skip(ctx, name, str(exc))
+                todo[:] = [(m, d) for m, d in todo if m not in names]
+                continue
+            for name, arrays in results.items():
                 ctx.store.write_unit(STAGE, f"{name}/{data_key}", arrays, {
                     **methods[name].params, "target_rule": "top-1 prediction; label_maps: the true class",
                     "reduction": "sum over colour channels", "tolerance": ctx.config.attr_tolerance})
+
+
+def skip(ctx, name: str, reason: str) -> None:
+    """Records that a method cannot run on this model, so the site can say why it is missing."""
+    tqdm.write(f"atlas: skipping {name}: {reason}")
+    ctx.store.write_unit(STAGE, f"skipped/{name}", {}, {"method": name, "reason": reason})
 
 
 def _groups(todo: list[tuple[str, str]]) -> list[tuple[str, list[str]]]:

@@ -69,6 +69,14 @@ DEFAULTS = {"samples": 50, "noise": 0.15, "steps": 50, "draws": 4, "tolerance": 
             "extremal_steps": 800, "occlusion_stride": 0.5, "seed": 0, "layer": None, "input_size": None}
 
 
+def check(name: str) -> None:
+    """Raises AtlasError naming the choices if no method is called `name`."""
+    if name not in METHODS:
+        close = difflib.get_close_matches(name, METHODS, n=2)
+        raise AtlasError(f"unknown attribution method {name!r}; choose from {', '.join(METHODS)}"
+                         + (f" (did you mean {close[0]}?)" if close else ""))
+
+
 def get(name: str, model: nn.Module, space: InputSpace | None = None, batch: int = 64,
         **settings) -> Attribution:
     """The method called `name`, bound to `model`.
@@ -83,10 +91,7 @@ def get(name: str, model: nn.Module, space: InputSpace | None = None, batch: int
     Returns:
         The configured method.
     """
-    if name not in METHODS:
-        close = difflib.get_close_matches(name, METHODS, n=2)
-        raise AtlasError(f"unknown attribution method {name!r}; choose from {', '.join(METHODS)}"
-                         + (f" (did you mean {close[0]}?)" if close else ""))
+    check(name)
     unknown = set(settings) - set(DEFAULTS)
     if unknown:
         raise ValueError(f"settings: unknown name(s) {', '.join(sorted(unknown))}")

@@ -5,7 +5,8 @@ photo), so no file is decoded twice. Work units, each written atomically:
 
   * `<method>/<dataset unit>`: one method's maps of one dataset unit's images,
     for the top-1 class and for the true class where the label is known;
-  * `unit/<layer>/<first>-<end>`: unit attributions of a range of channels;
+  * `unit/<layer>/<first channel>`: unit attributions of a range of channels;
+  * `skipped/<method>`: a method that does not apply to the model, and why;
   * `checks/<method>` and `checks/random`: the sanity checks of one method on
     the checked images, and the random-order control.
 """
@@ -21,7 +22,7 @@ from atlas.attribution.ablation import fractions
 from atlas.attribution.base import Attribution, InputSpace
 from atlas.attribution.consolidate import consolidate  # noqa: F401  (the stage's consolidation)
 from atlas.attribution.maps import run_maps
-from atlas.attribution.methods import get
+from atlas.attribution.methods import check, get
 from atlas.attribution.units import UnitAttribution, unit_maps
 from atlas.errors import AtlasError
 from atlas.store import Store
@@ -82,14 +83,15 @@ def run(ctx) -> None:
     if not data_units:
         raise AtlasError("attribution needs dataset images: run `atlas dataset` (or `atlas build`) first")
     for name in cfg.attr_methods:
-        make_method(ctx, name, None)  # an unknown name fails before any work
+        check(name)  # an unknown name fails before any work
     images = DatasetImages(ctx.store, ctx.loaded.preprocess, ctx.device)
-    run_maps(ctx, images, [(m, d) for d in data_units for m in cfg.attr_methods if f"{m}/{d}" not in done],
-             make_method)
+    run_maps(ctx, images, [(m, d) for d in data_units for m in cfg.attr_methods
+                           if f"{m}/{d}" not in done and f"skipped/{m}" not in done], make_method)
     if cfg.attr_unit_topk:
         _run_units(ctx, images, done)
+    skipped = {key.split("/", 1)[1] for key in ctx.store.done(STAGE) if key.startswith("skipped/")}
     if cfg.attr_check_images and len(images.order):
-        todo = [m for m in (*cfg.attr_methods, "random") if f"checks/{m}" not in done]
+        todo = [m for m in (*cfg.attr_methods, "random") if f"checks/{m}" not in done and m not in skipped]
         _run_checks(ctx, images, todo)
 
 

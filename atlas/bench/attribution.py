@@ -19,6 +19,7 @@ with a channels-last batch is printed too.
 from __future__ import annotations
 
 import time
+import warnings
 from typing import Callable
 
 import numpy as np
@@ -56,8 +57,8 @@ def timed(fn: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, float]:
 
 def rel_diff(ours: torch.Tensor, theirs: torch.Tensor) -> float:
     """Largest absolute difference relative to the largest absolute value of Captum's map."""
-    theirs = theirs.float().reshape(ours.shape)
-    return float((ours.float() - theirs).abs().max() / theirs.abs().max().clamp_min(1e-30))
+    ours, theirs = ours.detach().float(), theirs.detach().float().reshape(ours.shape)
+    return float((ours - theirs).abs().max() / theirs.abs().max().clamp_min(1e-30))
 
 
 class ReplayedSmoothGrad(SmoothGrad):
@@ -89,6 +90,7 @@ def run(model: str = "resnet50", weights: str = models.RANDOM, device: str = "cp
         chunk: int = 10) -> dict:
     """Times and compares both libraries; returns the ratios and the largest relative difference."""
     captum = import_captum()
+    warnings.filterwarnings("ignore", module=r"captum\.")  # its notes on hooks and requires_grad
     dev = resolve_device(device)
     loaded = models.load(model, weights).to(dev)
     net, space = loaded.model, InputSpace.of(loaded.preprocess)
