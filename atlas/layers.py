@@ -162,7 +162,8 @@ def discover(model: nn.Module, input_size: int, device: torch.device | str = "cp
     handles = [m.register_forward_hook(make_hook(n)) for n, m in model.named_modules() if n]
     try:
         with torch.no_grad():
-            model(torch.zeros(1, 3, input_size, input_size, device=device))
+            dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+            model(torch.zeros(1, 3, input_size, input_size, device=device, dtype=dtype))
     finally:
         for h in handles:
             h.remove()

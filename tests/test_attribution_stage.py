@@ -108,7 +108,8 @@ def test_unit_attribution_is_gradient_x_input_of_the_channel_peak(built):
         full = (x.grad * x).sum(1, keepdim=True).detach()[:, :, y0:y1, x0:x1]
         mode = "area" if full.shape[-1] >= 8 else "bilinear"
         expected = F.interpolate(full, size=(8, 8), mode=mode)[0, 0].numpy()
-        np.testing.assert_allclose(maps[channel, 0].astype(np.float32), expected,
+        stored = maps[channel, 0].astype(np.float32) * g["unit_attribution/scale"][channel, 0]
+        np.testing.assert_allclose(stored, expected,
                                    atol=2e-3 * np.abs(expected).max() + 1e-6)
 
 

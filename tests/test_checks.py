@@ -232,6 +232,7 @@ def test_run_checks_layout_and_deletion_beats_random(trained):
     assert {k: v.shape for k, v in arrays.items()} == {
         **{f"gradient_x_input/randomization/{mode}/{s}": (4, 8)
            for mode in ("cascading", "independent") for s in checks.SCORES},
+        **{f"gradient_x_input/randomization/{mode}/maps": (5, 32, 32) for mode in ("cascading", "independent")},
         **{f"gradient_x_input/random_logit/{s}": (8,) for s in (*checks.SCORES, "target")},
         **{f"gradient_x_input/{kind}/{r}": (8, 9) for kind in ("deletion", "insertion") for r in ("mean", "blur")},
         "gradient_x_input/mass_centre/drop": (8,)}

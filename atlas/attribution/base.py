@@ -95,6 +95,7 @@ class Attribution(abc.ABC):
 
     name = "base"
     path_method = False  # sums to f(x) - f(baseline): completeness is checked
+    signed = True  # maps carry a sign (evidence for and against); False: non-negative maps
     needs_layer = False  # Grad-CAM and unit attributions work on a layer
 
     def __init__(self, model: nn.Module, space: InputSpace | None = None, batch: int = 64):
@@ -107,7 +108,7 @@ class Attribution(abc.ABC):
     @property
     def params(self) -> dict:
         """The settings that decide the maps, recorded with them in the store."""
-        return {"method": self.name}
+        return {"method": self.name, "signed": self.signed}
 
     # --- the interface ---
     def attribute(self, inputs: torch.Tensor, target: torch.Tensor | int) -> torch.Tensor:

@@ -18,6 +18,7 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from atlas.attribution import ablation
@@ -29,6 +30,7 @@ MakeMethod = Callable[[nn.Module], Attribution]
 Result = dict[str, "np.ndarray | Result | dict"]
 
 THRESHOLD = 0.5  # mean Spearman (absolute values) above which maps are called insensitive
+STRIP_SIZE = 56  # side of the stored maps of the first checked image after each randomization step
 TOP_FRACTION = 1 / 3  # the randomization verdict looks at the top third of the parameter groups
 SCORES = ("spearman_abs", "spearman", "ssim")
 
@@ -179,18 +181,35 @@ def randomization(make_method: MakeMethod, model: nn.Module, inputs: torch.Tenso
         {"cascading": {score: float32 [G, n]}, "independent": {score: [G, n]}}
         for score in spearman_abs, spearman, ssim: row g compares the map
         after re-initializing groups 0..g (cascading) or group g alone
-        (independent) with the original map.
+        (independent) with the original map. Each mode also holds `maps`,
+        float16 [G + 1, R, R]: the first image's original map, then its map
+        after each step (`thumbnail`), for the site's randomization strips.
     """
     target = torch.as_tensor(target, device=inputs.device).long().reshape(-1).expand(inputs.shape[0])
     if original is None:
         original = _maps(make_method(model), inputs, target)
 
-    def score(chosen: Sequence[Group]) -> dict[str, np.ndarray]:
-        return compare(original, _maps(make_method(randomized(model, chosen, seed)), inputs, target))
+    strips: dict[str, list[np.ndarray]] = {"cascading": [thumbnail(original[0])], "independent": []}
 
-    cascading = [score(groups[:g + 1]) for g in range(len(groups))]
-    independent = cascading[:1] + [score(groups[g:g + 1]) for g in range(1, len(groups))]
-    return {"cascading": _stack(cascading), "independent": _stack(independent)}
+    def score(chosen: Sequence[Group], mode: str) -> dict[str, np.ndarray]:
+        maps = _maps(make_method(randomized(model, chosen, seed)), inputs, target)
+        strips[mode].append(thumbnail(maps[0]))
+        return compare(original, maps)
+
+    cascading = [score(groups[:g + 1], "cascading") for g in range(len(groups))]
+    strips["independent"] = strips["cascading"][:2]
+    independent = cascading[:1] + [score(groups[g:g + 1], "independent") for g in range(1, len(groups))]
+    return {mode: {**_stack(rows), "maps": np.stack(strips[mode])}
+            for mode, rows in (("cascading", cascading), ("independent", independent))}
+
+
+def thumbnail(m: np.ndarray, size: int = STRIP_SIZE) -> np.ndarray:
+    """A map [H, W] area-resized to at most size x size and scaled to a largest |value| of 1, float16."""
+    t = torch.as_tensor(m, dtype=torch.float32)[None, None]
+    if t.shape[-1] > size:
+        t = F.adaptive_avg_pool2d(t, size)
+    peak = t.abs().max()
+    return (t / peak if peak > 0 else t)[0, 0].numpy().astype(np.float16)
 
 
 def top_step(groups: int) -> int:

@@ -77,17 +77,25 @@ def _write_unit_part(f: h5py.File, part: h5py.File) -> None:
         g = layer.create_group("unit_attribution")
         shape = (int(layer.attrs["channels"]), *maps.shape[1:])
         g.create_dataset("maps", shape, np.float16, chunks=(1, *maps.shape[1:]), fillvalue=np.nan)
+        g.create_dataset("scale", shape[:2], np.float32, fillvalue=np.nan)
         g.attrs.update({"method": a["method"], "target": a["target"], "k": a["k"], "size": a["size"]})
     layer["unit_attribution/maps"][a["first"]:a["end"]] = maps[...]
+    if "scale" in part:
+        layer["unit_attribution/scale"][a["first"]:a["end"]] = part["scale"][...]
 
 
 def _write_check(f: h5py.File, name: str, part: h5py.File, source: np.ndarray) -> None:
     checks = f.require_group("checks")
     if "images" not in checks:
         checks["images"] = np.searchsorted(source, part["images"][...])
-        from atlas.attribution import checks as sanity
-        checks.attrs["caveats"] = json.dumps(sanity.CAVEATS)
-        checks.attrs["threshold"] = sanity.THRESHOLD
+        from atlas.attribution import ablation, checks as sanity
+        checks.attrs.update({
+            "caveats": json.dumps(sanity.CAVEATS), "threshold": sanity.THRESHOLD,
+            "verdict_step": f"cascading, once the top {sanity.TOP_FRACTION:.2f} of the parameter groups are re-initialized",
+            "target": "top-1 prediction", "order": "signed map, descending; all colour channels of a pixel together",
+            "mean_replacement": "0 in the model's input space (the normalization mean)",
+            "blur_sigma_fraction_of_side": ablation.BLUR_SIGMA, "mass_centre_box_fraction_of_side": ablation.BOX_FRACTION,
+            "seed": int(part.attrs.get("seed", 0))})
     g = checks.create_group(name)
     nested = json.loads(part.attrs.get("nested_attrs", "{}"))
 
