@@ -111,7 +111,7 @@ PRESETS: dict[str, Config] = {
     "quick": Config(preset="quick", fv_size=64, fv_steps=48, fv_lr=0.08, fv_batch=64,
                     fv_loss_points=16, fv_views=("channel",), fv_redirect_steps=8,
                     attr_methods=tuple(m for m in ALL_METHODS if m != "extremal_perturbation"),
-                    attr_steps=16, attr_samples=16, attr_draws=2, attr_occlusion_stride=1.0, attr_unit_topk=1,
+                    attr_steps=16, attr_max_steps=64, attr_samples=16, attr_draws=2, attr_occlusion_stride=1.0, attr_unit_topk=1,
                     attr_check_images=4, attr_check_groups=5, attr_check_points=11),
 }
 

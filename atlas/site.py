@@ -8,6 +8,7 @@
     site/<model>/<layer>/<channel>.html  one unit
     site/<model>/images/<index>.html     one dataset image with its attributions
     site/<model>/checks.html             sanity checks of every attribution method
+    site/<model>/checks-strips.webp      its randomization strips, one sprite
 
     site/<model>/search.js               the search box's index of the model
 
@@ -204,8 +205,8 @@ def site_part(rel: str) -> str:
         return "search"
     if len(parts) == 3 and parts[1] == "images":
         return "dataset" if name.endswith(".jpg") else "attributions"
-    if name.split(".")[0].endswith("-attribution"):
-        return "attributions"  # a unit's attribution maps
+    if name.split(".")[0].endswith("-attribution") or name.startswith(f"{checks_page.STRIPS}."):
+        return "attributions"  # a unit's attribution maps, the checks page's randomization strips
     if name.startswith(("sprite-", "preview.")):
         return "sprites"
     return "featurevis"
@@ -251,8 +252,12 @@ def _render_model(f: h5py.File, model: Model, w: SiteWriter) -> None:
         _render_layer(model, i, arrays, sheets, dataset, group, w)
     w.page("index.html", "model.html", **pages.model_context(model, extra, checks))
     w.page("about.html", "about.html", **pages.about_context(f, model, dataset, checks))
+    strips = checks_page.strip_sprite(checks, dataset)
+    if strips is not None:  # every randomization strip of the page in one file
+        w.write(strips[1]["src"], img.encode(strips[0], quality=img.HEAT_QUALITY), "attributions")
     w.page("checks.html", "checks.html",
-           **checks_page.checks_context(model, checks, dataset, pages.model_crumbs(model, "sanity checks")))
+           **checks_page.checks_context(model, checks, dataset, pages.model_crumbs(model, "sanity checks"),
+                                        strips[1] if strips is not None else None))
     w.write("search.js", pages.search_script(model, dataset), "search")
     summary = pages.summary(model, extra)
     w.write("summary.json", json.dumps(summary, indent=1, sort_keys=True).encode(), "html")
@@ -304,8 +309,13 @@ def _render_layer(model: Model, i: int, arrays: dict, sheets: list[dict], datase
     layer = model.layers[i]
     w.page(f"{layer.slug}/index.html", "layer.html", **pages.layer_context(model, i, arrays, sheets))
     maps, params = unit_attribution(group) if dataset is not None else (None, {})
+    scale = group["unit_attribution"].get("scale") if maps is not None else None
+    if not isinstance(scale, h5py.Dataset) or scale.shape != maps.shape[:2]:
+        scale = None  # stores written before scales kept the maps unscaled
     for start in range(0, layer.channels, img.SHEET_UNITS):
         chunk = maps[start:start + img.SHEET_UNITS] if maps is not None else None
+        if chunk is not None and scale is not None:  # back to attribution units, so one scale fits the strip
+            chunk = chunk.astype(np.float32) * scale[start:start + img.SHEET_UNITS][..., None, None]
         for c in range(start, min(start + img.SHEET_UNITS, layer.channels)):
             fired = _unit_strip(layer, c, chunk[c - start], w) if chunk is not None else None
             if fired is not None:

@@ -31,6 +31,8 @@ SIMILARITY = (("spearman_abs", "Spearman |·|", "l-sa"), ("spearman", "Spearman"
 VERDICTS = {"pass": ("ok", "passes randomization"), "fail": ("bad", "insensitive to weights")}
 LOGIT_VERDICTS = {"pass": ("ok", "depends on the class"), "fail": ("bad", "ignores the class")}
 RUN = "atlas attribute"  # the command that computes attributions and checks
+STRIP_MODES = ("cascading", "independent")  # the rows of a method's randomization strips
+STRIPS = "checks-strips"  # the checks page's one sprite of every randomization strip (name without extension)
 
 
 def families(methods: list[str]) -> list[tuple[str, list[str]]]:
@@ -175,13 +177,86 @@ def _class_names(model: Model, targets: object) -> list[str]:
     return [names[t] if 0 <= t < len(names) else f"class {t}" for t in np.asarray(targets, np.int64).tolist()]
 
 
-def method_checks(model: Model, checks: dict, method: str) -> dict:
-    """Everything the checks page shows of one method."""
+def _strip_maps(checks: dict, method: str, mode: str) -> np.ndarray | None:
+    """A method's stored randomization strip [G + 1, R, R] of one mode; None in stores without it."""
+    group = (checks["methods"].get(method) or {}).get("randomization") or {}
+    maps = (group.get(mode) or {}).get("maps")
+    if not isinstance(maps, np.ndarray) or maps.ndim != 3 or not len(maps) or not maps.shape[-1]:
+        return None
+    return maps
+
+
+def _signed(method: str, dataset: dict | None) -> bool:
+    info = ((dataset or {}).get("attribution") or {}).get(method)
+    return is_signed(method, info["params"] if info else None)
+
+
+def strip_sprite(checks: dict | None, dataset: dict | None) -> tuple[np.ndarray, dict] | None:
+    """Every randomization strip of the checks page in one sheet: a row per method and mode, a column per step.
+
+    Each map is coloured on its own scale, with the method's palette (diverging
+    for signed maps, sequential for unsigned ones). Returns the RGB sheet and
+    its layout (file name, row of each (method, mode), rows, columns); None
+    when the store holds no strip (stores written before strips were kept).
+    """
+    if checks is None:
+        return None
+    rows = [(m, mode, maps, _signed(m, dataset)) for m in ordered(list(checks["methods"]))
+            for mode in STRIP_MODES if (maps := _strip_maps(checks, m, mode)) is not None]
+    if not rows:
+        return None
+    side = min(img.STRIP_SIDE, max(maps.shape[-1] for _, _, maps, _ in rows))
+    sheet, _ = img.heat_grid([[(v, signed) for v in maps] for _, _, maps, signed in rows], side)
+    layout = {"src": f"{STRIPS}.{img.PICTURE_EXT}", "rows": {(m, mode): r for r, (m, mode, _, _) in enumerate(rows)},
+              "count": len(rows), "columns": max(len(maps) for _, _, maps, _ in rows)}
+    return sheet, layout
+
+
+def _group_head(label: str) -> str:
+    """The top module of a group label ("layer4.2.conv3 .. layer4.0.conv1" -> "layer4.2.conv3")."""
+    return label.split(" .. ")[0]
+
+
+def _strips(checks: dict, method: str, layout: dict | None, image: int | None, signed: bool) -> dict | None:
+    """A method's randomization strips on the checks page: column headings and each row's tiles of the sprite."""
+    if layout is None:
+        return None
+    modes = [(mode, maps) for mode in STRIP_MODES
+             if (method, mode) in layout["rows"] and (maps := _strip_maps(checks, method, mode)) is not None]
+    if not modes:
+        return None
+    steps = max(len(maps) for _, maps in modes) - 1
+    labels = group_labels(checks["methods"][method]["randomization"]["attrs"], steps)
+    of = f" of image {image}" if image is not None else ""
+    rows = []
+    for mode, maps in modes:
+        r = layout["rows"][(method, mode)]
+        cells = []
+        for k in range(len(maps)):
+            if k == 0:
+                what = "trained model"
+            elif mode == "cascading":
+                what = f"groups re-initialized down to {labels[k - 1]}"
+            else:
+                what = f"{labels[k - 1]} re-initialized alone"
+            cells.append({"cls": f"x{k} y{r}", "label": f"{method} map{of}, {what}"})
+        rows.append({"mode": mode, "cells": cells, "missing": steps + 1 - len(cells)})
+    heads = [{"parts": ["original"], "title": "the map of the trained model"}]
+    heads += [{"parts": _group_head(label).split("."), "title": label} for label in labels]  # break at dots
+    return {"heads": heads, "rows": rows, "signed": signed}
+
+
+def method_checks(model: Model, checks: dict, method: str, strips: dict | None = None,
+                  dataset: dict | None = None) -> dict:
+    """Everything the checks page shows of one method; `strips` is the layout of `strip_sprite`."""
     data = checks["methods"].get(method) or {}
     random = checks.get("random")
     out: dict = {"name": method, "id": slug(method), "verdict": randomization(checks, method)}
     group = data.get("randomization")
     out["randomization"] = _randomization_plots(group, out["verdict"]["threshold"]) if group else None
+    first = checks["images"]
+    out["strips"] = _strips(checks, method, strips, int(first[0]) if len(first) else None,
+                            _signed(method, dataset)) if group else None
     logit = data.get("random_logit")
     out["random_logit"] = None
     if logit:
@@ -199,13 +274,18 @@ def method_checks(model: Model, checks: dict, method: str) -> dict:
     return out
 
 
-def checks_context(model: Model, checks: dict | None, dataset: dict | None, crumbs: list[dict]) -> dict:
-    """The checks page: a summary table of every method, then each method's scores and plots."""
-    base = {"title": f"Sanity checks · {model.name}", "crumbs": crumbs, "run": RUN, "checks": checks is not None}
+def checks_context(model: Model, checks: dict | None, dataset: dict | None, crumbs: list[dict],
+                   strips: dict | None = None) -> dict:
+    """The checks page: a summary table of every method, then each method's strips, scores and plots.
+
+    `strips` is the layout `strip_sprite` returned, for the sprite written beside the page.
+    """
+    base = {"title": f"Sanity checks · {model.name}", "crumbs": crumbs, "run": RUN, "checks": checks is not None,
+            "strips": None}
     if checks is None:
         return base | {"families": [], "images": [], "caveats": {}, "attrs": []}
     names = ordered(list(checks["methods"]))
-    methods = {m: method_checks(model, checks, m) for m in names}
+    methods = {m: method_checks(model, checks, m, strips, dataset) for m in names}
     images = []
     for i in checks["images"].tolist():
         known = dataset is not None and 0 <= i < len(dataset["paths"])
@@ -220,7 +300,21 @@ def checks_context(model: Model, checks: dict | None, dataset: dict | None, crum
     return base | {"families": [(label, [methods[m] for m in members]) for label, members in families(names)],
                    "images": images, "caveats": checks["caveats"], "attrs": attrs, "control": control,
                    "fractions": len(checks["fractions"]) if checks["fractions"] is not None else None,
-                   "has_random": bool(random)}
+                   "has_random": bool(random), "strips": _strips_context(strips, images),
+                   "colorbar": img.colorbar_css(True), "colorbar_unsigned": img.colorbar_css(False)}
+
+
+def _strips_context(strips: dict | None, images: list[dict]) -> dict | None:
+    """What the page's head and legend need of the strip sprite: its file, CSS size, the image it explains."""
+    if strips is None:
+        return None
+    first = images[0] if images else None
+    at = img.tile_position
+    return {"src": strips["src"], "size": f"{strips['columns'] * 100}% {strips['count'] * 100}%",
+            "x": [at(k, strips["columns"]) for k in range(strips["columns"])],  # classes x<k>: the column's tile
+            "y": [at(r, strips["count"]) for r in range(strips["count"])],  # classes y<r>: the row's
+            "side": img.STRIP_SIDE, "image": first if first and first["known"] else None,
+            "index": first["index"] if first else None}
 
 
 RESULTS = frozenset({"verdict", "score", "auc_mean", "auc_blur"})  # attributes that are results, not settings

@@ -115,6 +115,7 @@ _SEQ_LUT = np.stack([np.interp(np.linspace(0, 1, 256), np.linspace(0, 1, len(_SE
                      for c in range(3)], axis=1).round().astype(np.uint8)
 HEAT_SIDE = 112  # pixels of one heatmap in an image page's sprite (half a 224 px input, shown at ~140 CSS px)
 HEAT_QUALITY = 70  # WebP quality of heatmaps: noisy maps cost the most bytes of an image page
+STRIP_SIDE = 56  # pixels (and CSS pixels) of one map of a randomization strip on the checks page
 UNIT_HEAT_SIDE = 48  # pixels of one unit-attribution map (shown over a 96 px crop): one file per unit
 # Layers under a heatmap tile: a white veil over the photo, desaturated; the tile multiplies onto them,
 # so white (no attribution) leaves the photo visible and colour tints it.
@@ -156,16 +157,29 @@ def map_sprite(rows: list[list[np.ndarray | None]], signed: list[bool],
         signed: per column, whether the method's maps are signed.
         side: pixels of one tile.
     """
-    columns = len(signed)
-    sheet = np.full((len(rows) * side, columns * side, 3), 255, np.uint8)
+    return heat_grid([[None if v is None else (v, signed[c]) for c, v in enumerate(row)] for row in rows],
+                     side, len(signed))
+
+
+def heat_grid(cells: list[list[tuple[np.ndarray, bool] | None]], side: int,
+              columns: int | None = None) -> tuple[np.ndarray, list[list[float | None]]]:
+    """Heatmaps in a grid, each tile on its own palette and scale; returns the RGB sheet and each scale.
+
+    Args:
+        cells: per row, (map [H, W], signed) per column; None, or a short row, leaves white tiles.
+        side: pixels of one tile.
+        columns: tiles per row; default the longest row.
+    """
+    columns = columns if columns is not None else max((len(row) for row in cells), default=0)
+    sheet = np.full((len(cells) * side, columns * side, 3), 255, np.uint8)
     scales: list[list[float | None]] = []
-    for r, row in enumerate(rows):
+    for r, row in enumerate(cells):
         scales.append([])
-        for c, values in enumerate(row):
-            if values is None:
+        for c, cell in enumerate(row):
+            if cell is None:
                 scales[-1].append(None)
                 continue
-            colours, scale = heatmap(resize_map(values, side), signed[c])
+            colours, scale = heatmap(resize_map(cell[0], side), cell[1])
             sheet[r * side:(r + 1) * side, c * side:(c + 1) * side] = colours
             scales[-1].append(scale)
     return sheet, scales

@@ -53,6 +53,8 @@ def write_synthetic_store(
     check_images: int = 4,
     check_groups: int = 6,
     check_points: int = 21,
+    check_strips: bool = True,
+    strip_size: int = 56,
     insensitive: Collection[str] = ("guided_backprop",),
     incomplete: Collection[str] = (),
     tolerance: float = 0.01,
@@ -84,6 +86,9 @@ def write_synthetic_store(
         check_images: dataset images the checks run on (at most n_images).
         check_groups: parameter groups G of the randomization test.
         check_points: points P of each deletion and insertion curve.
+        check_strips: write the randomization strips (`maps` of each mode);
+            False gives the layout of stores written before strips were kept.
+        strip_size: side R of each strip map (at most the image size).
         insensitive: methods whose maps barely change when the weights are
             randomized, or the class is changed: their checks fail.
         incomplete: path methods whose completeness error stays above
@@ -121,7 +126,8 @@ def write_synthetic_store(
                     _write_unit_attribution(f["layers"][layer], min(unit_k, k), unit_size, rng)
             checked = list(methods if checks is None else checks)
             if checked:
-                settings = {"images": check_images, "groups": check_groups, "points": check_points}
+                settings = {"images": check_images, "groups": check_groups, "points": check_points,
+                            "strip": min(strip_size, image_size) if check_strips else 0}
                 _write_checks(f, checked, settings, set(insensitive), [n for n, _, _ in layers], rng)
     return path
 
@@ -382,7 +388,8 @@ def _write_attribution(f: h5py.File, method: str, n: int, size: int, incomplete:
             peak = np.abs(values).max(axis=(1, 2))
             out[start:start + m] = peak
             g[name][start:start + m] = (values / peak[:, None, None]).astype(np.float16)
-    maps.attrs.update({"method": method, "target_rule": "top-1 prediction", "reduction": "sum over colour",
+    maps.attrs.update({"method": method, "signed": method not in UNSIGNED,
+                       "target_rule": "top-1 prediction", "reduction": "sum over colour",
                        "stored_as": "map / scale: multiply each image's map by `scale` for the attribution",
                        **_PARAMS.get(method, {})})
     g.create_dataset("scale", data=scale)
@@ -408,11 +415,16 @@ def _write_unit_attribution(g: h5py.Group, ku: int, size: int, rng: np.random.Ge
     channels = len(index)
     sub = g.create_group("unit_attribution")
     maps = sub.create_dataset("maps", shape=(channels, ku, size, size), dtype=np.float16)
+    scale = sub.create_dataset("scale", shape=(channels, ku), dtype=np.float32)
     for start in range(0, channels, _CHUNK):
         n = min(_CHUNK, channels - start)
-        chunk = _blobs(n * ku, size, rng, noise=0.1).reshape(n, ku, size, size)
+        factor = rng.lognormal(-4, 1, (n, ku, 1, 1)).astype(np.float32)  # attributions are small numbers
+        chunk = _blobs(n * ku, size, rng, noise=0.1).reshape(n, ku, size, size) * factor
         chunk[index[start:start + n] < 0] = np.nan
-        maps[start:start + n] = chunk.astype(np.float16)
+        peak = np.abs(chunk).max(axis=(2, 3))  # NaN where there is no image
+        scale[start:start + n] = peak
+        # as the attribution stage stores them: each map divided by its largest |value|
+        maps[start:start + n] = (chunk / np.where(peak > 0, peak, 1)[..., None, None]).astype(np.float16)
     sub.attrs.update({"method": "gradient_x_input", "target": "channel spatial max", "k": ku, "size": size})
 
 
@@ -470,6 +482,42 @@ def _trapezoid(curves: np.ndarray, x: np.ndarray) -> np.ndarray:
     return ((curves[:, 1:] + curves[:, :-1]) / 2 * np.diff(x)).sum(axis=1)
 
 
+CHECK_SETTINGS = {  # the settings attributes of /checks, as the attribution stage writes them
+    "verdict_step": "cascading, once the top 0.33 of the parameter groups are re-initialized",
+    "target": "top-1 prediction", "order": "signed map, descending; all colour channels of a pixel together",
+    "mean_replacement": "0 in the model's input space (the normalization mean)",
+    "blur_sigma_fraction_of_side": 1 / 20, "mass_centre_box_fraction_of_side": 0.25, "seed": 0,
+}
+
+
+def _strips(groups: int, size: int, insensitive: bool, signed: bool,
+            rng: np.random.Generator) -> dict[str, np.ndarray] | None:
+    """Randomization strips, float16 [G + 1, R, R] per mode: the original map, then one per step.
+
+    An insensitive method keeps its blob whatever is re-initialized; a sensitive
+    one turns to noise, step by step when cascading, from the top groups most
+    when independent. Each map is scaled to a largest |value| of 1; unsigned
+    methods' maps are non-negative. None when `size` is 0 (no strips).
+    """
+    if size < 1:
+        return None
+    original = _blobs(1, size, rng, noise=0.05)[0]
+    amount = np.linspace(0.1, 1, groups)
+    out = {}
+    for mode in ("cascading", "independent"):
+        keep = 0.9 - 0.1 * amount if insensitive else (1 - amount if mode == "cascading" else amount * 0.8)
+        noise = rng.normal(0, 0.5, (groups, size, size)).astype(np.float32)
+        steps = keep[:, None, None] * original + (1 - keep[:, None, None]) * noise
+        if mode == "independent":
+            steps[0] = out["cascading"][1]  # group 0 alone is the first cascading step
+        maps = np.concatenate([original[None], steps])
+        if not signed:
+            maps = np.abs(maps)
+        maps /= np.maximum(np.abs(maps).max(axis=(1, 2), keepdims=True), 1e-12)
+        out[mode] = maps.astype(np.float16)
+    return out
+
+
 def _write_checks(f: h5py.File, methods: list[str], settings: dict[str, int], insensitive: set[str],
                   layers: list[str], rng: np.random.Generator) -> None:
     """/checks: randomization, random logit, deletion, insertion, mass centre, and the random control."""
@@ -482,7 +530,7 @@ def _write_checks(f: h5py.File, methods: list[str], settings: dict[str, int], in
     c = f.create_group("checks")
     c.create_dataset("images", data=rows)
     c.create_dataset("fractions", data=fractions)
-    c.attrs.update({"caveats": json.dumps(CAVEATS), "threshold": threshold})
+    c.attrs.update({"caveats": json.dumps(CAVEATS), "threshold": threshold, **CHECK_SETTINGS})
     groups = _groups(layers, settings["groups"])
     steps = np.linspace(0, 1, len(groups))[:, None]
     for method in methods:
@@ -491,10 +539,13 @@ def _write_checks(f: h5py.File, methods: list[str], settings: dict[str, int], in
         r = g.create_group("randomization")
         cascading = 0.9 - 0.1 * steps if bad else 0.55 * np.exp(-4 * steps) + 0.05
         independent = 0.9 - 0.05 * steps if bad else 0.3 + 0.5 * steps
+        strips = _strips(len(groups), settings["strip"], bad, method not in UNSIGNED, rng)
         for name, level in (("cascading", cascading), ("independent", independent)):
             sub = r.create_group(name)
             for key, value in _similarity(np.broadcast_to(level, (len(groups), n)), rng).items():
                 sub.create_dataset(key, data=value)
+            if strips is not None:
+                sub.create_dataset("maps", data=strips[name])
         score = float(r["cascading/spearman_abs"][:2].mean())
         labels = [names[0] if len(names) == 1 else f"{names[0]} .. {names[-1]}" for names in groups]
         r.attrs.update({"groups": json.dumps(groups), "labels": json.dumps(labels),

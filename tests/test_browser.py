@@ -233,3 +233,21 @@ def test_heatmaps_draw_over_the_photo(browser: Browser, site: Path) -> None:
     page.uncheck("input.under")
     assert page.eval_on_selector(".hm", "el => getComputedStyle(el).backgroundBlendMode").startswith("normal")
     page.close()
+
+
+def test_randomization_strips_draw_from_one_sprite(browser: Browser, site: Path) -> None:
+    """Every strip tile of the checks page is a distinct window onto checks-strips.webp, with a label."""
+    page = browser.new_page()
+    requests: list[str] = []
+    page.on("request", lambda r: requests.append(r.url))
+    page.goto((site / "tiny" / "checks.html").as_uri(), wait_until="load")
+    tiles = page.eval_on_selector_all(".st", "els => els.map(el => { const s = getComputedStyle(el); return "
+                                      "[s.backgroundImage, s.backgroundPosition, el.clientWidth, el.clientHeight, "
+                                      "el.getAttribute('aria-label')]; })")
+    page.close()
+    groups = 6  # the synthetic store's default
+    assert len(tiles) == len(METHODS) * 2 * (groups + 1)
+    assert all("checks-strips." in t[0] and t[2] == t[3] == 56 and t[4] for t in tiles)
+    assert len({t[1] for t in tiles}) == len(tiles)  # each tile its own place in the sprite
+    assert sum("checks-strips." in url for url in requests) == 1
+    assert len([url for url in requests if url.endswith((".webp", ".jpg", ".png", ".svg"))]) <= 20

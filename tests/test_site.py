@@ -11,12 +11,13 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from markupsafe import escape
 from PIL import Image
 
 from atlas.errors import AtlasError
 from atlas.site import SiteWriter, render
 from atlas.site_data import slug
-from atlas.site_images import heatmap, histogram_plot
+from atlas.site_images import heatmap, histogram_plot, resize_map
 from atlas.synthetic import VIEWS, add_featurevis, histogram, write_synthetic_store
 
 XSS = "<script>alert(1)</script>"
@@ -548,6 +549,154 @@ def test_checks_page(site, tmp_path):
     assert "index.html" in refs(page).urls and "checks.html" in refs(root / "tiny" / "index.html").urls
 
 
+STRIP_CELL = re.compile(r'<span class="st x(\d+) y(\d+)" role="img" aria-label="([^"]+)"></span>')
+
+
+def _strip_cells(page: Path) -> dict[tuple[str, str], dict[int, int]]:
+    """(method, mode) -> {step: sprite row} of every strip tile of a checks page (read off the aria labels)."""
+    out: dict[tuple[str, str], dict[int, int]] = {}
+    for section in re.findall(r'<section class="method" id="[^"]+">\s*<h2>(.*?)</section>', page.read_text(), re.S):
+        method = section.split(" <", 1)[0].replace("&#215;", "×")
+        for mode, row in re.findall(r'<th scope="row">(\w+)</th>(.*?)</tr>', section, re.S):
+            out[(method, mode)] = {int(x): int(y) for x, y, _ in STRIP_CELL.findall(row)}
+    return out
+
+
+def _sprite_rows(page: Path, rows: dict[int, int], side: int) -> np.ndarray:
+    sheet = np.asarray(Image.open(page.parent / "checks-strips.webp").convert("RGB"), float)
+    return np.stack([sheet[r * side:(r + 1) * side] for r in sorted(set(rows.values()))])
+
+
+def test_checks_page_shows_randomization_strips_in_one_sprite(site, tmp_path):
+    root, _ = site
+    page = root / "tiny" / "checks.html"
+    text = page.read_text()
+    steps = 6 + 1  # the original map, then one per parameter group
+    sprite = Image.open(page.parent / "checks-strips.webp")
+    assert sprite.size == (steps * 32, 2 * len(METHODS) * 32)  # R = 32 (the image side), a row per method and mode
+    pictures = {u for u in refs(page).urls if u.endswith((".webp", ".jpg", ".png"))}
+    assert [u for u in pictures if u.endswith(".webp")] == ["checks-strips.webp"]  # one request for every strip
+    assert len(pictures) <= 20
+    assert "url(checks-strips.webp)" in text
+    cells = STRIP_CELL.findall(text)
+    assert len(cells) == 2 * len(METHODS) * steps
+    assert len({(x, y) for x, y, _ in cells}) == len(cells)  # every tile of the sprite, once
+    assert all(label.strip() for _, _, label in cells)
+    strips = _strip_cells(page)
+    assert set(strips) == {(m, mode) for m in METHODS for mode in ("cascading", "independent")}
+    assert text.count('<table class="strip"') == len(METHODS)
+    with h5py.File(_store(tmp_path), "r") as f:
+        labels = json.loads(f["checks/gradient/randomization"].attrs["labels"])
+        stored = f["checks/guided_backprop/randomization/cascading/maps"][()]
+        first = int(f["checks/images"][0])
+    assert stored.shape == (steps, 32, 32)
+    gradient = re.search(r'id="gradient">.*?</table>', text, re.S).group(0)
+    heads = re.findall(r'<th scope="col" title="([^"]*)">', gradient)
+    assert '<th scope="col" title="the map of the trained model">original</th>' in gradient
+    assert heads == ["the map of the trained model", *[str(escape(label)) for label in labels]]
+    assert f'aria-label="gradient map of image {first}, groups re-initialized down to {escape(labels[1])}"' in gradient
+    assert f'aria-label="gradient map of image {first}, {escape(labels[2])} re-initialized alone"' in gradient
+    assert f'<img src="images/{first}.jpg"' in gradient  # the image the strip explains
+    # each tile shows its own step: nearer the heatmap of its stored map than any other step's
+    row = strips[("guided_backprop", "cascading")]
+    sheet = _sprite_rows(page, row, 32)[0]
+    for k in range(steps):
+        tiles = [heatmap(stored[j])[0].astype(float) for j in range(steps)]
+        distance = [np.abs(sheet[:, k * 32:(k + 1) * 32] - t).mean() for t in tiles]
+        assert int(np.argmin(distance)) == k
+
+
+def _blue(rows: np.ndarray) -> float:
+    """How far the bluest pixel of sprite rows leans to blue (the diverging palette's negative side)."""
+    return float((rows[..., 2] - rows[..., 0]).max())
+
+
+def test_strip_palettes_follow_the_signed_attribute(site, tmp_path):
+    root, _ = site
+    page = root / "tiny" / "checks.html"
+    strips = _strip_cells(page)
+    for method in METHODS:
+        rows = {**strips[(method, "cascading")], **{k + 100: v for k, v in strips[(method, "independent")].items()}}
+        blue = _blue(_sprite_rows(page, rows, 32))
+        assert (blue < 8) if method == "grad_cam" else (blue > 20), method  # sequential, else diverging
+    text = page.read_text()
+    assert re.search(r"Randomization strip of grad_cam on image \d+: [^<]*sequential palette, unsigned", text)
+    assert re.search(r"Randomization strip of gradient on image \d+: [^<]*diverging palette, signed", text)
+    # the maps' `signed` attribute decides; without it, the method's name does
+    store = _store(tmp_path, name="attrs", methods=("gradient", "grad_cam", "vargrad"))
+    with h5py.File(store, "r+") as f:
+        f["attribution/gradient/maps"].attrs["signed"] = False  # its (signed) maps drawn from 0 up
+        f["attribution/grad_cam/maps"].attrs["signed"] = True
+        del f["attribution/vargrad/maps"].attrs["signed"]
+    render(store, tmp_path / "site", progress=False)
+    page = tmp_path / "site" / "attrs" / "checks.html"
+    strips = _strip_cells(page)
+    assert _blue(_sprite_rows(page, strips[("gradient", "cascading")], 32)) < 8
+    palette = dict(re.findall(r"Randomization strip of (\w+) on image 0: [^(<]*\((\w+) palette", page.read_text()))
+    assert palette == {"gradient": "sequential", "grad_cam": "diverging", "vargrad": "sequential"}  # vargrad: by name
+
+
+def test_older_store_without_strips_still_renders(tmp_path):
+    store = _store(tmp_path, name="nostrips", check_strips=False)
+    with h5py.File(store, "r") as f:
+        assert "maps" not in f["checks/gradient/randomization/cascading"]
+    render(store, tmp_path / "site", progress=False)
+    model = tmp_path / "site" / "nostrips"
+    text = (model / "checks.html").read_text()
+    assert not (model / "checks-strips.webp").exists()
+    assert 'class="st' not in text and "checks-strips" not in text and '<table class="strip"' not in text
+    assert text.count('<section class="method"') == len(METHODS) and text.count("<svg") == 4 * len(METHODS)
+    crawl(tmp_path / "site" / "index.html")
+    # one method without its strips (or with only one mode) leaves the others' in the sprite
+    store = _store(tmp_path, name="somestrips")
+    with h5py.File(store, "r+") as f:
+        del f["checks/gradient/randomization/cascading/maps"], f["checks/gradient/randomization/independent/maps"]
+        del f["checks/grad_cam/randomization/independent/maps"]
+    render(store, tmp_path / "site", progress=False)
+    page = tmp_path / "site" / "somestrips" / "checks.html"
+    strips = _strip_cells(page)
+    assert ("gradient", "cascading") not in strips and ("grad_cam", "independent") not in strips
+    assert ("grad_cam", "cascading") in strips
+    assert Image.open(page.parent / "checks-strips.webp").size == (7 * 32, (2 * len(METHODS) - 3) * 32)
+    assert page.read_text().count('<table class="strip"') == len(METHODS) - 1
+    crawl(tmp_path / "site" / "index.html")
+
+
+def test_synthetic_stores_have_the_real_layout(tmp_path):
+    """Strips, `signed` attributes, unit-attribution scales and check settings, as docs/store.md has them."""
+    with h5py.File(_store(tmp_path, image_size=96), "r") as f:
+        for method in METHODS:
+            assert f[f"attribution/{method}/maps"].attrs["signed"] == (method != "grad_cam")
+            r = f[f"checks/{method}/randomization"]
+            strips = {mode: r[f"{mode}/maps"][()] for mode in ("cascading", "independent")}
+            for maps in strips.values():
+                assert maps.dtype == np.float16 and maps.shape == (6 + 1, 56, 56)  # R = min(56, image side)
+                assert np.abs(maps.astype(float)).max(axis=(1, 2)) == pytest.approx(1, rel=1e-3)
+                if method == "grad_cam":
+                    assert (maps >= 0).all()
+            assert (strips["cascading"][:2] == strips["independent"][:2]).all()  # original, group 0 alone
+        maps, scale = f["layers/conv1/unit_attribution/maps"], f["layers/conv1/unit_attribution/scale"]
+        assert scale.dtype == np.float32 and scale.shape == maps.shape[:2]
+        finite = np.isfinite(maps[()].astype(float)).any(axis=(2, 3))
+        assert np.abs(maps[()][finite].astype(float)).max(axis=(1, 2)) == pytest.approx(1, rel=1e-3)
+        assert (scale[()][finite] > 0).all() and np.isnan(scale[()][~finite]).all()
+        assert {"verdict_step", "target", "order", "mean_replacement", "blur_sigma_fraction_of_side",
+                "mass_centre_box_fraction_of_side", "seed", "threshold", "caveats"} <= set(f["checks"].attrs)
+    with h5py.File(_store(tmp_path, name="nochecks", checks=()), "r") as f:
+        assert "checks" not in f
+
+
+def test_unit_attribution_scale_is_in_attribution_units(site, tmp_path):
+    """Unit maps are stored divided by a per-map scale: the strip puts them back on one scale."""
+    root, _ = site
+    with h5py.File(_store(tmp_path), "r") as f:
+        maps = f["layers/block.0.relu@1/unit_attribution/maps"][7].astype(np.float32)
+        scale = f["layers/block.0.relu@1/unit_attribution/scale"][7]
+    _, expected = heatmap(np.concatenate(list(maps * scale[:, None, None]), axis=1))
+    text = (root / "tiny" / "block.0.relu-401" / "7.html").read_text()
+    assert f"scale ±{expected:.4g}." in text
+
+
 def test_unit_page_shows_what_made_it_fire(site):
     root, _ = site
     unit = root / "tiny" / "block.0.relu-401" / "7.html"
@@ -570,6 +719,10 @@ def test_about_page_lists_attribution_and_check_settings(site):
         assert f"<h3>{method}</h3>" in text
     assert "&#34;tolerance&#34;: 0.01" in text and "&#34;threshold&#34;: 0.5" in text
     assert "&#34;target&#34;: &#34;channel spatial max&#34;" in text  # unit attribution settings
+    for key in ("verdict_step", "target", "order", "mean_replacement", "blur_sigma_fraction_of_side",
+                "mass_centre_box_fraction_of_side", "seed"):  # the settings attributes of /checks
+        assert f"&#34;{key}&#34;: " in text, key
+    assert "&#34;blur_sigma_fraction_of_side&#34;: 0.05" in text
 
 
 def test_older_store_without_the_new_datasets(tmp_path):
@@ -635,6 +788,28 @@ def test_pages_stay_small_with_every_method(tmp_path):
     for page in ("checks.html", "images/1.html", "about.html", "conv/0.html"):
         assert (model / page).stat().st_size < 300_000, page
     assert max(p.stat().st_size for p in model.rglob("*.html")) < 300_000
+    pictures = {u for u in refs(model / "checks.html").urls if not u.endswith(".html") and not u.startswith("#")}
+    assert len(pictures) <= 20 and "checks-strips.webp" in pictures  # 8 images, one sprite, css, js, icon, search
+    assert Image.open(model / "checks-strips.webp").size == (9 * 32, 2 * len(methods) * 32)
+
+
+def test_checks_page_stays_small_with_long_group_labels(tmp_path):
+    """Real group labels name two modules each ("layer4.2.conv3 .. layer4.1.bn2"): still under 300 KB."""
+    methods = ("gradient", "gradient_x_input", "smoothgrad", "smoothgrad_sq", "vargrad", "guided_backprop",
+               "grad_cam", "guided_grad_cam", "integrated_gradients", "ig_max_distance", "ig_blurred",
+               "ig_uniform", "ig_gaussian", "expected_gradients", "occlusion", "extremal_perturbation")
+    store = write_synthetic_store(tmp_path / "long.h5", [("conv", 4, 4)], n_images=8, k=2, fv_size=8,
+                                  image_size=16, methods=methods, check_images=8, check_groups=8, unit_size=8,
+                                  views=(), classes=[f"a rather long class name number {i}" for i in range(1000)])
+    labels = [f"features.denseblock{g}.denselayer16.conv2 .. features.denseblock{g}.denselayer1.norm1"
+              for g in range(8)]
+    with h5py.File(store, "r+") as f:
+        for method in methods:
+            f[f"checks/{method}/randomization"].attrs["labels"] = json.dumps(labels)
+    render(store, tmp_path / "site", progress=False)
+    page = tmp_path / "site" / "synthetic" / "checks.html"
+    assert page.stat().st_size < 300_000
+    assert f'title="{labels[3]}">features.<wbr>denseblock3.<wbr>denselayer16.<wbr>conv2</th>' in page.read_text()
 
 
 
