@@ -207,7 +207,7 @@ def test_grad_cam_attribution_spreads_the_upsampled_map_over_colours(convnet):
     torch.testing.assert_close(maps.sum(1, keepdim=True),
                                F.interpolate(cam, size=(32, 32), mode="bilinear", align_corners=False))
     assert torch.equal(maps[:, 0], maps[:, 2])
-    assert method.params == {"method": "grad_cam", "layer": "block"}
+    assert method.params == {"method": "grad_cam", "signed": False, "layer": "block"}
 
 
 def test_guided_grad_cam_is_guided_backprop_times_the_cam(convnet):
@@ -217,7 +217,7 @@ def test_guided_grad_cam_is_guided_backprop_times_the_cam(convnet):
     expected = GuidedBackprop(convnet).attribute(x, 3) * cam
     method = GuidedGradCAM(convnet, input_size=32)
     torch.testing.assert_close(method.attribute(x, 3), expected)
-    assert method.params == {"method": "guided_grad_cam", "layer": "block"}
+    assert method.params == {"method": "guided_grad_cam", "signed": True, "layer": "block"}
 
 
 def test_grad_cam_finds_its_default_layer_at_the_first_call(convnet):
@@ -298,7 +298,7 @@ def test_occlusion_agrees_with_captum(convnet, patch, stride):
 def test_occlusion_defaults_and_params():
     method = Occlusion(frozen(Linear()))
     assert method.windows(32, 32)[:2] == [(0, 4, 0, 4), (0, 4, 2, 6)]  # patch 32 // 8, stride 2
-    assert method.params == {"method": "occlusion", "patch": None, "stride": None, "fill": "zero"}
+    assert method.params == {"method": "occlusion", "signed": True, "patch": None, "stride": None, "fill": "zero"}
     with pytest.raises(ValueError, match="fill"):
         Occlusion(frozen(Linear()), fill="grey")
 
@@ -328,7 +328,7 @@ def test_extremal_perturbation_keeps_the_quadrant_the_logit_depends_on():
 
 def test_extremal_perturbation_params():
     method = ExtremalPerturbation(Quadrant(), area=0.05, steps=10)
-    assert method.params == {"method": "extremal_perturbation", "area": 0.05, "steps": 10, "lr": 0.1,
+    assert method.params == {"method": "extremal_perturbation", "signed": False, "area": 0.05, "steps": 10, "lr": 0.1,
                              "sigma_px_at_224": 10.0, "grid": None, "lambda": [1.0, 300.0]}
     with pytest.raises(ValueError, match="area"):
         ExtremalPerturbation(Quadrant(), area=1.5)
