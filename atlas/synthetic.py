@@ -372,7 +372,7 @@ def _write_attribution(f: h5py.File, method: str, n: int, size: int, incomplete:
     target = f["dataset/top5"][:, 0]
     labels = f["dataset/labels"][()]
     maps = g.create_dataset("maps", shape=(n, size, size), dtype=np.float16)
-    label_maps = g.create_dataset("label_maps", shape=(n, size, size), dtype=np.float16)
+    g.create_dataset("label_maps", shape=(n, size, size), dtype=np.float16)
     scale, label_scale = np.empty(n, np.float32), np.empty(n, np.float32)
     for start in range(0, n, 64):
         m = min(64, n - start)

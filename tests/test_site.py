@@ -17,7 +17,7 @@ from PIL import Image
 from atlas.errors import AtlasError
 from atlas.site import SiteWriter, render
 from atlas.site_data import slug
-from atlas.site_images import heatmap, histogram_plot, resize_map
+from atlas.site_images import heatmap, histogram_plot
 from atlas.synthetic import VIEWS, add_featurevis, histogram, write_synthetic_store
 
 XSS = "<script>alert(1)</script>"
@@ -706,7 +706,7 @@ def test_unit_page_shows_what_made_it_fire(site):
     assert len(overlays) == 3
     for k, (label, style) in enumerate(overlays):
         assert label.startswith("what made unit 7 fire on image ")
-        assert f"url(7-attribution.webp)" in style and re.search(r"url\(\.\./images/\d+\.jpg\)", style)
+        assert "url(7-attribution.webp)" in style and re.search(r"url\(\.\./images/\d+\.jpg\)", style)
         assert f"{k * 50}% 0%" in style  # its tile of the strip
     assert Image.open(unit.parent / "7-attribution.webp").size == (3 * 16, 16)
 

@@ -11,15 +11,14 @@ map's centre of mass, by the mean.
 
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from atlas.attribution.base import is_oom
+from atlas.attribution.base import chunked
+from atlas.attribution.baselines import gaussian_blur
 
 REPLACEMENTS = ("mean", "blur")
 KINDS = ("deletion", "insertion")
@@ -49,16 +48,6 @@ def auc(curve: np.ndarray, fracs: np.ndarray) -> np.ndarray:
     return (0.5 * (curve[..., 1:] + curve[..., :-1]) * np.diff(fracs)).sum(-1)
 
 
-def blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Gaussian blur of each channel of [B, C, H, W] (reflected borders)."""
-    radius = max(1, min(math.ceil(3 * sigma), x.shape[-1] - 1, x.shape[-2] - 1))
-    t = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
-    w = torch.exp(-0.5 * (t / sigma) ** 2)
-    w = (w / w.sum()).repeat(x.shape[1], 1)
-    x = F.conv2d(F.pad(x, (0, 0, radius, radius), mode="reflect"), w[:, None, :, None], groups=x.shape[1])
-    return F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="reflect"), w[:, None, None, :], groups=x.shape[1])
-
-
 def replacement_image(inputs: torch.Tensor, replacement: str) -> torch.Tensor:
     """What removed pixels become.
 
@@ -75,7 +64,7 @@ def replacement_image(inputs: torch.Tensor, replacement: str) -> torch.Tensor:
     if replacement == "mean":
         return torch.zeros_like(inputs)
     if replacement == "blur":
-        return blur(inputs, BLUR_SIGMA * min(inputs.shape[-2:]))
+        return gaussian_blur(inputs, BLUR_SIGMA * min(inputs.shape[-2:]))
     raise ValueError(f"replacement: expected one of {', '.join(REPLACEMENTS)}, got {replacement!r}")
 
 
@@ -105,17 +94,7 @@ def pixel_ranks(maps: torch.Tensor, order: str = "map", seed: int = 0) -> torch.
 
 def chunks(fn: Callable[[int, int], torch.Tensor], total: int, batch: int) -> torch.Tensor:
     """Concatenates `fn(a, b)` over [0, total) in chunks of `batch` rows, halving them on out-of-memory."""
-    out, a, size = [], 0, max(1, batch)
-    while a < total:
-        b = min(total, a + size)
-        try:
-            out.append(fn(a, b))
-        except (torch.OutOfMemoryError, RuntimeError) as exc:
-            if not is_oom(exc) or b - a == 1:
-                raise
-            size = max(1, (b - a) // 2)
-            continue
-        a = b
+    out, _ = chunked(fn, total, batch)
     return torch.cat(out) if out else torch.zeros(0)
 
 

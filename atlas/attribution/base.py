@@ -174,24 +174,38 @@ class Attribution(abc.ABC):
         return g, picked.detach().float()
 
     def chunked(self, fn: Callable[[int, int], T], total: int, batch: int | None = None) -> list[T]:
-        """Calls `fn(a, b)` over [0, total) in chunks of at most `batch` rows.
+        """Calls `fn(a, b)` over [0, total) in chunks of at most `batch` rows (see `chunked`).
 
-        On out-of-memory the chunk halves and the failed chunk is retried; the
-        smaller size is kept for later calls. One row that does not fit re-raises.
+        The size that fits is kept for later calls.
         """
-        size = min(batch or self.batch, self.batch)
-        out, a = [], 0
-        while a < total:
-            b = min(total, a + size)
-            try:
-                out.append(fn(a, b))
-            except (torch.OutOfMemoryError, RuntimeError) as exc:
-                if not is_oom(exc) or b - a == 1:
-                    raise
-                size = max(1, (b - a) // 2)
-                self.batch = min(self.batch, size)
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-                continue
-            a = b
+        start = min(batch or self.batch, self.batch)
+        out, size = chunked(fn, total, start)
+        if size < start:
+            self.batch = size
         return out
+
+
+def chunked(fn: Callable[[int, int], T], total: int, batch: int) -> tuple[list[T], int]:
+    """Calls `fn(a, b)` over [0, total) in chunks of at most `batch` rows.
+
+    On out-of-memory the chunk halves and the failed chunk is retried, so `fn`
+    must change nothing before its last step that can run out of memory. One
+    row that does not fit re-raises.
+
+    Returns:
+        The results in order, and the chunk size that fitted.
+    """
+    size, out, a = max(1, batch), [], 0
+    while a < total:
+        b = min(total, a + size)
+        try:
+            out.append(fn(a, b))
+        except (torch.OutOfMemoryError, RuntimeError) as exc:
+            if not is_oom(exc) or b - a == 1:
+                raise
+            size = max(1, (b - a) // 2)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            continue
+        a = b
+    return out, size

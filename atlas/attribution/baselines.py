@@ -146,29 +146,30 @@ def blur_sigma(x: torch.Tensor) -> float:
     return BLUR_SIGMA_PX * min(x.shape[-2:]) / BLUR_REFERENCE_SIZE
 
 
-def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of each channel of `x` [B, C, H, W] with reflect padding.
+def gaussian_blur(x: torch.Tensor, sigma: float, padding: str = "reflect") -> torch.Tensor:
+    """Separable Gaussian blur of each channel of `x` [B, C, H, W].
 
-    The kernel reaches 3 sigma each side, at most to the image border (reflect
-    padding cannot reach farther); it is renormalized to sum to 1, so a
-    constant image is unchanged.
+    The kernel reaches 3 sigma each side (with reflect padding at most to the
+    image border, which reflection cannot reach past); it is renormalized to
+    sum to 1, so a constant image is unchanged.
 
     Args:
         x: images [B, C, H, W].
         sigma: standard deviation in pixels; <= 0 returns a copy of `x`.
+        padding: "reflect" or "replicate" (edges repeated).
 
     Returns:
         The blurred images, shaped like `x`.
     """
     if sigma <= 0:
         return x.clone()
-    out = _blur_axis(x, sigma, dim=-1)
-    return _blur_axis(out, sigma, dim=-2)
+    out = _blur_axis(x, sigma, -1, padding)
+    return _blur_axis(out, sigma, -2, padding)
 
 
-def _blur_axis(x: torch.Tensor, sigma: float, dim: int) -> torch.Tensor:
+def _blur_axis(x: torch.Tensor, sigma: float, dim: int, padding: str) -> torch.Tensor:
     size = x.shape[dim]
-    radius = min(math.ceil(3 * sigma), size - 1)
+    radius = math.ceil(3 * sigma) if padding == "replicate" else min(math.ceil(3 * sigma), size - 1)
     if radius < 1:
         return x.clone()
     t = torch.arange(-radius, radius + 1, dtype=torch.float64)
@@ -176,9 +177,9 @@ def _blur_axis(x: torch.Tensor, sigma: float, dim: int) -> torch.Tensor:
     kernel = (kernel / kernel.sum()).to(x.device, x.dtype)
     channels = x.shape[1]
     if dim == -1:
-        padded = F.pad(x, (radius, radius, 0, 0), mode="reflect")
+        padded = F.pad(x, (radius, radius, 0, 0), mode=padding)
         weight = kernel.view(1, 1, 1, -1)
     else:
-        padded = F.pad(x, (0, 0, radius, radius), mode="reflect")
+        padded = F.pad(x, (0, 0, radius, radius), mode=padding)
         weight = kernel.view(1, 1, -1, 1)
     return F.conv2d(padded, weight.expand(channels, 1, *weight.shape[2:]), groups=channels)

@@ -25,7 +25,6 @@ def consolidate(store: Store, f: h5py.File) -> None:
         return
     source = f["dataset/source_index"][...]
     groups: dict[str, h5py.Group] = {}
-    units: dict[str, list[tuple[dict, h5py.File]]] = {}
     for key, part in store.units(STAGE):
         kind, _, rest = key.partition("/")
         if kind == "skipped":

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from atlas.attribution.base import Attribution, Explanation, InputSpace
+from atlas.attribution.baselines import gaussian_blur
 
 
 class Occlusion(Attribution):
@@ -151,7 +152,7 @@ class ExtremalPerturbation(Attribution):
     def _masks(self, x: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The optimized masks [b, 1, H, W] and the logit they preserve / the original [b]."""
         side = min(x.shape[-2:])
-        blurred = gaussian_blur(x, self.sigma * side / 224)
+        blurred = gaussian_blur(x, self.sigma * side / 224, padding="replicate")
         grid = self.grid or max(2, side // 8)
         param = torch.full((x.shape[0], 1, grid, grid), 0.5, device=x.device, dtype=x.dtype)
         param.requires_grad_(True)
@@ -187,25 +188,3 @@ class ExtremalPerturbation(Attribution):
 
     def _logit(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return self.model(x).gather(1, target[:, None])[:, 0]
-
-
-def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Blurs each channel of [B, C, H, W] with a Gaussian of `sigma` pixels (edges replicated).
-
-    Args:
-        x: the images.
-        sigma: standard deviation in pixels; 0 returns `x`.
-
-    Returns:
-        The blurred images, shaped like `x`.
-    """
-    if sigma <= 0:
-        return x
-    radius = max(1, math.ceil(3 * sigma))
-    offsets = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
-    kernel = torch.exp(-offsets.pow(2) / (2 * sigma * sigma))
-    kernel = kernel / kernel.sum()
-    channels = x.shape[1]
-    padded = F.pad(x, (radius, radius, radius, radius), mode="replicate")
-    rows = F.conv2d(padded, kernel.view(1, 1, -1, 1).expand(channels, 1, -1, 1).contiguous(), groups=channels)
-    return F.conv2d(rows, kernel.view(1, 1, 1, -1).expand(channels, 1, 1, -1).contiguous(), groups=channels)

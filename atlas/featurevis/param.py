@@ -60,8 +60,6 @@ def spectrum_to_rgb(spectrum: torch.Tensor, size: int, scale: torch.Tensor) -> t
 @functools.lru_cache(maxsize=8)
 def natural_magnitude(size: int) -> torch.Tensor:
     """Mean |rfft2| per colour channel of the embedded sample photos at size x size: [3, size, size//2+1]."""
-    from PIL import Image
-
     from atlas.images import decode, sample_images
     from atlas.models import Preprocess
     pre = Preprocess(size=size, crop_pct=1.0, mean=(0.0,) * 3, std=(1.0,) * 3)

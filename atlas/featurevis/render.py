@@ -75,7 +75,6 @@ def render(model: nn.Module, preprocess: Preprocess, objective: Objective, seeds
     Returns:
         The images, their final objective values and loss curves.
     """
-    size = settings.size
     params, to_rgb, optimizer = _parameterize(settings, seeds, device)
     gens = [torch.Generator().manual_seed(s ^ 0x5EED5EED) for s in seeds]
     marks = _checkpoints(settings.steps, settings.loss_points)
