@@ -101,6 +101,9 @@ class Attribution(abc.ABC):
     def __init__(self, model: nn.Module, space: InputSpace | None = None, batch: int = 64):
         if batch < 1:
             raise ValueError(f"batch: expected a positive number of samples per pass, got {batch}")
+        if type(self)._explain is Attribution._explain and not hasattr(self, "_attribute"):
+            raise TypeError(f"{type(self).__name__}: an attribution method defines _explain (map and "
+                            "diagnostics) or _attribute (the map alone)")
         self.model = model
         self.space = space or InputSpace()
         self.batch = batch
@@ -145,10 +148,8 @@ class Attribution(abc.ABC):
         return inputs.detach().contiguous(memory_format=torch.channels_last), target.expand(inputs.shape[0])
 
     def _explain(self, inputs: torch.Tensor, target: torch.Tensor) -> Explanation:
+        """The method on checked inputs: by default `_attribute`'s map without diagnostics."""
         return Explanation(self._attribute(inputs, target))
-
-    def _attribute(self, inputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError(f"{type(self).__name__} implements neither _explain nor _attribute")
 
     # --- what methods share ---
     def output(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
