@@ -101,15 +101,19 @@ def chunk(ctx) -> int:
     return ctx.config.attr_chunk or (64 if ctx.device.type == "cuda" else 10)
 
 
-def make_method(ctx, name: str, images: DatasetImages | None, model=None) -> Attribution:
+def make_method(ctx, name: str, images: DatasetImages | None, model=None,
+                fixed_steps: bool = False) -> Attribution:
     """The method `name` configured from the build config (Expected Gradients gets its references).
 
     Args:
         model: the network to bind it to; default the loaded model (the checks pass randomized copies).
+        fixed_steps: path methods keep their first step count (no completeness-driven increase):
+            the checks compare maps, and a randomized network's path integral may never converge.
     """
     cfg, loaded = ctx.config, ctx.loaded
+    tolerance = float("inf") if fixed_steps else cfg.attr_tolerance
     method = get(name, model or loaded.model, InputSpace.of(loaded.preprocess), chunk(ctx),
-                 steps=cfg.attr_steps, max_steps=cfg.attr_max_steps, tolerance=cfg.attr_tolerance,
+                 steps=cfg.attr_steps, max_steps=cfg.attr_max_steps, tolerance=tolerance,
                  samples=cfg.attr_samples, noise=cfg.attr_noise, draws=cfg.attr_draws, seed=cfg.seed,
                  extremal_steps=cfg.attr_extremal_steps, occlusion_stride=cfg.attr_occlusion_stride,
                  input_size=loaded.input_size)
@@ -160,8 +164,9 @@ def _run_checks(ctx, images: DatasetImages, todo: list[str]) -> None:
                 result = sanity.run_controls(ctx.loaded.model, x, target, points=cfg.attr_check_points,
                                              seed=cfg.seed, batch=chunk(ctx))
             else:
-                result = sanity.run_checks(lambda model: make_method(ctx, name, images, model), ctx.loaded.model,
-                                           x, target, n_classes=len(ctx.loaded.class_names),
+                def make(model, name=name):
+                    return make_method(ctx, name, images, model, fixed_steps=True)
+                result = sanity.run_checks(make, ctx.loaded.model, x, target, n_classes=len(ctx.loaded.class_names),
                                            groups_count=cfg.attr_check_groups, points=cfg.attr_check_points,
                                            seed=cfg.seed, batch=chunk(ctx))
             arrays, attrs = sanity.flatten(result)
