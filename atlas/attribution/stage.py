@@ -13,6 +13,8 @@ photo), so no file is decoded twice. Work units, each written atomically:
 
 from __future__ import annotations
 
+from collections import defaultdict
+
 import numpy as np
 import torch
 
@@ -45,19 +47,30 @@ class DatasetImages:
                 self.where[int(i)] = (key, row)
                 self.labels[int(i)], self.top1[int(i)] = int(label), int(top)
         self.order = np.array(sorted(self.where), np.int64)
-        self._cache: tuple[str, np.ndarray] | None = None
         self._references: torch.Tensor | None = None
 
     def pixels(self, index: np.ndarray) -> np.ndarray:
-        """uint8 [n, S, S, 3] of the images with these source indices."""
-        out = []
-        for i in np.asarray(index).reshape(-1):
+        """uint8 [n, S, S, 3] of the images with these source indices.
+
+        Each part holding some of them is opened once and only their rows are read, so
+        scattered requests (a layer's top images) cost no more than the images themselves.
+        """
+        index = np.asarray(index).reshape(-1)
+        wanted: dict[str, list[tuple[int, int]]] = defaultdict(list)
+        for j, i in enumerate(index):
             key, row = self.where[int(i)]
-            if self._cache is None or self._cache[0] != key:
-                with self.store.read_unit("dataset", key) as part:
-                    self._cache = (key, part["images"][...])
-            out.append(self._cache[1][row])
-        return np.stack(out)
+            wanted[key].append((row, j))
+        out: np.ndarray | None = None
+        for key, pairs in wanted.items():
+            rows = sorted({row for row, _ in pairs})
+            with self.store.read_unit("dataset", key) as part:
+                block = part["images"][rows]  # h5py reads increasing rows
+            if out is None:
+                out = np.empty((len(index), *block.shape[1:]), block.dtype)
+            at = {row: k for k, row in enumerate(rows)}
+            for row, j in pairs:
+                out[j] = block[at[row]]
+        return out
 
     def inputs(self, index: np.ndarray) -> torch.Tensor:
         """The model's inputs [n, 3, S, S] of the images with these source indices."""
