@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import h5py
 import numpy as np
 
 from atlas.store import open_store, read_attrs
@@ -23,6 +24,16 @@ def summarize(path: Path) -> str:
                          f"({read_attrs(d['images']).get('source')})")
         if "attribution" in f:
             lines.append(f"attribution {', '.join(f['attribution'])}")
+            failures = {m: int(g.attrs.get("completeness_failures", 0)) for m, g in f["attribution"].items()}
+            if any(failures.values()):
+                lines.append("           above the completeness tolerance: "
+                             + ", ".join(f"{m} {n} images" for m, n in failures.items() if n))
+        if "checks" in f:
+            verdicts = {m: str(g["randomization"].attrs.get("verdict")) for m, g in f["checks"].items()
+                        if isinstance(g, h5py.Group) and "randomization" in g}
+            insensitive = [m for m, v in verdicts.items() if v == "fail"]
+            lines.append(f"checks     {len(verdicts)} methods on {f['checks/images'].shape[0]} images; "
+                         f"insensitive to the weights: {', '.join(insensitive) or 'none'}")
         lines.append(f"layers     {len(f['layers'])}, "
                      f"{sum(int(g.attrs['channels']) for g in f['layers'].values())} channels")
         lines.append(f"  {'layer':36} {'channels':>8} {'size':>7} {'featurevis':>10} {'topk':>5} {'dead':>5}")
