@@ -220,15 +220,35 @@ def unit_attribution(g: h5py.Group) -> tuple[h5py.Dataset | None, dict]:
 
 
 def store_contents(f: h5py.File) -> list[dict]:
-    """One row per group and dataset: path, shape, dtype (what `h5ls -r` shows)."""
-    rows: list[dict] = []
+    """One row per dataset: path, shape, dtype (what `h5ls -r` shows).
+
+    The datasets of every layer are listed once, under `/layers/<layer>/`, with C
+    for the layer's channel count and how many layers hold them: a deep model's
+    rows would otherwise fill hundreds of kilobytes with the same names.
+    """
+    rows: dict[str, dict] = {}
 
     def visit(name: str, obj: h5py.HLObject) -> None:
-        if isinstance(obj, h5py.Dataset):
-            rows.append({"path": "/" + name, "shape": "×".join(map(str, obj.shape)) or "scalar",
-                         "dtype": "str" if h5py.check_string_dtype(obj.dtype) else str(obj.dtype)})
+        if not isinstance(obj, h5py.Dataset):
+            return
+        parts = name.split("/")
+        channels = -1
+        if parts[0] == "layers" and len(parts) > 2:
+            channels = int(f["layers"][parts[1]].attrs.get("channels", -1))
+            name = "layers/<layer>/" + "/".join(parts[2:])
+        row = rows.setdefault("/" + name, {"path": "/" + name, "shapes": [], "layers": 0,
+                                           "dtype": "str" if h5py.check_string_dtype(obj.dtype) else str(obj.dtype)})
+        shape = "×".join("C" if d == channels else str(d) for d in obj.shape) or "scalar"
+        if shape not in row["shapes"]:
+            row["shapes"].append(shape)
+        row["layers"] += channels >= 0
     f.visititems(visit)
-    return rows
+    for row in rows.values():
+        shapes = row.pop("shapes")
+        row["shape"] = ", ".join(shapes[:3]) + (", …" if len(shapes) > 3 else "")
+        if row["layers"]:
+            row["shape"] += f" (in {row['layers']} layers)"
+    return list(rows.values())
 
 
 def pretty_json(value: object) -> str:

@@ -367,7 +367,7 @@ def about_context(f: h5py.File, model: Model, dataset: dict | None, checks: dict
     attrs = model.attrs
     facts = [(k, attrs.get(k)) for k in ("spec", "name", "weights_id", "input_size", "created",
                                          "atlas_version", "store_format") if k in attrs]
-    params = [(f"{l.name} featurevis {v}", pretty_json(p)) for l in model.layers for v, p in l.view_params.items()]
+    params = view_params(model.layers)
     if dataset is not None:
         params.append(("dataset images", pretty_json(dataset["attrs"])))
     units = [(layer.name, unit_attribution(f["layers"][layer.name])[1]) for layer in model.layers]
@@ -378,6 +378,20 @@ def about_context(f: h5py.File, model: Model, dataset: dict | None, checks: dict
             "settings": site_checks.settings(checks, dataset, units), "run": site_checks.RUN,
             "contents": store_contents(f), "skipped": dataset["skipped"] if dataset else [],
             "crumbs": model_crumbs(model, "about")}
+
+
+def view_params(layers) -> list[tuple[str, str]]:
+    """Each distinct feature-visualization setting once, with the layers it applies to.
+
+    A deep model's layers share their settings; listing them per layer made the
+    about page of ResNet-50 over 400 KB.
+    """
+    groups: dict[tuple[str, str], list[str]] = {}
+    for layer in layers:
+        for view, p in layer.view_params.items():
+            groups.setdefault((view, pretty_json(p)), []).append(layer.name)
+    return [(f"featurevis {view}, " + ("every layer" if len(names) == len(layers) else ", ".join(names)), text)
+            for (view, text), names in groups.items()]
 
 
 def summary(model: Model, extra: dict[str, dict]) -> dict:

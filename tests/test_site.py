@@ -865,3 +865,17 @@ def test_publish_to_docs(site, repo):
     assert (docs / "tiny" / "conv1" / "index.html").is_file()
     with pytest.raises(AtlasError, match="unknown publish mode"):
         publish(root, "pages", repo)
+
+
+def test_about_page_of_a_deep_model_lists_shared_settings_and_datasets_once(tmp_path):
+    """Per-layer repeats made ResNet-50's about page over 400 KB: settings and store rows are grouped."""
+    layers = [(f"stage{i // 4}.{i % 4}", 4, 4) for i in range(40)]
+    store = write_synthetic_store(tmp_path / "deep.h5", layers, n_images=6, k=2, fv_size=8, image_size=16,
+                                  views=VIEWS, name="deep")
+    render(store, tmp_path / "site", progress=False)
+    about = (tmp_path / "site" / "deep" / "about.html").read_text()
+    assert len(about) < 40_000
+    for view in VIEWS:
+        assert about.count(f"featurevis {view}, every layer") == 1
+    assert "<code>/layers/&lt;layer&gt;/topk/index</code></td><td>C×2 (in 40 layers)" in about
+    assert "stage3.1/topk" not in about
