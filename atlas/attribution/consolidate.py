@@ -60,9 +60,14 @@ def _create(f: h5py.File, name: str, n: int, part: h5py.File) -> h5py.Group:
 
 def _write_maps(g: h5py.Group, part: h5py.File, source: np.ndarray) -> None:
     rows = np.searchsorted(source, part["index"][...])
+    block = rows.size and rows[-1] - rows[0] + 1 == rows.size  # a unit's images are one run of rows
     for k in ("maps", "label_maps", *_PER_IMAGE):
-        if k in part:
-            for j, row in enumerate(rows):  # h5py writes scattered rows one at a time anyway
+        if k not in part:
+            continue
+        if block:
+            g[k][rows[0]:rows[-1] + 1] = part[k][...]
+        else:
+            for j, row in enumerate(rows):
                 g[k][row] = part[k][j]
 
 

@@ -28,23 +28,27 @@ def run_maps(ctx, images, todo: list[tuple[str, str]], make_method) -> None:
         return
     sizes = {key: part["index"].shape[0] for key, part in ctx.store.units("dataset")}
     methods: dict[str, Attribution] = {}
+    skipped: set[str] = set()
+    scores: dict[str, np.ndarray] = {}  # the target logits of a data unit, shared by every method
     with ctx.bar(sum(sizes[d] for _, d in todo), "attribution", "img") as bar:
-        for data_key, names in _groups(list(todo)):
-            if not all((name, data_key) in todo for name in names):
-                continue  # skipped above
+        for data_key, names in _groups(todo):
+            if skipped & set(names):
+                continue
             bar.set_postfix_str(", ".join(names))
             for name in names:
                 if name not in methods:
                     methods[name] = make_method(ctx, name, images)
             with ctx.store.read_unit("dataset", data_key) as part:
                 index = part["index"][...]
+            if data_key not in scores:
+                scores = {data_key: _scores(ctx, images, index)}
             group = {name: methods[name] for name in names}
             try:
-                results = _maps_of(ctx, group, images, index, bar)
+                results = _maps_of(ctx, group, images, index, scores[data_key], bar)
             except AtlasError as exc:  # a method that does not apply to this model (no ReLU to guide, ...)
                 for name in names:
                     skip(ctx, name, str(exc))
-                todo[:] = [(m, d) for m, d in todo if m not in names]
+                skipped.update(names)
                 continue
             for name, arrays in results.items():
                 ctx.store.write_unit(STAGE, f"{name}/{data_key}", arrays, {
@@ -101,7 +105,21 @@ def _explain_rows(group: dict[str, Attribution], x: torch.Tensor, t: torch.Tenso
     return out
 
 
-def _maps_of(ctx, group: dict[str, Attribution], images, index: np.ndarray, bar) -> dict[str, dict]:
+def _scores(ctx, images, index: np.ndarray) -> np.ndarray:
+    """The top-1 logit of each image: what every method's top-1 map explains."""
+    out = []
+    batch = ctx.config.attr_batch
+    for a in range(0, len(index), batch):
+        rows = index[a:a + batch]
+        target = torch.as_tensor([images.top1[int(i)] for i in rows], device=ctx.device)
+        with torch.no_grad():
+            logits = ctx.loaded.model(images.inputs(rows)).float()
+        out.append(logits.gather(1, target[:, None])[:, 0].cpu().numpy())
+    return np.concatenate(out) if out else np.zeros(0, np.float32)
+
+
+def _maps_of(ctx, group: dict[str, Attribution], images, index: np.ndarray, score: np.ndarray,
+             bar) -> dict[str, dict]:
     n, size = len(index), ctx.loaded.input_size
     target = np.array([images.top1[int(i)] for i in index], np.int64)
     label = np.array([images.labels[int(i)] for i in index], np.int64)
@@ -109,17 +127,12 @@ def _maps_of(ctx, group: dict[str, Attribution], images, index: np.ndarray, bar)
                   "label_maps": np.full((n, size, size), np.nan, np.float32),
                   "completeness": np.full(n, np.nan, np.float32), "steps": np.zeros(n, np.int32)}
            for name in group}
-    score = np.zeros(n, np.float32)
     batch = ctx.config.attr_batch
     for a in range(0, n, batch):
         rows = slice(a, min(n, a + batch))
         for name, (maps, completeness, steps) in _explain(ctx, group, images, index[rows], target[rows]).items():
             out[name]["maps"][rows], out[name]["completeness"][rows], out[name]["steps"][rows] = \
                 maps, completeness, steps
-        with torch.no_grad():
-            logits = ctx.loaded.model(images.inputs(index[rows])).float()
-        picked = logits.gather(1, torch.as_tensor(target[rows], device=ctx.device)[:, None])[:, 0]
-        score[rows] = picked.cpu().numpy()
         bar.update(rows.stop - rows.start)
     same = label == target
     other = np.nonzero((label >= 0) & ~same)[0]

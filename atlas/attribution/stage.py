@@ -137,11 +137,12 @@ def make_method(ctx, name: str, images: DatasetImages | None, model=None,
 
 def _run_units(ctx, images: DatasetImages, done: set[str]) -> None:
     cfg = ctx.config
-    examples = dataset.top_examples(ctx.store, ctx.layers)
-    todo = [(layer, a, min(a + UNIT_CHANNELS, layer.channels)) for layer in ctx.layers if layer.name in examples
+    todo = [(layer, a, min(a + UNIT_CHANNELS, layer.channels)) for layer in ctx.layers
             for a in range(0, layer.channels, UNIT_CHANNELS) if _unit_key(layer.name, a) not in done]
     if not todo:
         return
+    examples = dataset.top_examples(ctx.store, [layer for layer in ctx.layers if any(t[0] is layer for t in todo)])
+    todo = [t for t in todo if t[0].name in examples]  # a layer added after the dataset pass has none yet
     with ctx.bar(sum(e - a for _, a, e in todo), "unit attributions", "ch") as bar:
         for layer, first, end in todo:
             bar.set_postfix_str(layer.name)
