@@ -23,7 +23,7 @@ from PIL import Image, ImageFile
 from atlas.errors import AtlasError
 from atlas.models import Preprocess
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".jfif"}
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".avif", ".ppm", ".pgm", ".jfif"}
 MAX_PIXELS = 40_000_000  # larger images are treated as decompression bombs and skipped
 SKIMAGE_PHOTOS = ("astronaut.png", "camera.png", "chelsea.png", "coffee.png", "motorcycle_left.png",
                   "rocket.jpg", "hubble_deep_field.jpg", "brick.png", "grass.png", "gravel.png",

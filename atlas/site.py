@@ -8,7 +8,7 @@
     site/<model>/<layer>/<channel>.html  one unit
     site/<model>/images/<index>.html     one dataset image with its attributions
     site/<model>/checks.html             sanity checks of every attribution method
-    site/<model>/checks-strips.webp      its randomization strips, one sprite
+    site/<model>/checks-strips.avif      its randomization strips, one sprite
 
     site/<model>/search.js               the search box's index of the model
 
@@ -40,6 +40,7 @@ import atlas
 from atlas import site_checks as checks_page
 from atlas import site_images as img
 from atlas import site_pages as pages
+from atlas.site_budget import SECONDARY_VIEWS, Plan, plan_views
 from atlas.errors import AtlasError
 from atlas.site_data import (Layer, Model, pictures, read_checks, read_dataset, read_layer_arrays, read_model,
                              unit_attribution)
@@ -169,20 +170,24 @@ def render(store_path: str | Path, site_dir: str | Path, progress: bool = True,
         model = read_model(f)
         final = site_dir / model.slug
         shutil.rmtree(site_dir / f".{model.slug}.rendering", ignore_errors=True)  # left by older versions
+        others = sum(_folder_bytes(site_dir, skip=model.slug).values())
         with tqdm(total=_page_count(model), disable=not progress, unit="page",
                   desc=f"site {model.name}") as bar:
             writer = SiteWriter(final, env, depth=1, bar=bar)
             writer.search = [f"{model.slug}/search.js"]
-            _render_model(f, model, writer)
+            plan = _render_model(f, model, writer, others, int(max_site_mb * 1e6))
     removed = writer.remove_others()
     root = write_site_root(site_dir, env)
     site_bytes = site_sizes(site_dir)
     report = {"model": model.name, "folder": str(final), "pages": writer.pages + root["pages"],
               "changed": writer.changed + root["changed"], "removed": removed,
               "bytes": dict(sorted(writer.bytes.items())), "site_bytes": site_bytes,
+              "view_scale": plan.scale, "estimates": plan.estimates,
               "seconds": round(time.perf_counter() - start, 2)}
     if progress:
         print(size_table(site_bytes))
+        if plan.describe():
+            print(f"  {plan.describe()}")
     total_mb = sum(site_bytes.values()) / 1e6
     if total_mb > max_site_mb:
         print(f"warning: the site in {site_dir} is {total_mb:.0f} MB, over its budget of {max_site_mb:g} MB "
@@ -214,10 +219,14 @@ def site_part(rel: str) -> str:
 
 def site_sizes(site_dir: str | Path) -> dict[str, int]:
     """Bytes per part of everything in the site folder (html, featurevis, sprites, ...)."""
-    site_dir = Path(site_dir)
+    return _folder_bytes(Path(site_dir))
+
+
+def _folder_bytes(site_dir: Path, skip: str | None = None) -> dict[str, int]:
+    """Bytes per part of the site folder, leaving out the top-level folder `skip`."""
     sizes: Counter[str] = Counter()
     for folder, dirs, files in os.walk(site_dir):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        dirs[:] = [d for d in dirs if not d.startswith(".") and not (folder == str(site_dir) and d == skip)]
         rel = Path(folder).relative_to(site_dir).as_posix()
         for name in files:
             sizes[site_part(name if rel == "." else f"{rel}/{name}")] += os.path.getsize(os.path.join(folder, name))
@@ -235,18 +244,26 @@ def _page_count(model: Model) -> int:
     return units + len(model.layers) + model.n_images + pages.image_index_count(model.n_images) + 3
 
 
-def _render_model(f: h5py.File, model: Model, w: SiteWriter) -> None:
+def _render_model(f: h5py.File, model: Model, w: SiteWriter, others: int, budget: int) -> Plan:
+    """Writes every page and picture of one model; returns the plan that sized its secondary views.
+
+    Args:
+        others: bytes of the rest of the site (other models).
+        budget: bytes the whole site may take.
+    """
     dataset = read_dataset(f) if model.n_images else None
     checks = read_checks(f)
     if dataset is not None:
         _render_images(f, model, dataset, checks, w)
+    plan = plan_views(f, model, others + sum(w.bytes.values()), budget)
+    model.views_note = plan.describe(_stored_side(model))
     extra: dict[str, dict] = {}
     for i, layer in enumerate(model.layers):
         group = f["layers"][layer.name]
         arrays = read_layer_arrays(group)
         if model.n_images == 0:  # examples point into /dataset: without it they cannot be shown
             arrays = {k: v for k, v in arrays.items() if not k.startswith(("topk/", "bottomk/"))}
-        sheets = _render_pictures(layer, arrays, pictures(group), w)
+        sheets = _render_pictures(layer, arrays, pictures(group), w, plan.scale)
         preview = f"{layer.slug}/preview.{img.PICTURE_EXT}" if sheets else None
         extra[layer.name] = pages.layer_summary(arrays, preview)
         _render_layer(model, i, arrays, sheets, dataset, group, w)
@@ -254,34 +271,44 @@ def _render_model(f: h5py.File, model: Model, w: SiteWriter) -> None:
     w.page("about.html", "about.html", **pages.about_context(f, model, dataset, checks))
     strips = checks_page.strip_sprite(checks, dataset)
     if strips is not None:  # every randomization strip of the page in one file
-        w.write(strips[1]["src"], img.encode(strips[0], quality=img.HEAT_QUALITY), "attributions")
+        w.write(strips[1]["src"], img.encode(strips[0], "strip"), "attributions")
     w.page("checks.html", "checks.html",
            **checks_page.checks_context(model, checks, dataset, pages.model_crumbs(model, "sanity checks"),
                                         strips[1] if strips is not None else None))
     w.write("search.js", pages.search_script(model, dataset), "search")
     summary = pages.summary(model, extra)
     w.write("summary.json", json.dumps(summary, indent=1, sort_keys=True).encode(), "html")
+    return plan
+
+
+def _stored_side(model: Model) -> int | None:
+    """The stored side of the secondary views, when every layer renders them at the same side."""
+    sides = {l.view_params[v].get("size") for l in model.layers for v in SECONDARY_VIEWS if v in l.view_params}
+    return int(sides.pop()) if len(sides) == 1 and isinstance(next(iter(sides)), (int, np.integer)) else None
 
 
 def _done(arrays: dict, view: str, channels: int) -> np.ndarray:
     return arrays.get(f"featurevis/{view}_done", np.ones(channels, bool)).astype(bool)
 
 
-def _render_pictures(layer: Layer, arrays: dict, stored: dict[str, h5py.Dataset], w: SiteWriter) -> list[dict]:
+def _render_pictures(layer: Layer, arrays: dict, stored: dict[str, h5py.Dataset], w: SiteWriter,
+                     scale: float = 1.0) -> list[dict]:
     """Writes a layer's visualizations of every view, sprite sheets and preview; returns the sheets.
+
+    The views other than `channel` are written at `scale` of their stored side.
 
     Pictures are read SHEET_UNITS channels at a time, so a wide layer never
     sits in memory whole.
     """
     ext = img.PICTURE_EXT
-    for view in ("negative", "neuron", "diversity"):
+    for view in SECONDARY_VIEWS:
         if view not in stored:
             continue
         done = _done(arrays, view, layer.channels)
         for start in range(0, layer.channels, img.SHEET_UNITS):
             chunk = stored[view][start:start + img.SHEET_UNITS]
             for j in np.flatnonzero(done[start:start + len(chunk)]):
-                pixels = img.strip(chunk[j]) if view == "diversity" else chunk[j]
+                pixels = img.view_picture(chunk[j], scale)
                 w.write(f"{layer.slug}/{start + j}-{view}.{ext}", img.encode(pixels), "featurevis")
     if "channel" not in stored or not layer.channels:
         return []
@@ -292,10 +319,10 @@ def _render_pictures(layer: Layer, arrays: dict, stored: dict[str, h5py.Dataset]
         for j in np.flatnonzero(ok):
             w.write(f"{layer.slug}/{start + j}.{ext}", img.encode(chunk[j]), "featurevis")
         pixels, sheet = img.sprite_sheet(chunk, ok)
-        w.write(f"{layer.slug}/sprite-{n}.{ext}", img.encode(pixels, quality=80), "sprites")
+        w.write(f"{layer.slug}/sprite-{n}.{ext}", img.encode(pixels, "sprite"), "sprites")
         sheets.append({"href": f"sprite-{n}.{ext}", "size": sheet.css_size()})
         if start == 0:
-            w.write(f"{layer.slug}/preview.{ext}", img.encode(img.preview_strip(chunk, ok), quality=80),
+            w.write(f"{layer.slug}/preview.{ext}", img.encode(img.preview_strip(chunk, ok), "sprite"),
                     "sprites")
     return sheets
 
@@ -331,7 +358,7 @@ def _unit_strip(layer: Layer, c: int, maps: np.ndarray, w: SiteWriter) -> dict |
     if pixels is None:
         return None
     src = f"{c}-attribution.{img.PICTURE_EXT}"
-    w.write(f"{layer.slug}/{src}", img.encode(pixels, quality=img.HEAT_QUALITY), "attributions")
+    w.write(f"{layer.slug}/{src}", img.encode(pixels, "heat"), "attributions")
     return {"src": src, "scale": scale, "finite": [bool(np.isfinite(m).any()) for m in maps]}
 
 
@@ -348,7 +375,7 @@ def _render_images(f: h5py.File, model: Model, dataset: dict, checks: dict | Non
                       if dataset["attribution"][m]["has_label_maps"]}
         for j, picture in enumerate(pixels):
             i = start + j
-            w.write(f"images/{i}.jpg", img.encode(picture, "jpg", quality=88), "dataset")
+            w.write(f"images/{i}.jpg", img.encode(picture, "photo", "jpg"), "dataset")
             sprite = None
             if methods:
                 shown = pages.label_methods(dataset, methods, i, label_maps)
@@ -358,7 +385,7 @@ def _render_images(f: h5py.File, model: Model, dataset: dict, checks: dict | Non
                 side = min(img.HEAT_SIDE, picture.shape[0])
                 sheet, scales = img.map_sprite(rows, signed, side)
                 sprite = {"src": f"{i}-maps.{img.PICTURE_EXT}", "scales": scales, "rows": len(rows)}
-                w.write(f"images/{sprite['src']}", img.encode(sheet, quality=img.HEAT_QUALITY), "attributions")
+                w.write(f"images/{sprite['src']}", img.encode(sheet, "heat"), "attributions")
             w.page(f"images/{i}.html", "image.html",
                    **pages.image_context(model, dataset, checks, i, methods, sprite))
     for number, context in enumerate(pages.image_index_contexts(model, dataset)):

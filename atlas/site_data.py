@@ -71,6 +71,7 @@ class Model:
     layers: list[Layer]
     n_images: int
     methods: list[str]
+    views_note: str | None = None  # how the site shrank the secondary views to fit its budget, if it did
 
     @property
     def views(self) -> list[str]:

@@ -202,7 +202,8 @@ def _views_line(model: Model) -> str | None:
         return None
     missing = [v for v in VIEW_TEXT if v not in rendered]
     return (f"Views in this atlas: {', '.join(rendered)}"
-            + (f"; not rendered: {', '.join(missing)}." if missing else "."))
+            + (f"; not rendered: {', '.join(missing)}" if missing else "")
+            + (f"; {model.views_note}." if model.views_note else "."))
 
 
 def _quality(c: int, arrays: dict) -> dict | None:
@@ -235,13 +236,11 @@ def _fired(c: int, arrays: dict, dataset: dict | None, fired: dict | None, size:
             continue
         g = img.crop_geometry(arrays["topk/box"][c, j], size)
         photo = f"../images/{index}.jpg"
-        layers = img.overlay_layers(fired["src"], f"{count * 100}% 100%", f"{img.tile_position(j, count)} 0%",
-                                    photo, g["scale"], g["at"])
-        out.append({"href": f"../images/{index}.html", "index": index,
-                    "value": arrays["topk/value"][c, j], "crop": f"{g['size']}background:url({photo}) "
-                    f"{g['at']}/{g['scale']} no-repeat",
-                    "overlay": f"{g['size']}background-image:{layers['image']};background-size:{layers['size']};"
-                    f"background-position:{layers['position']}"})
+        overlay = img.overlay_background(fired["src"], f"{img.tile_position(j, count)} 0", f"{count * 100}% 100%",
+                                         photo, g["at"], g["scale"])
+        out.append({"href": f"../images/{index}.html", "index": index, "value": arrays["topk/value"][c, j],
+                    "crop": f"{g['size']}background:url({photo}) {g['at']}/{g['scale']}",
+                    "overlay": g["size"] + overlay})
     return out
 
 
@@ -367,6 +366,8 @@ def about_context(f: h5py.File, model: Model, dataset: dict | None, checks: dict
     attrs = model.attrs
     facts = [(k, attrs.get(k)) for k in ("spec", "name", "weights_id", "input_size", "created",
                                          "atlas_version", "store_format") if k in attrs]
+    if model.views_note:
+        facts.append(("site", model.views_note))
     params = view_params(model.layers)
     if dataset is not None:
         params.append(("dataset images", pretty_json(dataset["attrs"])))

@@ -7,6 +7,7 @@ is written in seconds, because every array is generated in bulk with numpy.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Collection, Sequence
 from pathlib import Path
@@ -166,18 +167,43 @@ def _write_layer(f: h5py.File, name: str, channels: int, spatial: int, order: in
     return g
 
 
-def _patterns(channels: int, size: int, rng: np.random.Generator) -> np.ndarray:
-    """Coloured plane waves, a different frequency, angle and palette per channel."""
+def _texture(n: int, size: int, rng: np.random.Generator, waves: int, cycles: float, noise: float) -> np.ndarray:
+    """[n, size, size, 3] uint8: `waves` coloured plane waves of up to `cycles` periods per image, plus noise."""
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
-    out = np.empty((channels, size, size, 3), np.uint8)
-    for start in range(0, channels, _CHUNK):
-        n = min(_CHUNK, channels - start)
-        freq = rng.uniform(2, 12, (n, 1, 1)).astype(np.float32)
-        angle = rng.uniform(0, np.pi, (n, 1, 1)).astype(np.float32)
-        phase = (xx * np.cos(angle) + yy * np.sin(angle)) * freq * 2 * np.pi
-        wave = np.sin(phase) * np.cos(phase * 0.37)
-        colour = rng.uniform(0.1, 1.0, (n, 1, 1, 3)).astype(np.float32)
-        out[start:start + n] = (127.5 + 127 * wave[..., None] * colour).astype(np.uint8)
+    total = np.zeros((n, size, size, 3), np.float32)
+    for _ in range(waves):
+        freq, angle, shift = (rng.uniform(lo, hi, (n, 1, 1)).astype(np.float32)
+                              for lo, hi in ((1, cycles), (0, np.pi), (0, 2 * np.pi)))
+        wave = np.sin((xx * np.cos(angle) + yy * np.sin(angle)) * freq * 2 * np.pi + shift)
+        total += wave[..., None] * rng.uniform(-1, 1, (n, 1, 1, 3)).astype(np.float32)
+    total = total * (1.2 / np.sqrt(waves)) + rng.normal(0, noise, total.shape).astype(np.float32)
+    return (255 / (1 + np.exp(-2 * total))).astype(np.uint8)
+
+
+_POOL = 256  # distinct textures per picture side; every picture is one of them, shifted and flipped
+
+
+@functools.lru_cache(maxsize=4)
+def _texture_pool(size: int) -> np.ndarray:
+    """Textures that compress like real feature visualizations.
+
+    Eight waves of up to 32 periods per image and a little noise: at 128 px they
+    take 3.6 KB as AVIF (quality 50) and 8.9 KB as WebP (quality 85), where
+    real 128 px renders of EfficientNet-Lite0 take 3.6 KB and 8.6 KB.
+    """
+    return _texture(_POOL, size, np.random.default_rng(size), waves=8, cycles=min(32, size / 4), noise=0.1)
+
+
+def _patterns(count: int, size: int, rng: np.random.Generator) -> np.ndarray:
+    """`count` feature-visualization-like pictures: textures of the pool, each shifted and flipped its own way."""
+    pool = _texture_pool(size)
+    out = np.empty((count, size, size, 3), np.uint8)
+    picks = rng.integers(0, len(pool), count)
+    shifts = rng.integers(0, size, (count, 2))
+    flips = rng.random(count) < 0.5
+    for i in range(count):
+        picture = np.roll(pool[picks[i]], tuple(shifts[i]), axis=(0, 1))
+        out[i] = picture[:, ::-1] if flips[i] else picture
     return out
 
 
@@ -297,15 +323,22 @@ def _write_stats(g: h5py.Group, peaks: np.ndarray, rng: np.random.Generator) -> 
 
 
 def _images(n: int, size: int, rng: np.random.Generator) -> np.ndarray:
-    """Smooth colour gradients with a bright disc, one per image."""
+    """Photo-like images: a colour gradient with a bright disc, under a textured surface.
+
+    At 224 px they take about 16 KB as JPEG (quality 88), as the sample photos do.
+    """
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
     out = np.empty((n, size, size, 3), np.uint8)
-    for i in range(n):
-        a, b = rng.uniform(0, 1, (2, 3)).astype(np.float32)
-        cx, cy, r = rng.uniform(0.2, 0.8), rng.uniform(0.2, 0.8), rng.uniform(0.08, 0.25)
-        disc = ((xx - cx) ** 2 + (yy - cy) ** 2 < r * r)[..., None]
-        base = xx[..., None] * a + yy[..., None] * b
-        out[i] = (255 * np.clip(np.where(disc, 1 - base * 0.5, base * 0.8), 0, 1)).astype(np.uint8)
+    for start in range(0, n, _CHUNK):
+        m = min(_CHUNK, n - start)
+        surface = _texture(m, size, rng, waves=6, cycles=min(32, size / 4), noise=0.1).astype(np.float32)
+        for i in range(m):
+            a, b = rng.uniform(0, 1, (2, 3)).astype(np.float32)
+            cx, cy, r = rng.uniform(0.2, 0.8), rng.uniform(0.2, 0.8), rng.uniform(0.08, 0.25)
+            disc = ((xx - cx) ** 2 + (yy - cy) ** 2 < r * r)[..., None]
+            base = xx[..., None] * a + yy[..., None] * b
+            scene = 255 * np.clip(np.where(disc, 1 - base * 0.5, base * 0.8), 0, 1)
+            out[start + i] = np.clip(0.45 * scene + 0.55 * surface[i], 0, 255).astype(np.uint8)
     return out
 
 

@@ -20,6 +20,7 @@ from urllib.parse import urldefrag
 import pytest
 
 from atlas.site import render
+from atlas.site_images import PICTURE_EXT as EXT
 from atlas.site_data import slug
 from atlas.synthetic import write_synthetic_store
 
@@ -236,7 +237,7 @@ def test_heatmaps_draw_over_the_photo(browser: Browser, site: Path) -> None:
 
 
 def test_randomization_strips_draw_from_one_sprite(browser: Browser, site: Path) -> None:
-    """Every strip tile of the checks page is a distinct window onto checks-strips.webp, with a label."""
+    """Every strip tile of the checks page is a distinct window onto the checks-strips sprite, with a label."""
     page = browser.new_page()
     requests: list[str] = []
     page.on("request", lambda r: requests.append(r.url))
@@ -250,4 +251,4 @@ def test_randomization_strips_draw_from_one_sprite(browser: Browser, site: Path)
     assert all("checks-strips." in t[0] and t[2] == t[3] == 56 and t[4] for t in tiles)
     assert len({t[1] for t in tiles}) == len(tiles)  # each tile its own place in the sprite
     assert sum("checks-strips." in url for url in requests) == 1
-    assert len([url for url in requests if url.endswith((".webp", ".jpg", ".png", ".svg"))]) <= 20
+    assert len([url for url in requests if url.endswith((f".{EXT}", ".jpg", ".png", ".svg"))]) <= 20

@@ -130,10 +130,29 @@ function searchHits(models, query, root) {
   return hits.slice(0, MAX_HITS);
 }
 
-function setUpSearch(form) {
+// The search form is built here rather than written into every page: it works only
+// with scripts anyway, and a unit page is one of tens of thousands.
+function searchForm(header) {
+  const form = document.createElement("form");
+  form.className = "search";
+  form.setAttribute("role", "search");
+  const input = document.createElement("input");
+  Object.assign(input, { type: "search", name: "q", autocomplete: "off", spellcheck: false,
+    placeholder: "Search: layer, layer:unit, class" });
+  input.setAttribute("aria-label", "Search layers, units and classes");
+  const list = document.createElement("ol");
+  list.className = "hits";
+  list.setAttribute("aria-live", "polite");
+  form.append(input, list);
+  header.append(form);
+  return form;
+}
+
+function setUpSearch(header) {
+  const form = searchForm(header);
   const input = form.elements.namedItem("q");
   const list = form.querySelector(".hits");
-  const root = form.dataset.root;
+  const root = header.dataset.root;
   let hits = [];
   input.addEventListener("input", () => {
     hits = searchHits(window.atlasModels || [], input.value, root);
@@ -155,10 +174,9 @@ function setUpSearch(form) {
     event.preventDefault(); // the site is static: Enter opens the first hit
     if (hits.length) window.location.href = list.querySelector("a").href;
   });
-  form.hidden = false;
 }
 
 document.addEventListener("DOMContentLoaded", () => {
-  const form = document.querySelector("form.search");
-  if (form) setUpSearch(form);
+  const header = document.querySelector("header.top[data-root]");
+  if (header && window.atlasModels) setUpSearch(header);
 });
