@@ -24,6 +24,9 @@ class AtlasGroup(click.Group):
             click.echo("\natlas: interrupted; finished work units are kept, re-run the same command "
                        "to continue", err=True)
             sys.exit(130)
+        finally:
+            if "atlas.distributed" in sys.modules:  # a torchrun build joined a process group: leave it
+                sys.modules["atlas.distributed"].stop()
 
 
 @click.group(cls=AtlasGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -55,6 +58,8 @@ def build_options(f):
         click.option("--fv-batch", type=int, help="channels rendered together (one work unit)"),
         click.option("--topk", type=int, help="top and bottom images kept per channel"),
         click.option("--max-images", type=int, help="use only the first N images"),
+        click.option("--data-unit", type=int, help="images per dataset work unit (the grain of resume and of "
+                     "sharing the images among torchrun ranks)"),
         click.option("--workers", type=int, help="image-decoding processes"),
         click.option("--methods", multiple=True, help="attribution methods, comma-separated"),
         click.option("--quiet", "-q", is_flag=True, help="no progress bars"),
@@ -70,7 +75,7 @@ def make_config(o: dict) -> Config:
                "data": o["data"], "device": o["device"], "store_dir": Path(o["store_dir"]),
                "site_dir": Path(o["out"])}
     for option, field in (("steps", "fv_steps"), ("size", "fv_size"), ("fv_batch", "fv_batch"), ("topk", "topk"),
-                          ("max_images", "max_images"), ("workers", "workers")):
+                          ("max_images", "max_images"), ("data_unit", "data_unit"), ("workers", "workers")):
         if o[option] is not None:
             changes[field] = o[option]
     if o["methods"]:
@@ -85,10 +90,11 @@ def make_config(o: dict) -> Config:
 @build_options
 def build(**o) -> None:
     """Run every stage (feature visualization, dataset examples, attribution) and render the site."""
-    from atlas import pipeline
+    from atlas import distributed, pipeline
     config = make_config(o)
     path = pipeline.build(config, progress=not o["quiet"])
-    click.echo(f"store: {path}\nsite:  {config.site_dir / 'index.html'}")
+    if distributed.from_env().main:
+        click.echo(f"store: {path}\nsite:  {config.site_dir / 'index.html'}")
 
 
 def _stage_command(name: str, stage: str, doc: str):
@@ -96,7 +102,9 @@ def _stage_command(name: str, stage: str, doc: str):
     def command(**o) -> None:
         from atlas import pipeline
         ctx = pipeline.prepare(make_config(o), progress=not o["quiet"])
-        click.echo(f"store: {pipeline.run_stages(ctx, [stage])}")
+        path = pipeline.run_stages(ctx, [stage])
+        if ctx.ranks.main:
+            click.echo(f"store: {path}")
     command.__doc__ = doc
     main.command(name)(command)
 

@@ -25,9 +25,9 @@ def run(ctx) -> None:
     cfg = ctx.config
     records = list_images(cfg.data, ctx.loaded.class_names)[:cfg.max_images]
     # the layers are part of the settings: each unit holds top-k for exactly these layers
-    done = ctx.store.begin(STAGE, {**cfg.stage_params(STAGE), "layers": [l.name for l in ctx.layers]})
+    done = ctx.begin(STAGE, {**cfg.stage_params(STAGE), "layers": [l.name for l in ctx.layers]})
     spans = [(a, min(a + cfg.data_unit, len(records))) for a in range(0, len(records), cfg.data_unit)]
-    todo = [s for s in spans if unit_key(*s) not in done]
+    todo = ctx.ranks.shard([s for s in spans if unit_key(*s) not in done])
     if not todo:
         return
     size = ctx.loaded.input_size

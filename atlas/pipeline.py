@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 import atlas
-from atlas import models
+from atlas import distributed, models
 from atlas.config import Config
 from atlas.errors import AtlasError
 from atlas.layers import LayerInfo, discover, select
@@ -34,17 +34,41 @@ class Context:
     layers: list[LayerInfo]  # the selected layers
     store: Store
     progress: bool = True
+    ranks: distributed.Ranks = distributed.Ranks()  # this process among torchrun's, if several
 
     def bar(self, total: int, desc: str, unit: str) -> tqdm:
         return tqdm(total=total, desc=desc, unit=unit, disable=not self.progress, dynamic_ncols=True,
                     smoothing=0.05)
 
+    def begin(self, stage: str, params: dict) -> set[str]:
+        """Starts or resumes a stage; returns the units already done, the same set on every rank.
 
-def resolve_device(name: str) -> torch.device:
-    """auto picks CUDA, then MPS, then the CPU; an unavailable explicit choice is an error."""
+        Rank 0 checks the settings and lists the parts; the others wait for its answer,
+        so every rank plans from the same finished units.
+        """
+        answer: tuple[set[str] | None, str | None]
+        if self.ranks.main:
+            try:
+                answer = (self.store.begin(stage, params), None)
+            except AtlasError as exc:
+                answer = (None, str(exc))
+            distributed.share(answer)
+        else:
+            answer = distributed.share((None, None))
+        done, error = answer
+        if error is not None:
+            raise AtlasError(error)
+        return done
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """auto picks CUDA, then MPS, then the CPU; an unavailable explicit choice is an error.
+
+    Under torchrun, plain `cuda` (or auto) means this machine's GPU number `local_rank`.
+    """
+    if name in ("auto", "cuda") and torch.cuda.is_available():
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
         if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
@@ -70,8 +94,10 @@ def versions(device: torch.device) -> dict:
 
 
 def prepare(config: Config, progress: bool = True) -> Context:
-    """Loads the model, discovers and selects layers, opens the store."""
-    device = resolve_device(config.device)
+    """Loads the model, discovers and selects layers, opens the store (rank 0; the others wait)."""
+    ranks = distributed.from_env()
+    device = resolve_device(config.device, ranks.local)
+    distributed.start(ranks, device)
     loaded = models.load(config.model, config.weights).to(device)
     all_layers = discover(loaded.model, loaded.input_size, device)
     layers = select(loaded.model, all_layers, config.layers)
@@ -80,14 +106,23 @@ def prepare(config: Config, progress: bool = True) -> Context:
                          f"(`atlas layers {config.model}` lists them)")
     store = Store(config.store_dir, loaded.name)
     p = loaded.preprocess
-    store.open({
+    meta = {
         "spec": loaded.spec, "name": loaded.name, "weights_id": loaded.weights_id,
         "input_size": loaded.input_size, "classes": loaded.class_names,
         "preprocess": {"size": p.size, "crop_pct": p.crop_pct, "mean": p.mean, "std": p.std},
         "layers": [l.__dict__ for l in layers], "config": config.to_json(),
         "versions": versions(device), "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-    })
-    return Context(config, loaded, device, layers, store, progress)
+    }
+    error = None
+    if ranks.main:
+        try:
+            store.open(meta)
+        except AtlasError as exc:
+            error = str(exc)
+    error = distributed.share(error)
+    if error is not None:
+        raise AtlasError(error)
+    return Context(config, loaded, device, layers, store, progress and ranks.main, ranks)
 
 
 def stage_modules() -> dict:
@@ -98,11 +133,19 @@ def stage_modules() -> dict:
 
 
 def run_stages(ctx: Context, stages: Iterable[str]) -> Path:
-    """Runs the stages in pipeline order, then rebuilds the consolidated store."""
+    """Runs the stages in pipeline order, then rebuilds the consolidated store (rank 0).
+
+    Under torchrun every rank runs its share of each stage, and all wait for the
+    slowest before the next stage, which reads the earlier stage's parts.
+    """
     modules = stage_modules()
     for stage in [s for s in STAGES if s in set(stages)]:
         modules[stage].run(ctx)
-    return consolidate(ctx.store)
+        distributed.barrier()
+    if ctx.ranks.main:
+        consolidate(ctx.store)
+    distributed.barrier()
+    return ctx.store.path
 
 
 def consolidate(store: Store) -> Path:
@@ -120,7 +163,7 @@ def build(config: Config, stages: Iterable[str] = STAGES, render: bool = True,
     """
     ctx = prepare(config, progress)
     path = run_stages(ctx, stages)
-    if render:
+    if render and ctx.ranks.main:
         from atlas import site
         site.render(path, config.site_dir, progress=progress)
     return path

@@ -5,7 +5,7 @@
     site/<model>/index.html              layers with previews
     site/<model>/about.html              how the store was made, what it holds
     site/<model>/<layer>/index.html      every unit, drawn from sprite sheets
-    site/<model>/<layer>/<channel>.html  one unit
+    site/<model>/<layer>/<channel>.html  one unit; <channel>-views.avif its other views in one strip
     site/<model>/images/<index>.html     one dataset image with its attributions
     site/<model>/checks.html             sanity checks of every attribution method
     site/<model>/checks-strips.avif      its randomization strips, one sprite
@@ -301,15 +301,16 @@ def _render_pictures(layer: Layer, arrays: dict, stored: dict[str, h5py.Dataset]
     sits in memory whole.
     """
     ext = img.PICTURE_EXT
-    for view in SECONDARY_VIEWS:
-        if view not in stored:
-            continue
-        done = _done(arrays, view, layer.channels)
+    secondary = [v for v in SECONDARY_VIEWS if v in stored]
+    if secondary:
+        done = {v: _done(arrays, v, layer.channels) for v in secondary}
         for start in range(0, layer.channels, img.SHEET_UNITS):
-            chunk = stored[view][start:start + img.SHEET_UNITS]
-            for j in np.flatnonzero(done[start:start + len(chunk)]):
-                pixels = img.view_picture(chunk[j], scale)
-                w.write(f"{layer.slug}/{start + j}-{view}.{ext}", img.encode(pixels), "featurevis")
+            chunks = {v: stored[v][start:start + img.SHEET_UNITS] for v in secondary}
+            for j in range(len(chunks[secondary[0]])):
+                views = [chunks[v][j] for v in secondary if done[v][start + j]]
+                if views:
+                    w.write(f"{layer.slug}/{start + j}-views.{ext}", img.encode(img.views_strip(views, scale)),
+                            "featurevis")
     if "channel" not in stored or not layer.channels:
         return []
     done = _done(arrays, "channel", layer.channels)

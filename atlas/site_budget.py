@@ -23,8 +23,8 @@ SECONDARY_VIEWS = ("negative", "neuron", "diversity")
 VIEW_SCALES = (1.0, 0.75, 0.5)  # sides of the secondary views tried, as fractions of the stored side
 SAMPLE_UNITS = 48  # units encoded to estimate the bytes of every unit
 # HTML of one unit page, as `atlas bench site` measures it for ResNet-50: with its 10
-# top and 10 bottom examples and 3 attribution pairs 7.6 KB, without examples 3 KB.
-UNIT_PAGE_BYTES = {True: 7_600, False: 3_000}
+# top and 10 bottom examples and 3 attribution overlays 10.3 KB, without examples 4 KB.
+UNIT_PAGE_BYTES = {True: 10_300, False: 4_000}
 LAYER_BYTES = 60_000  # a layer's grid page, preview and the rest of its sheet overhead
 
 
@@ -76,11 +76,10 @@ def _unit_bytes(f: h5py.File, model: Model, sample: list[tuple[int, int]]) -> tu
             channel = stored["channel"][c]
             fixed += len(img.encode(channel))
             channels.setdefault(channel.shape[0], []).append(channel)
-        for view in SECONDARY_VIEWS:
-            if view in stored and _done(group, view, c):
-                pixels = stored[view][c]
-                for scale in VIEW_SCALES:
-                    views[scale] += len(img.encode(img.view_picture(pixels, scale)))
+        secondary = [stored[v][c] for v in SECONDARY_VIEWS if v in stored and _done(group, v, c)]
+        if secondary:
+            for scale in VIEW_SCALES:
+                views[scale] += len(img.encode(img.views_strip(secondary, scale)))
         maps, _ = unit_attribution(group) if model.n_images else (None, {})
         if maps is not None:
             strip, _ = img.unit_strip(maps[c].astype(np.float32), min(img.UNIT_HEAT_SIDE, maps.shape[-1]))

@@ -125,13 +125,23 @@ def shrink(pixels: np.ndarray, side: int) -> np.ndarray:
     return np.asarray(image)
 
 
-def view_picture(pixels: np.ndarray, scale: float = 1.0) -> np.ndarray:
-    """What the site shows of one unit's view: a picture [S, S, 3], or a set [k, S, S, 3] as a strip,
-    each image at `scale` of its stored side."""
-    tiles = pixels if pixels.ndim == 4 else pixels[None]
-    side = max(16, round(tiles.shape[1] * scale))
-    tiles = np.stack([shrink(t, side) for t in tiles])
-    return strip(tiles) if pixels.ndim == 4 else tiles[0]
+def views_strip(views: list[np.ndarray], scale: float = 1.0) -> np.ndarray:
+    """One unit's views other than `channel` in one strip [s, n*s, 3], each image at `scale` of its side.
+
+    Each view is a picture [S, S, 3] or a set [k, S, S, 3]; their images go
+    side by side in the order given. One file per unit instead of one per view:
+    an AVIF file carries about 300 bytes of container, a large share of a 64 px image.
+    """
+    tiles = [t for v in views for t in (v if v.ndim == 4 else v[None])]
+    side = max(16, round(tiles[0].shape[0] * scale))
+    return strip(np.stack([shrink(t, side) for t in tiles]))
+
+
+def window(first: int, count: int, total: int) -> str:
+    """CSS background position and size that show tiles first..first+count-1 of a strip of `total`
+    tiles in an element as wide as `count` tiles (percentages, so the element may shrink)."""
+    at = "0%" if total == count else f"{first / (total - count) * 100:.4g}%"
+    return f"{at} 0/{total / count * 100:.4g}% 100%"
 
 
 def preview_strip(images: np.ndarray, done: np.ndarray) -> np.ndarray:

@@ -181,17 +181,23 @@ def _at(arrays: dict, key: str, c: int) -> np.ndarray | None:
 
 
 def _views(layer: Layer, c: int, arrays: dict) -> list[dict]:
-    """The views other than `channel` that the store holds for this layer, rendered or pending."""
-    out = []
+    """The views other than `channel` that the store holds for this layer, rendered or pending.
+
+    The rendered ones share one strip (`<c>-views`); each view shows its tiles of it.
+    """
+    out, tiles = [], 0
     for view in layer.views:
         if view == "channel":
             continue
         done = arrays.get(f"featurevis/{view}_done")
         objective = _at(arrays, f"featurevis/{view}_objective", c)
+        count = int(objective.size) if objective is not None else 1
         out.append({"name": view, "text": VIEW_TEXT[view], "done": done is None or bool(done[c]),
-                    "src": f"{c}-{view}.{img.PICTURE_EXT}",
-                    "objective": None if objective is None else float(np.mean(objective)),
-                    "count": int(objective.size) if objective is not None else 1})
+                    "first": tiles, "count": count,
+                    "objective": None if objective is None else float(np.mean(objective))})
+        tiles += count if out[-1]["done"] else 0
+    for v in out:  # once the strip's length is known
+        v["style"] = f"background:url({c}-views.{img.PICTURE_EXT}) {img.window(v['first'], v['count'], tiles)}"
     return out
 
 

@@ -317,12 +317,14 @@ def test_every_view_is_shown(full):
     model, store = full
     unit = model / "block.0.relu-401" / "7.html"
     urls = refs(unit).urls
-    for view in ("negative", "neuron", "diversity"):
-        assert f"7-{view}.{EXT}" in urls
-        assert (unit.parent / f"7-{view}.{EXT}").is_file()
-    assert f"7.{EXT}" in urls
-    strip = Image.open(unit.parent / f"7-diversity.{EXT}")
-    assert strip.size == (4 * 16, 16)  # k=4 images of 16 px side by side, one file
+    assert f"7-views.{EXT}" in urls and f"7.{EXT}" in urls
+    strip = Image.open(unit.parent / f"7-views.{EXT}")
+    assert strip.size == (6 * 16, 16)  # negative, neuron and k=4 diversity images of 16 px, one file
+    text = unit.read_text()
+    windows = dict(re.findall(r'aria-label="(\w+) visualization of block.0.relu@1 unit 7" style="([^"]+)"', text))
+    assert windows["negative"].endswith("0% 0/600% 100%")  # tile 0 of 6
+    assert windows["neuron"].endswith("20% 0/600% 100%")  # tile 1: 1/(6-1) of the way
+    assert windows["diversity"].endswith("100% 0/150% 100%") and "aspect-ratio:4" in windows["diversity"]
     assert "Views in this atlas: channel, negative, neuron, diversity." in unit.read_text()
     crawl(model.parent / "index.html")
 
@@ -337,16 +339,14 @@ def test_secondary_views_shrink_to_fit_the_budget(tmp_path):
     actual = sum(report["site_bytes"].values())
     assert 0.5 < estimates[1.0] / actual < 2.0  # the estimate is of the right size
     unit = tmp_path / "roomy" / "big" / "block.0.relu-401" / "7.html"
-    assert Image.open(unit.parent / f"7-diversity.{EXT}").size == (4 * 64, 64)
+    assert Image.open(unit.parent / f"7-views.{EXT}").size == (6 * 64, 64)
     assert "shown at" not in unit.read_text()
 
     budget = (estimates[0.75] + estimates[0.5]) / 2  # only half size fits
     report = render(store, tmp_path / "tight", progress=False, max_site_mb=budget / 1e6)
     assert report["view_scale"] == 0.5
     unit = tmp_path / "tight" / "big" / "block.0.relu-401" / "7.html"
-    for view in ("negative", "neuron"):
-        assert Image.open(unit.parent / f"7-{view}.{EXT}").size == (32, 32)
-    assert Image.open(unit.parent / f"7-diversity.{EXT}").size == (4 * 32, 32)
+    assert Image.open(unit.parent / f"7-views.{EXT}").size == (6 * 32, 32)
     assert Image.open(unit.parent / f"7.{EXT}").size == (64, 64)  # the channel view keeps its side
     note = "views other than channel shown at 32 px of the stored 64 to keep the site within"
     assert note in unit.read_text() and note in (unit.parent.parent / "about.html").read_text()
@@ -357,7 +357,7 @@ def test_quick_store_shows_channel_only(site):
     root, _ = site
     unit = (root / "tiny" / "conv1" / "0.html").read_text()
     assert "not rendered: negative, neuron, diversity" in unit
-    assert "-negative." not in unit and "-diversity." not in unit and "More views" not in unit
+    assert "-views." not in unit and "More views" not in unit
     assert not [p for p in (root / "tiny" / "conv1").glob(f"[0-9]*-*.{EXT}") if not p.stem.endswith("-attribution")]
 
 

@@ -18,7 +18,7 @@ from collections import defaultdict
 import numpy as np
 import torch
 
-from atlas import dataset
+from atlas import dataset, distributed
 from atlas.attribution import checks as sanity
 from atlas.attribution.ablation import fractions
 from atlas.attribution.base import Attribution, InputSpace
@@ -91,21 +91,23 @@ class DatasetImages:
 def run(ctx) -> None:
     """Computes every map, unit attribution and check the store does not have yet."""
     cfg = ctx.config
-    done = ctx.store.begin(STAGE, cfg.stage_params(STAGE))
+    done = ctx.begin(STAGE, cfg.stage_params(STAGE))
     data_units = sorted(ctx.store.done("dataset"))
     if not data_units:
         raise AtlasError("attribution needs dataset images: run `atlas dataset` (or `atlas build`) first")
     for name in cfg.attr_methods:
         check(name)  # an unknown name fails before any work
     images = DatasetImages(ctx.store, ctx.loaded.preprocess, ctx.device)
-    run_maps(ctx, images, [(m, d) for d in data_units for m in cfg.attr_methods
+    # a rank takes whole data units, so the SmoothGrad variants of a unit share their samples
+    run_maps(ctx, images, [(m, d) for d in ctx.ranks.shard(data_units) for m in cfg.attr_methods
                            if f"{m}/{d}" not in done and f"skipped/{m}" not in done], make_method)
     if cfg.attr_unit_topk:
         _run_units(ctx, images, done)
+    distributed.barrier()  # every rank's skipped methods are known before the checks
     skipped = {key.split("/", 1)[1] for key in ctx.store.done(STAGE) if key.startswith("skipped/")}
     if cfg.attr_check_images and len(images.order):
         todo = [m for m in (*cfg.attr_methods, "random") if f"checks/{m}" not in done and m not in skipped]
-        _run_checks(ctx, images, todo)
+        _run_checks(ctx, images, ctx.ranks.shard(todo))
 
 
 def chunk(ctx) -> int:
@@ -137,8 +139,8 @@ def make_method(ctx, name: str, images: DatasetImages | None, model=None,
 
 def _run_units(ctx, images: DatasetImages, done: set[str]) -> None:
     cfg = ctx.config
-    todo = [(layer, a, min(a + UNIT_CHANNELS, layer.channels)) for layer in ctx.layers
-            for a in range(0, layer.channels, UNIT_CHANNELS) if _unit_key(layer.name, a) not in done]
+    todo = ctx.ranks.shard([(layer, a, min(a + UNIT_CHANNELS, layer.channels)) for layer in ctx.layers
+                            for a in range(0, layer.channels, UNIT_CHANNELS) if _unit_key(layer.name, a) not in done])
     if not todo:
         return
     examples = dataset.top_examples(ctx.store, [layer for layer in ctx.layers if any(t[0] is layer for t in todo)])

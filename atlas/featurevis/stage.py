@@ -17,6 +17,7 @@ import h5py
 import numpy as np
 import torch
 
+from atlas import distributed
 from atlas.errors import AtlasError
 from atlas.featurevis import objectives as O
 from atlas.featurevis.param import unit_seed
@@ -92,9 +93,9 @@ def run(ctx) -> None:
     unknown = [v for v in cfg.fv_views if v not in VIEWS]
     if unknown:
         raise AtlasError(f"unknown feature-visualization view {unknown[0]!r}; choose from {', '.join(VIEWS)}")
-    done = ctx.store.begin(STAGE, cfg.stage_params(STAGE))
+    done = ctx.begin(STAGE, cfg.stage_params(STAGE))
     renderer = _Renderer(ctx, settings_of(cfg))
-    units = plan(ctx.layers, cfg.fv_views, done, renderer.channels_per_batch)
+    units = ctx.ranks.shard(plan(ctx.layers, cfg.fv_views, done, renderer.channels_per_batch))
     with ctx.bar(sum(len(c) for _, _, c in units), "feature visualization", "unit") as bar:
         for view, layer, channels in units:
             bar.set_postfix_str(f"{view} {layer}")
@@ -113,6 +114,7 @@ class _Renderer:
         self.batch = self.cfg.fv_batch
         if ctx.device.type == "cuda" and ctx.layers:
             self.batch = self._batch_from_free_memory(ctx.layers[-1].name)
+        self.batch = distributed.smallest(self.batch)  # every rank cuts the channels into the same units
 
     def _batch_from_free_memory(self, layer: str, cap: int = 1024) -> int:
         """Measures one image's memory on the deepest layer and fills 60 % of what is free."""
