@@ -247,6 +247,13 @@ def bench_projection(**o) -> None:
                                                  "channels": "d"})
 
 
+@bench.command("scale")
+def bench_scale() -> None:
+    """One torchrun rank against two on the same build, then a kill and a resume."""
+    from atlas.bench import scale
+    _summary("scale", scale.run(), {"speedup_2_ranks": ".2f", "resume_lost_units": "d"})
+
+
 @bench.command("site")
 @click.option("--images", "n_images", default=1000, show_default=True)
 @click.option("--max-layers", type=int, default=None, help="only the first N layers plus the widest (quicker)")

@@ -13,7 +13,9 @@ from __future__ import annotations
 import h5py
 import numpy as np
 import torch
+from tqdm import tqdm
 
+from atlas.errors import AtlasError
 from atlas.images import ImageDataset, list_images
 from atlas.layers import Capture, receptive_field
 from atlas.store import Store, read_attrs
@@ -33,9 +35,10 @@ def run(ctx) -> None:
     size = ctx.loaded.input_size
     rf = {l.name: receptive_field(ctx.loaded.model, l, size, ctx.device) for l in ctx.layers}
     source = "embedded sample photos" if cfg.data is None else str(cfg.data)
+    batch = cfg.data_batch
     with ctx.bar(sum(b - a for a, b in todo), "dataset examples", "img") as bar:
         for first, end in todo:
-            arrays = _run_unit(ctx, records, first, end, bar)
+            arrays, batch = _fitting_unit(ctx, records, first, end, bar, batch)
             ctx.store.write_unit(STAGE, unit_key(first, end), arrays, {
                 "rf": rf, "k": cfg.topk, "source": source, "total": len(records),
                 "layers": [l.name for l in ctx.layers]})
@@ -45,10 +48,27 @@ def unit_key(first: int, end: int) -> str:
     return f"{first:08d}-{end:08d}"
 
 
-def _run_unit(ctx, records, first: int, end: int, bar) -> dict[str, np.ndarray]:
+def _fitting_unit(ctx, records, first: int, end: int, bar, batch: int) -> tuple[dict[str, np.ndarray], int]:
+    """Runs one unit; on CUDA out-of-memory, again with half the batch. Returns its arrays and the batch
+    that fitted, which the next units start from. A unit's result does not depend on the batch."""
+    while True:
+        start = bar.n
+        try:
+            return _run_unit(ctx, records, first, end, bar, batch), batch
+        except torch.cuda.OutOfMemoryError:
+            if batch == 1:
+                raise AtlasError(f"one image of {ctx.loaded.name} does not fit in GPU memory with every "
+                                 f"selected layer hooked; select fewer layers (--layers) or use --device cpu") from None
+            torch.cuda.empty_cache()
+            batch = max(1, batch // 2)
+            bar.update(start - bar.n)  # the unit starts over
+            tqdm.write(f"atlas: out of GPU memory; dataset batch halved to {batch}")
+
+
+def _run_unit(ctx, records, first: int, end: int, bar, batch_size: int) -> dict[str, np.ndarray]:
     cfg, loaded = ctx.config, ctx.loaded
     loader = torch.utils.data.DataLoader(ImageDataset(records, loaded.preprocess, range(first, end)),
-                                         batch_size=cfg.data_batch, num_workers=cfg.workers)
+                                         batch_size=batch_size, num_workers=cfg.workers)
     summaries = {l.name: LayerSummary(l.channels, cfg.topk, ctx.device, cfg.fuse) for l in ctx.layers}
     batch = {"index": torch.zeros(0, dtype=torch.long)}  # global ids of the images in flight
     hooks = {name: (lambda act, s=s: s.add(act, batch["index"])) for name, s in summaries.items()}

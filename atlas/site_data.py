@@ -180,6 +180,7 @@ def _attribution(g: h5py.Group) -> dict:
     return {"target": get("target"), "score": get("score"), "label_target": get("label_target"),
             "completeness": get("completeness"), "steps": get("steps"),
             "scale": get("scale"), "label_scale": get("label_scale"),  # maps stored divided by these
+            "finite": get("finite"),
             "has_label_maps": isinstance(g.get("label_maps"), h5py.Dataset),
             "params": read_attrs(g["maps"]), "attrs": read_attrs(g)}
 

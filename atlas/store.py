@@ -190,6 +190,8 @@ class Store:
                 if finalize is not None:
                     finalize(f)
         self.directory.mkdir(parents=True, exist_ok=True)
+        for stale in self.directory.glob(f".{self.path.name}.tmp*"):  # left by a consolidation that was killed
+            stale.unlink(missing_ok=True)
         atomic_write(self.path, write)
         return self.path
 

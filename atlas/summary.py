@@ -28,6 +28,10 @@ def summarize(path: Path) -> str:
             if any(failures.values()):
                 lines.append("           above the completeness tolerance: "
                              + ", ".join(f"{m} {n} images" for m, n in failures.items() if n))
+            broken = {m: int(g.attrs.get("non_finite", 0)) for m, g in f["attribution"].items()}
+            if any(broken.values()):
+                lines.append("           maps NaN or infinite after a retry: "
+                             + ", ".join(f"{m} {n} images" for m, n in broken.items() if n))
         if "checks" in f:
             verdicts = {m: str(g["randomization"].attrs.get("verdict")) for m, g in f["checks"].items()
                         if isinstance(g, h5py.Group) and "randomization" in g}

@@ -16,7 +16,7 @@ from atlas.store import Store, read_attrs
 STAGE = "attribution"
 _PER_IMAGE = {"target": (np.int64, -1), "score": (np.float32, np.nan), "label_target": (np.int64, -1),
               "completeness": (np.float32, np.nan), "steps": (np.int32, 0),
-              "scale": (np.float32, np.nan), "label_scale": (np.float32, np.nan)}
+              "scale": (np.float32, np.nan), "label_scale": (np.float32, np.nan), "finite": (np.bool_, True)}
 
 
 def consolidate(store: Store, f: h5py.File) -> None:
@@ -42,6 +42,7 @@ def consolidate(store: Store, f: h5py.File) -> None:
     for name, g in groups.items():
         done = g["target"][...] >= 0
         g.attrs["completeness_failures"] = int(np.sum(g["completeness"][...][done] > g.attrs["tolerance"]))
+        g.attrs["non_finite"] = int(np.sum(~g["finite"][...][done]))
 
 
 def _create(f: h5py.File, name: str, n: int, part: h5py.File) -> h5py.Group:

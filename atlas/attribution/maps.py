@@ -75,15 +75,22 @@ def _groups(todo: list[tuple[str, str]]) -> list[tuple[str, list[str]]]:
     return out
 
 
-def _explain(ctx, group: dict[str, Attribution], images, index: np.ndarray, target: np.ndarray) -> dict:
-    """name -> (maps [n, S, S] summed over colour, completeness [n], steps [n])."""
+RETRY_SEED = 7_919  # added to an image's seed when its map came out NaN or infinite
+
+
+def _explain(ctx, group: dict[str, Attribution], images, index: np.ndarray, target: np.ndarray,
+             retry: int = 0) -> dict:
+    """name -> (maps [n, S, S] summed over colour, completeness [n], steps [n]).
+
+    `retry` > 0 draws the random methods' noise from another seed.
+    """
     x, t = images.inputs(index), torch.as_tensor(target, device=ctx.device)
     first = next(iter(group.values()))
     if hasattr(first, "seed"):  # random draws are seeded by the image, not by its place in a batch
         parts = []
         for i in range(len(index)):
             for method in group.values():
-                method.seed = ctx.config.seed + int(index[i])
+                method.seed = ctx.config.seed + int(index[i]) + retry * RETRY_SEED
             parts.append(_explain_rows(group, x[i:i + 1], t[i:i + 1]))
         return {name: tuple(np.concatenate([p[name][j] for p in parts]) for j in range(3)) for name in group}
     return _explain_rows(group, x, t)
@@ -134,6 +141,7 @@ def _maps_of(ctx, group: dict[str, Attribution], images, index: np.ndarray, scor
             out[name]["maps"][rows], out[name]["completeness"][rows], out[name]["steps"][rows] = \
                 maps, completeness, steps
         bar.update(rows.stop - rows.start)
+    _retry_non_finite(ctx, group, images, index, target, out)
     same = label == target
     other = np.nonzero((label >= 0) & ~same)[0]
     for arrays in out.values():
@@ -143,9 +151,33 @@ def _maps_of(ctx, group: dict[str, Attribution], images, index: np.ndarray, scor
         for name, (maps, _, _) in _explain(ctx, group, images, index[rows], label[rows]).items():
             out[name]["label_maps"][rows] = maps
     common = {"index": index, "target": target, "score": score, "label_target": label}
-    return {name: {**common, "completeness": a["completeness"], "steps": a["steps"],
+    return {name: {**common, "completeness": a["completeness"], "steps": a["steps"], "finite": _finite(a["maps"]),
                    **_scaled("maps", a["maps"]), **_scaled("label_maps", a["label_maps"])}
             for name, a in out.items()}
+
+
+def _finite(maps: np.ndarray) -> np.ndarray:
+    return np.isfinite(maps).reshape(len(maps), -1).all(1)
+
+
+def _retry_non_finite(ctx, group: dict[str, Attribution], images, index: np.ndarray, target: np.ndarray,
+                      out: dict[str, dict]) -> None:
+    """Computes once more, from another seed, the maps that came out NaN or infinite.
+
+    What stays non-finite is kept as it is and flagged (`finite` False in the part and the store).
+    """
+    bad = {name: ~_finite(a["maps"]) for name, a in out.items()}
+    rows = np.flatnonzero(np.any(list(bad.values()), axis=0))
+    if not rows.size:
+        return
+    for name, (maps, completeness, steps) in _explain(ctx, group, images, index[rows], target[rows], retry=1).items():
+        redo = rows[bad[name][rows]]
+        keep = bad[name][rows]
+        out[name]["maps"][redo], out[name]["completeness"][redo], out[name]["steps"][redo] = \
+            maps[keep], completeness[keep], steps[keep]
+        still = int((~_finite(out[name]["maps"][redo])).sum())
+        if still:
+            tqdm.write(f"atlas: {name}: {still} map(s) stay NaN or infinite after a retry; flagged in the store")
 
 
 def _scaled(name: str, maps: np.ndarray) -> dict[str, np.ndarray]:

@@ -43,7 +43,7 @@ def _plain(ctx: Context, records) -> None:
 
 
 def _atlas(ctx: Context, records) -> None:
-    arrays = dataset._run_unit(ctx, records, 0, len(records), tqdm(disable=True))
+    arrays = dataset._run_unit(ctx, records, 0, len(records), tqdm(disable=True), ctx.config.data_batch)
     ctx.store.write_unit(dataset.STAGE, dataset.unit_key(0, len(records)), arrays)
 
 

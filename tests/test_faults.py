@@ -1,0 +1,261 @@
+"""Faults, injected for real on the tiny model: kills mid-write, a full disk, Ctrl-C, hostile files.
+
+Every fault leaves the finished units whole; the same command run again ends
+with the store an uninterrupted build makes.
+"""
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from atlas import store as store_module
+from atlas.cli import main
+from test_images import hostile_folder
+from test_pipeline import make_images
+
+BUILD = ["build", "--model", "atlas:tiny_convnet", "--steps", "4", "--size", "32", "--topk", "4", "--workers", "0",
+         "-q", "--device", "cpu", "--data-unit", "4", "--fv-batch", "2", "--methods", "gradient,smoothgrad"]
+STORE = "atlas-tiny_convnet"
+
+# Runs the CLI and SIGKILLs itself at the n-th durable write: "rename" when a file
+# is written and flushed but not yet renamed into place, "write" half-way through
+# writing a part's datasets, "consolidate" half-way through writing the .h5.
+KILLER = """
+import os, signal, sys
+import atlas.store as store
+n, where = int(sys.argv[1]), sys.argv[2]
+calls = [0]
+
+def hit():
+    calls[0] += 1
+    if calls[0] == n:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+if where == "rename":
+    real_replace = os.replace
+    def replace(src, dst):
+        hit()
+        return real_replace(src, dst)
+    os.replace = replace
+elif where == "consolidate":
+    real_root = store._write_root
+    def root(f, meta):
+        real_root(f, meta)
+        hit()
+    store._write_root = root
+else:
+    real_write = store._write_h5
+    def write(tmp, arrays, attrs):
+        real_write(tmp, dict(list(arrays.items())[: len(arrays) // 2]), attrs)
+        hit()
+        real_write(tmp, arrays, attrs)
+    store._write_h5 = write
+from atlas.cli import main
+main(sys.argv[3:], prog_name="atlas")
+"""
+
+
+def cli(cwd: Path, store: str, *extra: str, prefix: tuple[str, ...] = ("-m", "atlas")) -> subprocess.Popen:
+    args = [*BUILD, "--data", "images", "--store-dir", store, "--out", f"site-{store}", *extra]
+    return subprocess.Popen([sys.executable, *prefix, *args], cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def parts(folder: Path) -> list[Path]:
+    return sorted(p for p in (folder / f"{STORE}.parts").glob("*/*.h5") if not p.name.startswith("."))
+
+
+def assert_whole(folder: Path) -> None:
+    """Every part on disk opens with all its datasets readable; no temporary is left behind once resumed."""
+    for p in parts(folder):
+        with h5py.File(p, "r") as f:
+            f.visititems(lambda _, o: o[()] if isinstance(o, h5py.Dataset) else None)
+    if (folder / f"{STORE}.h5").exists():
+        h5py.File(folder / f"{STORE}.h5", "r").close()
+
+
+def arrays(path: Path) -> dict[str, np.ndarray]:
+    out: dict[str, np.ndarray] = {}
+    with h5py.File(path, "r") as f:
+        f.visititems(lambda n, o: out.__setitem__(n, o[()]) if isinstance(o, h5py.Dataset) else None)
+    return out
+
+
+def assert_same_store(a: Path, b: Path) -> None:
+    x, y = arrays(a / f"{STORE}.h5"), arrays(b / f"{STORE}.h5")
+    assert set(x) == set(y)
+    for key in x:
+        np.testing.assert_array_equal(x[key], y[key], err_msg=key)
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    """A folder with images and an uninterrupted build in `clean/`."""
+    root = tmp_path_factory.mktemp("faults")
+    make_images(root / "images", 12)
+    proc = cli(root, "clean")
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    return root
+
+
+def test_kills_mid_write_lose_no_finished_unit(work):
+    n = len(parts(work / "clean"))
+    for at, where in ((3, "rename"), (6, "write"), (10, "rename"), (1, "consolidate")):
+        proc = cli(work, "killed", prefix=("-c", KILLER, str(at), where))
+        proc.communicate(timeout=300)
+        assert proc.returncode == -signal.SIGKILL, (at, where)
+        assert_whole(work / "killed")
+        assert len(parts(work / "killed")) < n or where == "consolidate"
+    before = {p.name: p.stat().st_ino for p in parts(work / "killed")}
+    assert len(before) == n  # the last kill came after every unit was done
+    proc = cli(work, "killed")
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    after = {p.name: p.stat().st_ino for p in parts(work / "killed")}
+    assert all(after[name] == inode for name, inode in before.items())  # no finished unit computed again
+    assert not list((work / "killed" / f"{STORE}.parts").glob("*/.*.tmp*"))
+    assert not list((work / "killed").glob(".*.tmp*"))  # nor the half-written consolidation
+    assert_same_store(work / "killed", work / "clean")
+
+
+def test_a_full_disk_stops_with_one_line_and_keeps_the_finished_units(work, monkeypatch):
+    real = store_module._write_h5
+    calls = [0]
+
+    def full(tmp, arrays, attrs):
+        calls[0] += 1
+        if calls[0] >= 6:  # the disk fills up during the sixth part
+            with open(tmp, "wb") as f:
+                f.write(b"\0" * 100)
+            raise OSError(errno.ENOSPC, "No space left on device", str(tmp))
+        real(tmp, arrays, attrs)
+
+    monkeypatch.setattr(store_module, "_write_h5", full)
+    monkeypatch.chdir(work)
+    args = [*BUILD, "--data", "images", "--store-dir", "full", "--out", "site-full"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2
+    line = result.output.strip().splitlines()[-1]
+    assert line.startswith("atlas: error: disk full while writing") and "re-run the same command" in line
+    assert len(parts(work / "full")) == 5
+    assert not list((work / "full" / f"{STORE}.parts").glob("*/.*.tmp*"))  # the half-written part is gone
+    assert_whole(work / "full")
+    monkeypatch.setattr(store_module, "_write_h5", real)
+    assert CliRunner().invoke(main, args).exit_code == 0
+    assert_same_store(work / "full", work / "clean")
+
+
+def test_ctrl_c_exits_cleanly_and_the_rerun_finishes(work):
+    proc = cli(work, "interrupted")
+    folder = work / "interrupted"
+    deadline = time.time() + 120
+    while len(parts(folder)) < 3 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    assert "interrupted; finished work units are kept" in err and "Traceback" not in err
+    assert not list((folder / f"{STORE}.parts").glob("*/.*.tmp*"))
+    assert_whole(folder)
+    proc = cli(work, "interrupted")
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert_same_store(folder, work / "clean")
+
+
+def test_a_folder_of_hostile_files_builds_and_renders(tmp_path):
+    (tmp_path / "images").mkdir()
+    hostile_folder(tmp_path / "images")
+    proc = cli(tmp_path, "hostile")
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    with h5py.File(tmp_path / "hostile" / f"{STORE}.h5", "r") as f:
+        skipped = dict(zip(f["dataset/skipped_paths"].asstr()[...], f["dataset/skipped_reasons"].asstr()[...]))
+        assert len(f["dataset/images"]) == 8
+    assert set(skipped) == {"truncated.jpg", "zero.jpg", "text.jpg", "bomb.png"}
+    site = tmp_path / "site-hostile"
+    pages = [p.read_text() for p in site.rglob("*.html")]
+    assert not any("<img src=x onerror" in page for page in pages)  # the file name shows as text
+    assert any("&lt;img src=x onerror=alert(1)&gt;" in page for page in pages)
+
+
+def test_nan_maps_are_computed_again_then_flagged(tmp_path, monkeypatch):
+    """NaN in a deterministic method's map stays after the retry and is flagged; a random method's
+    infinite map is replaced by the retry from another seed."""
+    from atlas import pipeline
+    from atlas.attribution import maps as maps_module
+    from atlas.site import render
+    from test_pipeline import config
+
+    real = maps_module._explain
+    retried = []
+
+    def poisoned(ctx, group, images, index, target, retry=0):
+        out = real(ctx, group, images, index, target, retry)
+        rows = list(index)
+        for name, (maps, _, _) in out.items():
+            if name == "gradient" and 0 in rows:
+                maps[rows.index(0), 0, 0] = np.nan  # every time: a fault the retry cannot fix
+            if name == "smoothgrad" and 1 in rows and retry == 0:
+                maps[rows.index(1)] = np.inf  # the first time only
+        retried.extend(rows if retry else [])
+        return out
+
+    monkeypatch.setattr(maps_module, "_explain", poisoned)
+    cfg = config(tmp_path, make_images(tmp_path / "images", 6), attr_methods=("gradient", "smoothgrad"))
+    ctx = pipeline.prepare(cfg, progress=False)
+    path = pipeline.run_stages(ctx, ("dataset", "attribution"))
+    assert sorted(set(retried)) == [0, 1]  # only the images whose maps failed were computed again
+    with h5py.File(path, "r") as f:
+        gradient, smooth = f["attribution/gradient"], f["attribution/smoothgrad"]
+        assert gradient["finite"][()].tolist() == [False] + [True] * 5
+        assert gradient.attrs["non_finite"] == 1 and np.isnan(gradient["maps"][0, 0, 0])
+        assert smooth["finite"][()].all() and smooth.attrs["non_finite"] == 0
+        assert np.isfinite(smooth["maps"][1]).all()
+    render(path, tmp_path / "site", progress=False)
+    page = (tmp_path / "site" / "atlas-2Dtiny_convnet" / "images" / "0.html").read_text()
+    assert page.count(">not finite</span>") == 1
+    assert ">not finite</span>" not in (tmp_path / "site" / "atlas-2Dtiny_convnet" / "images" / "1.html").read_text()
+
+
+def test_out_of_memory_in_the_dataset_pass_halves_the_batch(tmp_path, monkeypatch):
+    """A simulated GPU that holds 2 images: the unit starts over with half the batch until it fits,
+    and the result equals a run that never ran out."""
+    import torch
+
+    from atlas import pipeline
+    from atlas.layers import Capture
+    from test_pipeline import config
+
+    images = make_images(tmp_path / "images", 10)
+    plain = pipeline.run_stages(pipeline.prepare(config(tmp_path / "plain", images, data_batch=8), progress=False),
+                                ["dataset"])
+    sizes = []
+    real = Capture.run
+
+    def small_gpu(self, x):
+        sizes.append(len(x))
+        if len(x) > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(self, x)
+    monkeypatch.setattr(Capture, "run", small_gpu)
+    path = pipeline.run_stages(pipeline.prepare(config(tmp_path / "small", images, data_batch=8), progress=False),
+                               ["dataset"])
+    failed = [i for i, n in enumerate(sizes) if n > 2]
+    assert len(failed) == 2  # a batch of 8, then of 4, ran out of memory; the rest ran in batches of 2
+    assert sizes[failed[0]] > 4 >= sizes[failed[1]] > 2
+    a, b = arrays(plain), arrays(path)
+    assert set(a) == set(b) and "layers/conv2/topk/index" in a
+    for key in a:
+        np.testing.assert_allclose(a[key], b[key], rtol=1e-5, err_msg=key) if a[key].dtype.kind == "f" \
+            else np.testing.assert_array_equal(a[key], b[key], err_msg=key)
