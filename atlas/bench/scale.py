@@ -32,7 +32,7 @@ import numpy as np
 
 from atlas.errors import AtlasError
 
-LAYERS = "blocks.1.*,blocks.3.*"  # 48 + 240 channels of EfficientNet-Lite0
+LAYERS = "blocks.1.?,blocks.3.?"  # two and three block outputs: 48 + 240 channels of EfficientNet-Lite0
 METHODS = "gradient,smoothgrad,integrated_gradients,grad_cam"
 ARGS = ["--layers", LAYERS, "--methods", METHODS, "--fv-batch", "16", "--data-unit", "4", "--device", "cpu",
         "--workers", "0", "-q"]
@@ -81,16 +81,39 @@ def _same_store(a: Path, b: Path) -> bool:
     return set(x) == set(y) and all(np.array_equal(x[k], y[k], equal_nan=x[k].dtype.kind == "f") for k in x)
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every process below `pid` (Linux /proc): torchrun starts each rank in a session of its own,
+    so killing torchrun's process group would leave the ranks running."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone meanwhile
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
 def _kill_midway(folder: Path, total: int) -> dict[str, int]:
-    """Starts a two-rank build, kills every process of it once half the units are written; returns the parts."""
-    proc = subprocess.Popen(_command(folder, 2), env=_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    """Starts a two-rank build, kills every process of it at once when half the units are written
+    (a machine that loses power); returns the parts left on disk."""
+    proc = subprocess.Popen(_command(folder, 2), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         while len(_parts(folder)) < total // 2 and proc.poll() is None:
             time.sleep(0.02)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both ranks, at once
+        for pid in [*_descendants(proc.pid), proc.pid]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         proc.wait()
+    time.sleep(0.5)  # the killed ranks' files are closed by the kernel
     return _parts(folder)
 
 

@@ -48,6 +48,28 @@ def grid_requests(page: Path) -> int:
     return len({a or b for a, b in URL.findall(html)})
 
 
+KINDS = {  # what each file of a model folder is, by its path relative to the folder (first match)
+    "image page": re.compile(r"images/\d+\.html"), "photo": re.compile(r"images/\d+\.jpg"),
+    "attribution maps": re.compile(r"images/\d+-maps\.\w+"),
+    "unit page": re.compile(r"[^/]+/\d+\.html"), "channel picture": re.compile(r"[^/]+/\d+\.\w+"),
+    "other views strip": re.compile(r"[^/]+/\d+-views\.\w+"),
+    "unit attribution strip": re.compile(r"[^/]+/\d+-attribution\.\w+"),
+    "grid sprite sheet": re.compile(r"[^/]+/sprite-\d+\.\w+"),
+}
+
+
+def per_kind(model_dir: Path) -> dict[str, tuple[int, int]]:
+    """(files, bytes) of each kind of file in a model's folder (see KINDS); the rest as "other"."""
+    out: dict[str, list[int]] = {kind: [0, 0] for kind in [*KINDS, "other"]}
+    for path in model_dir.rglob("*"):
+        if path.is_file():
+            rel = path.relative_to(model_dir).as_posix()
+            kind = next((k for k, pattern in KINDS.items() if pattern.fullmatch(rel)), "other")
+            out[kind][0] += 1
+            out[kind][1] += path.stat().st_size
+    return {k: (n, b) for k, (n, b) in out.items()}
+
+
 def largest_page(site: Path) -> tuple[Path, int]:
     pages = [(p.stat().st_size, p) for p in site.rglob("*.html")]
     size, path = max(pages)
@@ -84,6 +106,7 @@ def run(n_images: int = 1000, k: int = 10, fv_size: int | None = None, views: tu
         store_s = time.perf_counter() - start
         report = render(store, folder / "site", progress=sys.stderr.isatty())
         sizes = site_sizes(folder / "site")
+        kinds = per_kind(folder / "site" / "resnet50")
         page, page_bytes = largest_page(folder / "site")
         widest = max(layers, key=lambda l: l[1])
         grid = folder / "site" / "resnet50" / widest[0] / "index.html"
@@ -95,7 +118,11 @@ def run(n_images: int = 1000, k: int = 10, fv_size: int | None = None, views: tu
                "layers": len(layers), "units": sum(l[1] for l in layers), "pages": report["pages"],
                "view_scale": report["view_scale"],
                "estimated_mb": {str(k): round(v / 1e6, 1) for k, v in report["estimates"].items()},
-               "store_s": round(store_s, 1), "render_s": report["seconds"]}
+               "store_s": round(store_s, 1), "render_s": report["seconds"],
+               "kinds": {k: {"files": n, "mean_kb": round(b / max(n, 1) / 1e3, 2), "mb": round(b / 1e6, 1)}
+                         for k, (n, b) in kinds.items()}}
+    for kind, row in out["kinds"].items():
+        print(f"  {kind:23s} {row['files']:7d} files x {row['mean_kb']:6.2f} KB = {row['mb']:7.1f} MB")
     for part, mb in out["parts_mb"].items():
         print(f"  {part:13s} {mb:9.1f} MB")
     if out["estimated_mb"]:
