@@ -64,10 +64,14 @@ main(sys.argv[3:], prog_name="atlas")
 """
 
 
+def _hear_ctrl_c() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # a shell's background job starts with SIGINT ignored
+
+
 def cli(cwd: Path, store: str, *extra: str, prefix: tuple[str, ...] = ("-m", "atlas")) -> subprocess.Popen:
     args = [*BUILD, "--data", "images", "--store-dir", store, "--out", f"site-{store}", *extra]
     return subprocess.Popen([sys.executable, *prefix, *args], cwd=cwd, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=_hear_ctrl_c)
 
 
 def parts(folder: Path) -> list[Path]:
