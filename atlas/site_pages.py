@@ -231,7 +231,7 @@ def _histogram(c: int, arrays: dict) -> dict | None:
 
 
 def _fired(c: int, arrays: dict, dataset: dict | None, fired: dict | None, size: int) -> list[dict]:
-    """The first Ku top images of unit c: the crop, and the unit's attribution map over it."""
+    """The first Ku top images of unit c: the unit's attribution map over the greyed crop."""
     if fired is None or dataset is None or "topk/index" not in arrays:
         return []
     count = len(fired["finite"])
@@ -245,7 +245,6 @@ def _fired(c: int, arrays: dict, dataset: dict | None, fired: dict | None, size:
         overlay = img.overlay_background(fired["src"], f"{img.tile_position(j, count)} 0", f"{count * 100}% 100%",
                                          photo, g["at"], g["scale"])
         out.append({"href": f"../images/{index}.html", "index": index, "value": arrays["topk/value"][c, j],
-                    "crop": f"{g['size']}background:url({photo}) {g['at']}/{g['scale']}",
                     "overlay": g["size"] + overlay})
     return out
 

@@ -15,7 +15,7 @@ from atlas.distributed import Ranks, from_env
 from atlas.errors import AtlasError
 from test_pipeline import make_images
 
-TORCHRUN = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
+TORCHRUN = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"  # it comes with torch
 ARGS = ["--model", "atlas:tiny_convnet", "--steps", "4", "--size", "32", "--topk", "4", "--workers", "0", "-q",
         "--device", "cpu", "--data-unit", "4", "--fv-batch", "2",
         "--methods", "gradient,smoothgrad,vargrad,integrated_gradients,grad_cam"]
@@ -38,7 +38,6 @@ def datasets(path: Path) -> dict[str, np.ndarray]:
     return out
 
 
-@pytest.mark.skipif(TORCHRUN is None, reason="torchrun is not installed")
 def test_two_ranks_build_the_single_process_store(tmp_path):
     make_images(tmp_path / "images", 20)  # 20 images and 2 bad files: 6 dataset units of 4
     one = build(tmp_path, "one")

@@ -5,7 +5,6 @@ with the store an uninterrupted build makes.
 """
 
 import errno
-import os
 import signal
 import subprocess
 import sys
