@@ -262,3 +262,25 @@ def test_out_of_memory_in_the_dataset_pass_halves_the_batch(tmp_path, monkeypatc
     for key in a:
         np.testing.assert_allclose(a[key], b[key], rtol=1e-5, err_msg=key) if a[key].dtype.kind == "f" \
             else np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def test_a_store_from_another_version_is_refused_naming_both(work, tmp_path):
+    import json
+    import shutil
+
+    import atlas
+
+    folder = tmp_path / "old"
+    shutil.copytree(work / "clean", folder)
+    meta = folder / f"{STORE}.parts" / "meta.json"
+    old = json.loads(meta.read_text())
+    meta.write_text(json.dumps({**old, "atlas_version": "0.0.1", "store_format": -1}))
+    with h5py.File(folder / f"{STORE}.h5", "r+") as f:
+        f.attrs["atlas_version"], f.attrs["store_format"] = "0.0.1", -1
+    for args in ([*BUILD, "--data", str(work / "images"), "--store-dir", str(folder)],
+                 ["render", str(folder / f"{STORE}.h5"), "--out", str(tmp_path / "site")],
+                 ["info", str(folder / f"{STORE}.h5")]):
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 2, args
+        line = result.output.strip().splitlines()[-1]
+        assert line.startswith("atlas: error: ") and "Atlas 0.0.1" in line and f"Atlas {atlas.__version__}" in line
