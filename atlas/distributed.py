@@ -19,7 +19,7 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
-from typing import Sequence, TypeVar
+from typing import Callable, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -94,6 +94,21 @@ def share(value: T) -> T:
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def on_main(fn: Callable[[], T]) -> T:
+    """Calls `fn` on rank 0 alone and gives its result to every rank; its AtlasError is raised on
+    every rank, so none waits for a rank that stopped."""
+    answer: tuple[T | None, str | None] = (None, None)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        try:
+            answer = (fn(), None)
+        except AtlasError as exc:
+            answer = (None, str(exc))
+    result, error = share(answer)
+    if error is not None:
+        raise AtlasError(error)
+    return result
 
 
 def smallest(value: int) -> int:

@@ -46,19 +46,7 @@ class Context:
         Rank 0 checks the settings and lists the parts; the others wait for its answer,
         so every rank plans from the same finished units.
         """
-        answer: tuple[set[str] | None, str | None]
-        if self.ranks.main:
-            try:
-                answer = (self.store.begin(stage, params), None)
-            except AtlasError as exc:
-                answer = (None, str(exc))
-            distributed.share(answer)
-        else:
-            answer = distributed.share((None, None))
-        done, error = answer
-        if error is not None:
-            raise AtlasError(error)
-        return done
+        return distributed.on_main(lambda: self.store.begin(stage, params))
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
@@ -113,15 +101,7 @@ def prepare(config: Config, progress: bool = True) -> Context:
         "layers": [l.__dict__ for l in layers], "config": config.to_json(),
         "versions": versions(device), "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
     }
-    error = None
-    if ranks.main:
-        try:
-            store.open(meta)
-        except AtlasError as exc:
-            error = str(exc)
-    error = distributed.share(error)
-    if error is not None:
-        raise AtlasError(error)
+    distributed.on_main(lambda: store.open(meta))
     return Context(config, loaded, device, layers, store, progress and ranks.main, ranks)
 
 
@@ -142,10 +122,7 @@ def run_stages(ctx: Context, stages: Iterable[str]) -> Path:
     for stage in [s for s in STAGES if s in set(stages)]:
         modules[stage].run(ctx)
         distributed.barrier()
-    if ctx.ranks.main:
-        consolidate(ctx.store)
-    distributed.barrier()
-    return ctx.store.path
+    return distributed.on_main(lambda: consolidate(ctx.store))
 
 
 def consolidate(store: Store) -> Path:
