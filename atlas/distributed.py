@@ -46,9 +46,6 @@ class Ranks:
         """This rank's share of an ordered list: every `world`-th item starting at `rank`."""
         return list(items)[self.rank::self.world]
 
-    def describe(self) -> str:
-        return f"rank {self.rank} of {self.world}"
-
 
 def from_env() -> Ranks:
     """The ranks torchrun describes in the environment; a single process without it."""

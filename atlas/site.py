@@ -186,8 +186,8 @@ def render(store_path: str | Path, site_dir: str | Path, progress: bool = True,
               "seconds": round(time.perf_counter() - start, 2)}
     if progress:
         print(size_table(site_bytes))
-        if plan.describe():
-            print(f"  {plan.describe()}")
+        if model.views_note:
+            print(f"  {model.views_note}")
     total_mb = sum(site_bytes.values()) / 1e6
     if total_mb > max_site_mb:
         print(f"warning: the site in {site_dir} is {total_mb:.0f} MB, over its budget of {max_site_mb:g} MB "
@@ -284,7 +284,8 @@ def _render_model(f: h5py.File, model: Model, w: SiteWriter, others: int, budget
 def _stored_side(model: Model) -> int | None:
     """The stored side of the secondary views, when every layer renders them at the same side."""
     sides = {l.view_params[v].get("size") for l in model.layers for v in SECONDARY_VIEWS if v in l.view_params}
-    return int(sides.pop()) if len(sides) == 1 and isinstance(next(iter(sides)), (int, np.integer)) else None
+    side = sides.pop() if len(sides) == 1 else None
+    return int(side) if isinstance(side, (int, np.integer)) else None
 
 
 def _done(arrays: dict, view: str, channels: int) -> np.ndarray:

@@ -140,8 +140,7 @@ def views_strip(views: list[np.ndarray], scale: float = 1.0) -> np.ndarray:
 def window(first: int, count: int, total: int) -> str:
     """CSS background position and size that show tiles first..first+count-1 of a strip of `total`
     tiles in an element as wide as `count` tiles (percentages, so the element may shrink)."""
-    at = "0%" if total == count else f"{first / (total - count) * 100:.4g}%"
-    return f"{at} 0/{total / count * 100:.4g}% 100%"
+    return f"{tile_position(first, total - count + 1)} 0/{total / count * 100:.4g}% 100%"
 
 
 def preview_strip(images: np.ndarray, done: np.ndarray) -> np.ndarray:

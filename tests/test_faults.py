@@ -18,6 +18,7 @@ from click.testing import CliRunner
 
 from atlas import store as store_module
 from atlas.cli import main
+from test_distributed import datasets as arrays
 from test_images import hostile_folder
 from test_pipeline import make_images
 
@@ -84,13 +85,6 @@ def assert_whole(folder: Path) -> None:
             f.visititems(lambda _, o: o[()] if isinstance(o, h5py.Dataset) else None)
     if (folder / f"{STORE}.h5").exists():
         h5py.File(folder / f"{STORE}.h5", "r").close()
-
-
-def arrays(path: Path) -> dict[str, np.ndarray]:
-    out: dict[str, np.ndarray] = {}
-    with h5py.File(path, "r") as f:
-        f.visititems(lambda n, o: out.__setitem__(n, o[()]) if isinstance(o, h5py.Dataset) else None)
-    return out
 
 
 def assert_same_store(a: Path, b: Path) -> None:
