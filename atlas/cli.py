@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from atlas.config import PRESETS, Config, preset
+from atlas.config import MAX_SITE_MB, PRESETS, Config, preset
 from atlas.errors import AtlasError
 
 
@@ -42,17 +42,19 @@ def _split(values: tuple[str, ...]) -> tuple[str, ...]:
 def build_options(f):
     """The options shared by `build` and the single-stage commands."""
     options = [
-        click.option("--model", "-m", default="efficientnet_lite0", show_default=True,
+        click.option("--model", "-m", default=Config.model, show_default=True,
                      help="torchvision name, timm:NAME, efficientnet_lite0 or atlas:NAME"),
         click.option("--weights", type=click.Path(), help="local state dict replacing the default weights"),
         click.option("--layers", "-l", multiple=True, help="glob pattern(s) over layer names, comma-separated "
                      "or repeated (default: the model family's significant layers)"),
         click.option("--data", "-d", type=click.Path(), help="image folder or list file "
                      "(default: the embedded sample photos)"),
-        click.option("--preset", "-p", type=click.Choice(sorted(PRESETS)), default="quick", show_default=True),
-        click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps"),
-        click.option("--store-dir", type=click.Path(), default="atlas-data", show_default=True),
-        click.option("--out", "-o", type=click.Path(), default="site", show_default=True, help="site folder"),
+        click.option("--preset", "-p", type=click.Choice(sorted(PRESETS)), default=Config.preset,
+                     show_default=True),
+        click.option("--device", default=Config.device, show_default=True, help="auto, cpu, cuda, cuda:N or mps"),
+        click.option("--store-dir", type=click.Path(), default=str(Config.store_dir), show_default=True),
+        click.option("--out", "-o", type=click.Path(), default=str(Config.site_dir), show_default=True,
+                     help="site folder"),
         click.option("--steps", type=int, help="feature-visualization steps (overrides the preset)"),
         click.option("--size", type=int, help="feature-visualization image size (overrides the preset)"),
         click.option("--fv-batch", type=int, help="channels rendered together (one work unit)"),
@@ -92,9 +94,11 @@ def build(**o) -> None:
     """Run every stage (feature visualization, dataset examples, attribution) and render the site."""
     from atlas import distributed, pipeline
     config = make_config(o)
-    path = pipeline.build(config, progress=not o["quiet"])
+    built = pipeline.build(config, progress=not o["quiet"])
+    if built.site is not None:
+        _print_report(built.site, config.site_dir, quiet=o["quiet"])
     if distributed.from_env().main:
-        click.echo(f"store: {path}\nsite:  {config.site_dir / 'index.html'}")
+        click.echo(f"store: {built.store}\nsite:  {config.site_dir / 'index.html'}")
 
 
 def _stage_command(name: str, stage: str, doc: str):
@@ -116,24 +120,35 @@ _stage_command("attribute", "attribution", "Compute attributions for every datas
 
 @main.command()
 @click.argument("store", type=click.Path())
-@click.option("--out", "-o", type=click.Path(), default="site", show_default=True)
-@click.option("--max-site-mb", type=float, default=1000.0, show_default=True,
+@click.option("--out", "-o", type=click.Path(), default=str(Config.site_dir), show_default=True)
+@click.option("--max-site-mb", type=float, default=MAX_SITE_MB, show_default=True,
               help="warn when the whole site grows past this size (GitHub Pages: 1 GB)")
 @click.option("--quiet", "-q", is_flag=True)
 def render(store: str, out: str, max_site_mb: float, quiet: bool) -> None:
     """Render the static site of a consolidated STORE (.h5) into --out."""
     from atlas import site
     report = site.render(Path(store), Path(out), progress=not quiet, max_site_mb=max_site_mb)
+    _print_report(report, Path(out), quiet)
     click.echo(f"site: {Path(out) / 'index.html'} ({report.get('pages', 0)} pages)")
 
 
+def _print_report(report: dict, site_dir: Path, quiet: bool) -> None:
+    """The site's size by part (unless quiet), and a warning on stderr when it is over its budget."""
+    from atlas import site
+    lines, warning = site.report_lines(report, site_dir)
+    if not quiet:
+        click.echo("\n".join(lines))
+    if warning:
+        click.echo(warning, err=True)
+
+
 @main.command()
-@click.argument("site_dir", type=click.Path(exists=True, file_okay=False), default="site")
+@click.argument("site_dir", type=click.Path(exists=True, file_okay=False), default=str(Config.site_dir))
 @click.option("--mode", type=click.Choice(["gh-pages", "docs"]), default="gh-pages", show_default=True)
 @click.option("--repo", type=click.Path(exists=True, file_okay=False), default=".", show_default=True)
 def publish(site_dir: str, mode: str, repo: str) -> None:
     """Publish a rendered SITE_DIR for GitHub Pages: a gh-pages branch, or a docs/ folder."""
-    from atlas.publish import publish as run
+    from atlas.site.publish import publish as run
     click.echo(run(site_dir, mode, repo))
 
 
@@ -141,7 +156,7 @@ def publish(site_dir: str, mode: str, repo: str) -> None:
 @click.argument("store", type=click.Path())
 def info(store: str) -> None:
     """Summarize a consolidated STORE (.h5): model, layers, what each stage has done."""
-    from atlas.summary import summarize
+    from atlas.store.info import summarize
     click.echo(summarize(Path(store)))
 
 

@@ -7,21 +7,16 @@ preset and replaces the fields the user set. Nothing else configures Atlas.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from atlas.errors import AtlasError
+from atlas.store.schema import ALL_METHODS, QUICK_METHODS, VIEWS
 
+# The quick preset leaves out the methods that cost the most passes per image (schema.Method.quick):
+# the IG baselines other than black (several draws each) and Extremal Perturbations (800 optimizer steps).
 
-# Every attribution method, in the order the site shows them.
-ALL_METHODS = ("gradient", "gradient_x_input", "smoothgrad", "smoothgrad_sq", "vargrad", "guided_backprop",
-               "grad_cam", "guided_grad_cam", "integrated_gradients", "ig_max_distance", "ig_blurred",
-               "ig_uniform", "ig_gaussian", "expected_gradients", "occlusion", "extremal_perturbation")
-
-# The quick preset leaves out the methods that cost the most passes per image: the IG baselines
-# other than black (several draws each) and Extremal Perturbations (hundreds of optimizer steps).
-QUICK_METHODS = tuple(m for m in ALL_METHODS if not m.startswith("ig_") and m != "extremal_perturbation")
+MAX_SITE_MB = 1000.0  # the site's size budget: GitHub Pages publishes sites of up to 1 GB
 
 
 @dataclass(frozen=True)
@@ -44,7 +39,7 @@ class Config:
     fv_lr: float = 0.05  # Adam learning rate (Lucid: 0.05)
     fv_batch: int = 32  # images optimized together; a work unit is one batch of one layer
     fv_loss_points: int = 32  # loss-curve samples kept per image
-    fv_views: tuple[str, ...] = ("channel", "negative", "neuron", "diversity")  # what to render per unit
+    fv_views: tuple[str, ...] = VIEWS  # what to render per unit
     fv_diversity: int = 4  # images in a unit's diversity set
     fv_diversity_weight: float = 10.0  # weight of the style-difference reward against the channel mean
     fv_redirect_steps: int = 16  # first steps with the redirected ReLU gradient (Lucid: 16)
@@ -85,12 +80,9 @@ class Config:
             raise AtlasError(f"unknown config field(s): {', '.join(sorted(unknown))}")
         return dataclasses.replace(self, **changes)
 
-    def to_json(self) -> str:
-        """The config as JSON, the form stored with every store."""
-        return json.dumps(
-            {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self).items()},
-            sort_keys=True,
-        )
+    def to_dict(self) -> dict:
+        """The config as JSON-able values (paths as text), the form stored with every store."""
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self).items()}
 
     def stage_params(self, stage: str) -> dict:
         """The fields that change a stage's results (resume must match them)."""

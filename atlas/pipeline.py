@@ -1,8 +1,9 @@
 """The pipeline: prepare a model and its store, run stages, consolidate, render.
 
-Stages talk only through the store. Each stage module offers `run(ctx)`, which
-computes the work units the store does not have yet, and `consolidate(store,
-h5)`, which writes the stage's section of the consolidated .h5 from its parts.
+Stages talk only through the store. Each stage package (featurevis, dataset,
+attribution) offers `run(ctx)`, which computes the work units the store does
+not have yet, and `consolidate(store, h5)`, which writes the stage's section
+of the consolidated .h5 from its parts. The site reads only that .h5.
 """
 
 from __future__ import annotations
@@ -17,11 +18,15 @@ import torch
 from tqdm import tqdm
 
 import atlas
-from atlas import distributed, models
+from atlas import attribution, dataset, distributed, featurevis, models
 from atlas.config import Config
+from atlas.devices import resolve_device
 from atlas.errors import AtlasError
 from atlas.layers import LayerInfo, discover, select
-from atlas.store import STAGES, Store
+from atlas.store import Store
+from atlas.store.schema import STAGES
+
+STAGE_PACKAGES = {"featurevis": featurevis, "dataset": dataset, "attribution": attribution}
 
 
 @dataclass
@@ -47,26 +52,6 @@ class Context:
         so every rank plans from the same finished units.
         """
         return distributed.on_main(lambda: self.store.begin(stage, params))
-
-
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """auto picks CUDA, then MPS, then the CPU; an unavailable explicit choice is an error.
-
-    Under torchrun, plain `cuda` (or auto) means this machine's GPU number `local_rank`.
-    """
-    if name in ("auto", "cuda") and torch.cuda.is_available():
-        return torch.device("cuda", local_rank % torch.cuda.device_count())
-    if name == "auto":
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise AtlasError(f"--device {name}: no CUDA device is available; use --device cpu or auto")
-    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise AtlasError("--device mps: MPS is not available on this machine; use --device cpu or auto")
-    if name != "cpu" and not name.startswith(("cuda", "mps")):
-        raise AtlasError(f"unknown device {name!r}; expected auto, cpu, cuda, cuda:N or mps")
-    return torch.device(name)
 
 
 def versions(device: torch.device) -> dict:
@@ -98,18 +83,11 @@ def prepare(config: Config, progress: bool = True) -> Context:
         "spec": loaded.spec, "name": loaded.name, "weights_id": loaded.weights_id,
         "input_size": loaded.input_size, "classes": loaded.class_names,
         "preprocess": {"size": p.size, "crop_pct": p.crop_pct, "mean": p.mean, "std": p.std},
-        "layers": [l.__dict__ for l in layers], "config": config.to_json(),
+        "layers": [l.__dict__ for l in layers], "config": config.to_dict(),
         "versions": versions(device), "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
     }
     distributed.on_main(lambda: store.open(meta))
     return Context(config, loaded, device, layers, store, progress and ranks.main, ranks)
-
-
-def stage_modules() -> dict:
-    from atlas import dataset
-    from atlas.attribution import stage as attribution
-    from atlas.featurevis import stage as featurevis
-    return {"featurevis": featurevis, "dataset": dataset, "attribution": attribution}
 
 
 def run_stages(ctx: Context, stages: Iterable[str]) -> Path:
@@ -118,29 +96,37 @@ def run_stages(ctx: Context, stages: Iterable[str]) -> Path:
     Under torchrun every rank runs its share of each stage, and all wait for the
     slowest before the next stage, which reads the earlier stage's parts.
     """
-    modules = stage_modules()
     for stage in [s for s in STAGES if s in set(stages)]:
-        modules[stage].run(ctx)
+        STAGE_PACKAGES[stage].run(ctx)
         distributed.barrier()
     return distributed.on_main(lambda: consolidate(ctx.store))
 
 
 def consolidate(store: Store) -> Path:
-    modules = stage_modules()
-    return store.consolidate({stage: modules[stage].consolidate for stage in STAGES},
-                             finalize=modules["featurevis"].derive_quality)
+    """Rebuilds the consolidated .h5 from every stage's parts."""
+    return store.consolidate({stage: STAGE_PACKAGES[stage].consolidate for stage in STAGES},
+                             finalize=featurevis.derive_quality)
+
+
+@dataclass(frozen=True)
+class Built:
+    """What a build made: the consolidated store, and the site's render report (see `site.render`)."""
+
+    store: Path
+    site: dict | None  # None when the site was not rendered (render=False, or a rank other than 0)
 
 
 def build(config: Config, stages: Iterable[str] = STAGES, render: bool = True,
-          progress: bool = True) -> Path:
+          progress: bool = True) -> Built:
     """Runs the whole pipeline for one model and renders its site.
 
     Returns:
-        The path of the consolidated store.
+        The store's path and the render's report.
     """
     ctx = prepare(config, progress)
     path = run_stages(ctx, stages)
+    report = None
     if render and ctx.ranks.main:
-        from atlas import site
-        site.render(path, config.site_dir, progress=progress)
-    return path
+        from atlas import site  # the site needs no model: imported only when rendering
+        report = site.render(path, config.site_dir, progress=progress)
+    return Built(path, report)

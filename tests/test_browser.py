@@ -20,9 +20,9 @@ from urllib.parse import urldefrag
 import pytest
 
 from atlas.site import render
-from atlas.site_images import PICTURE_EXT as EXT
-from atlas.site_data import slug
-from atlas.synthetic import write_synthetic_store
+from atlas.site.pictures import PICTURE_EXT as EXT
+from atlas.site.data import slug
+from atlas.testing.synthetic import write_synthetic_store
 
 try:
     from playwright.sync_api import Browser, Page, sync_playwright

@@ -6,8 +6,10 @@ import scipy.stats
 import torch
 from torch import nn
 
-from atlas.attribution import ablation, checks, methods
-from atlas.attribution.similarity import compare, spearman, ssim, unit_scale
+from atlas.attribution import methods
+from atlas.attribution.checks import ablation
+from atlas.attribution.checks import sanity as checks
+from atlas.attribution.checks.similarity import compare, spearman, ssim, unit_scale
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from atlas.errors import AtlasError
-from atlas.images import ImageDataset, decode, list_images, sample_images
+from atlas.dataset.images import ImageDataset, decode, list_images, sample_images
 from atlas.models import Preprocess
 
 PRE = Preprocess(size=16, crop_pct=1.0, mean=(0.5,) * 3, std=(0.5,) * 3)

@@ -7,7 +7,7 @@ import torch
 
 from atlas import models
 from atlas.errors import AtlasError
-from atlas.images import decode, sample_images
+from atlas.dataset.images import decode, sample_images
 
 
 def test_embedded_default_is_trained():

@@ -16,10 +16,10 @@ from PIL import Image
 
 from atlas.errors import AtlasError
 from atlas.site import SiteWriter, render
-from atlas.site_data import slug
-from atlas.site_images import PICTURE_EXT as EXT
-from atlas.site_images import heatmap, histogram_plot
-from atlas.synthetic import VIEWS, add_featurevis, histogram, write_synthetic_store
+from atlas.site.data import slug
+from atlas.site.pictures import PICTURE_EXT as EXT
+from atlas.site.pictures import heatmap, histogram_plot
+from atlas.testing.synthetic import VIEWS, add_featurevis, histogram, write_synthetic_store
 
 XSS = "<script>alert(1)</script>"
 LAYERS = [("conv1", 6, 16), ("block.0.relu@1", 300, 8), ('head."q"<i>', 3, 4), ("fc", 4, 1)]
@@ -865,7 +865,7 @@ def repo(tmp_path) -> Path:
 
 
 def test_publish_to_gh_pages_leaves_the_work_tree_alone(site, repo):
-    from atlas.publish import publish
+    from atlas.site.publish import publish
     root, _ = site
     status = _git(repo, "status", "--porcelain")
     first = publish(root, "gh-pages", repo)
@@ -884,7 +884,7 @@ def test_publish_to_gh_pages_leaves_the_work_tree_alone(site, repo):
 
 
 def test_publish_to_docs(site, repo):
-    from atlas.publish import publish
+    from atlas.site.publish import publish
     root, _ = site
     (repo / "docs").mkdir()
     (repo / "docs" / "guide.md").write_text("the project's own docs")

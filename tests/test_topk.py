@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from atlas.topk import HIST_EDGES, LayerSummary, TopK, histogram, reduce_positions
+from atlas.dataset.topk import HIST_EDGES, LayerSummary, TopK, histogram, reduce_positions
 
 
 @pytest.mark.parametrize("channels_last", [False, True])

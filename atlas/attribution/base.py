@@ -22,6 +22,8 @@ from typing import Callable, TypeVar
 import torch
 from torch import nn
 
+from atlas.devices import chunked
+
 T = TypeVar("T")
 
 
@@ -74,13 +76,6 @@ class Explanation:
 
     maps: torch.Tensor
     info: dict[str, torch.Tensor] = field(default_factory=dict)
-
-
-def is_oom(exc: BaseException) -> bool:
-    """Out of memory on any device (CUDA raises its own type, the CPU allocator a RuntimeError)."""
-    if isinstance(exc, torch.OutOfMemoryError):
-        return True
-    return isinstance(exc, RuntimeError) and ("out of memory" in str(exc) or "can't allocate memory" in str(exc))
 
 
 class Attribution(abc.ABC):
@@ -185,28 +180,3 @@ class Attribution(abc.ABC):
             self.batch = size
         return out
 
-
-def chunked(fn: Callable[[int, int], T], total: int, batch: int) -> tuple[list[T], int]:
-    """Calls `fn(a, b)` over [0, total) in chunks of at most `batch` rows.
-
-    On out-of-memory the chunk halves and the failed chunk is retried, so `fn`
-    must change nothing before its last step that can run out of memory. One
-    row that does not fit re-raises.
-
-    Returns:
-        The results in order, and the chunk size that fitted.
-    """
-    size, out, a = max(1, batch), [], 0
-    while a < total:
-        b = min(total, a + size)
-        try:
-            out.append(fn(a, b))
-        except (torch.OutOfMemoryError, RuntimeError) as exc:
-            if not is_oom(exc) or b - a == 1:
-                raise
-            size = max(1, (b - a) // 2)
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            continue
-        a = b
-    return out, size

@@ -93,7 +93,7 @@ def _write_check(f: h5py.File, name: str, part: h5py.File, source: np.ndarray) -
     checks = f.require_group("checks")
     if "images" not in checks:
         checks["images"] = np.searchsorted(source, part["images"][...])
-        from atlas.attribution import ablation, checks as sanity
+        from atlas.attribution.checks import ablation, sanity
         checks.attrs.update({
             "caveats": json.dumps(sanity.CAVEATS), "threshold": sanity.THRESHOLD,
             "verdict_step": f"cascading, once the top {sanity.TOP_FRACTION:.2f} of the parameter groups are re-initialized",

@@ -13,86 +13,29 @@ photo), so no file is decoded twice. Work units, each written atomically:
 
 from __future__ import annotations
 
-from collections import defaultdict
-
 import numpy as np
 import torch
 
-from atlas import dataset, distributed
-from atlas.attribution import checks as sanity
-from atlas.attribution.ablation import fractions
+from atlas import distributed
+from atlas.attribution.checks import sanity
+from atlas.attribution.checks.ablation import fractions
 from atlas.attribution.base import Attribution, InputSpace
-from atlas.attribution.consolidate import consolidate  # noqa: F401  (the stage's consolidation)
 from atlas.attribution.maps import run_maps
 from atlas.attribution.methods import check, get
 from atlas.attribution.units import UnitAttribution, unit_maps
+from atlas.dataset.reader import DatasetImages, top_examples
 from atlas.errors import AtlasError
-from atlas.store import Store
+from atlas.store.schema import RANDOM_CONTROL
 
 STAGE = "attribution"
 UNIT_CHANNELS = 128  # channels per unit-attribution work unit
-REFERENCES = 64  # dataset images Expected Gradients draws its baselines from
-
-
-class DatasetImages:
-    """The dataset stage's stored images, looked up by source index, as model inputs."""
-
-    def __init__(self, store: Store, preprocess, device: torch.device):
-        self.store, self.preprocess, self.device = store, preprocess, device
-        self.where: dict[int, tuple[str, int]] = {}
-        self.labels: dict[int, int] = {}
-        self.top1: dict[int, int] = {}
-        for key, part in store.units("dataset"):
-            for row, (i, label, top) in enumerate(zip(part["index"][...], part["labels"][...], part["top5"][:, 0])):
-                self.where[int(i)] = (key, row)
-                self.labels[int(i)], self.top1[int(i)] = int(label), int(top)
-        self.order = np.array(sorted(self.where), np.int64)
-        self._references: torch.Tensor | None = None
-
-    def pixels(self, index: np.ndarray) -> np.ndarray:
-        """uint8 [n, S, S, 3] of the images with these source indices.
-
-        Each part holding some of them is opened once and only their rows are read, so
-        scattered requests (a layer's top images) cost no more than the images themselves.
-        """
-        index = np.asarray(index).reshape(-1)
-        wanted: dict[str, list[tuple[int, int]]] = defaultdict(list)
-        for j, i in enumerate(index):
-            key, row = self.where[int(i)]
-            wanted[key].append((row, j))
-        out: np.ndarray | None = None
-        for key, pairs in wanted.items():
-            rows = sorted({row for row, _ in pairs})
-            with self.store.read_unit("dataset", key) as part:
-                block = part["images"][rows]  # h5py reads increasing rows
-            if out is None:
-                out = np.empty((len(index), *block.shape[1:]), block.dtype)
-            at = {row: k for k, row in enumerate(rows)}
-            for row, j in pairs:
-                out[j] = block[at[row]]
-        return out
-
-    def inputs(self, index: np.ndarray) -> torch.Tensor:
-        """The model's inputs [n, 3, S, S] of the images with these source indices."""
-        return self.preprocess.from_uint8(self.pixels(index)).to(self.device)
-
-    def references(self) -> torch.Tensor:
-        """The images Expected Gradients draws baselines from (computed once)."""
-        if self._references is None:
-            self._references = self.inputs(self.spread(REFERENCES))
-        return self._references
-
-    def spread(self, count: int) -> np.ndarray:
-        """`count` source indices spread evenly over the dataset."""
-        pick = np.unique(np.linspace(0, len(self.order) - 1, min(count, len(self.order))).round().astype(int))
-        return self.order[pick] if len(self.order) else self.order
 
 
 def run(ctx) -> None:
     """Computes every map, unit attribution and check the store does not have yet."""
     cfg = ctx.config
     done = ctx.begin(STAGE, cfg.stage_params(STAGE))
-    data_units = sorted(ctx.store.done("dataset"))
+    data_units = DatasetImages.units(ctx.store)
     if not data_units:
         raise AtlasError("attribution needs dataset images: run `atlas dataset` (or `atlas build`) first")
     for name in cfg.attr_methods:
@@ -106,7 +49,7 @@ def run(ctx) -> None:
     distributed.barrier()  # every rank's skipped methods are known before the checks
     skipped = {key.split("/", 1)[1] for key in ctx.store.done(STAGE) if key.startswith("skipped/")}
     if cfg.attr_check_images and len(images.order):
-        todo = [m for m in (*cfg.attr_methods, "random") if f"checks/{m}" not in done and m not in skipped]
+        todo = [m for m in (*cfg.attr_methods, RANDOM_CONTROL) if f"checks/{m}" not in done and m not in skipped]
         _run_checks(ctx, images, ctx.ranks.shard(todo))
 
 
@@ -143,7 +86,7 @@ def _run_units(ctx, images: DatasetImages, done: set[str]) -> None:
                             for a in range(0, layer.channels, UNIT_CHANNELS) if _unit_key(layer.name, a) not in done])
     if not todo:
         return
-    examples = dataset.top_examples(ctx.store, [layer for layer in ctx.layers if any(t[0] is layer for t in todo)])
+    examples = top_examples(ctx.store, [layer for layer in ctx.layers if any(t[0] is layer for t in todo)])
     todo = [t for t in todo if t[0].name in examples]  # a layer added after the dataset pass has none yet
     with ctx.bar(sum(e - a for _, a, e in todo), "unit attributions", "ch") as bar:
         for layer, first, end in todo:
@@ -176,7 +119,7 @@ def _run_checks(ctx, images: DatasetImages, todo: list[str]) -> None:
     with ctx.bar(len(todo), "attribution checks", "method") as bar:
         for name in todo:
             bar.set_postfix_str(name)
-            if name == "random":
+            if name == RANDOM_CONTROL:
                 result = sanity.run_controls(ctx.loaded.model, x, target, points=cfg.attr_check_points,
                                              seed=cfg.seed, batch=chunk(ctx))
             else:

@@ -10,7 +10,7 @@ from typing import Callable
 
 import torch
 
-from atlas.images import ImageRecord, sample_images
+from atlas.dataset.images import ImageRecord, sample_images
 
 
 def best_time(fn: Callable[[], object], repeats: int = 2) -> float:

@@ -16,9 +16,10 @@ from tqdm import tqdm
 from atlas import dataset, models
 from atlas.bench.common import best_time, child_peak, repeated_samples
 from atlas.config import preset
-from atlas.images import ImageDataset
+from atlas.dataset.images import ImageDataset
 from atlas.layers import discover, select
-from atlas.pipeline import Context, resolve_device
+from atlas.devices import resolve_device
+from atlas.pipeline import Context
 from atlas.store import Store
 
 

@@ -17,7 +17,7 @@ from atlas.featurevis.objectives import channel
 from atlas.featurevis.render import RenderSettings, render
 from atlas.featurevis.stage import images_per_channel, settings_of
 from atlas.layers import discover, select
-from atlas.pipeline import resolve_device
+from atlas.devices import resolve_device
 
 
 def run(model: str = "resnet50", weights: str = models.RANDOM, preset_name: str = "full", batch: int = 8,

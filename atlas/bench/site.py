@@ -9,7 +9,7 @@ unit. The site is rendered into a temporary folder and measured against what
 GitHub Pages allows: a published site of at most 1 GB.
 
 The synthetic pixels are made to compress like real ones (see
-`atlas.synthetic`): feature visualizations like 128 px renders of
+`atlas.testing.synthetic`): feature visualizations like 128 px renders of
 EfficientNet-Lite0 (3.6 KB each as the site encodes them), photos like the
 sample photos (16 KB at 224 px), attribution maps like that model's real maps
 (2.1 KB each at 112 px), so the measured size stands for a real atlas's.
@@ -25,7 +25,7 @@ from pathlib import Path
 
 from atlas.config import preset
 from atlas.site import render, site_sizes
-from atlas.synthetic import write_synthetic_store
+from atlas.testing.synthetic import write_synthetic_store
 
 URL = re.compile(r"""url\(([^)]*)\)|<img[^>]*\ssrc="([^"]*)\"""")
 TARGETS = {"resnet50_site_mb": 1000, "largest_page_kb": 300, "layer_grid_requests": 20}

@@ -60,7 +60,7 @@ def spectrum_to_rgb(spectrum: torch.Tensor, size: int, scale: torch.Tensor) -> t
 @functools.lru_cache(maxsize=8)
 def natural_magnitude(size: int) -> torch.Tensor:
     """Mean |rfft2| per colour channel of the embedded sample photos at size x size: [3, size, size//2+1]."""
-    from atlas.images import decode, sample_images
+    from atlas.dataset.images import decode, sample_images
     from atlas.models import Preprocess
     pre = Preprocess(size=size, crop_pct=1.0, mean=(0.0,) * 3, std=(1.0,) * 3)
     photos = [p for p, _ in (decode(r.path, pre) for r in sample_images()) if p is not None]

@@ -6,24 +6,25 @@ templates raw; jinja2's autoescape escapes them there.
 
 from __future__ import annotations
 
-import json
 import math
 
-import h5py
 import numpy as np
 
-from atlas import site_checks
-from atlas import site_images as img
-from atlas.site_data import Layer, Model, pretty_json, store_contents, unit_attribution
+from atlas.site import checks as site_checks
+from atlas.site import pictures as img
+from atlas.site import plots
+from atlas.site.data import Layer, Model
+from atlas.store.schema import VIEWS
 
-IMAGES_PER_INDEX = 500  # thumbnails on one page of the dataset image index
 STATS = (("mean", "mean"), ("std", "std"), ("max", "max"), ("zero_fraction", "zero fraction"))
-VIEW_TEXT = {  # what each view of a unit shows, as its caption says
+VIEW_TEXT = {  # what each view of a unit shows, as its caption says (one per schema.VIEWS)
     "channel": "maximizes the channel's mean activation",
     "negative": "minimizes the channel's mean activation: what turns it off",
     "neuron": "maximizes the channel at the centre position only: one receptive field",
     "diversity": "several images of the channel, pushed apart in style: the different things it responds to",
 }
+assert tuple(VIEW_TEXT) == VIEWS, "every view needs its caption"
+
 
 def fmt(value: object, digits: int = 4) -> str:
     """A number for display: `digits` significant digits; missing or NaN as an en dash."""
@@ -37,7 +38,7 @@ def fmt(value: object, digits: int = 4) -> str:
     return "–" if math.isnan(x) else f"{x:.{digits}g}"
 
 
-def _crumbs(model: Model, up: int, *more: tuple[str, str | None]) -> list[dict]:
+def crumbs(model: Model, up: int, *more: tuple[str, str | None]) -> list[dict]:
     """Breadcrumbs from the site index down; `up` is the page's depth below the model folder."""
     back = "../" * up
     items = [("Atlas", f"{back}../index.html"), (model.name, f"{back}index.html"), *more]
@@ -46,10 +47,10 @@ def _crumbs(model: Model, up: int, *more: tuple[str, str | None]) -> list[dict]:
 
 def model_crumbs(model: Model, label: str) -> list[dict]:
     """Breadcrumbs of a page in the model folder."""
-    return _crumbs(model, 0)[:-1] + [{"label": model.name, "href": "index.html"}, {"label": label, "href": None}]
+    return crumbs(model, 0)[:-1] + [{"label": model.name, "href": "index.html"}, {"label": label, "href": None}]
 
 
-def _class_name(model: Model, index: int) -> str:
+def class_name(model: Model, index: int) -> str:
     if 0 <= index < len(model.classes):
         return model.classes[index]
     return f"class {index}" if index >= 0 else "unknown"
@@ -88,7 +89,7 @@ def model_context(model: Model, extra: dict[str, dict], checks: dict | None = No
         notes.append("Attribution has not run: image pages show predictions only.")
     return {"title": model.name, "model": model, "layers": layers, "notes": notes,
             "units": sum(l.channels for l in model.layers), "checks": _checks_line(model, checks),
-            "crumbs": _crumbs(model, 0)[:-1] + [{"label": model.name, "href": None}]}
+            "crumbs": crumbs(model, 0)[:-1] + [{"label": model.name, "href": None}]}
 
 
 def _data(values: np.ndarray | None, c: int, digits: int) -> str | None:
@@ -144,7 +145,7 @@ def layer_context(model: Model, i: int, arrays: dict, sheets: list[dict]) -> dic
             "has_quality": quality is not None, "has_max": "stats/max" in arrays,
             "notes": _stage_notes(layer, arrays),
             "prev": _layer_link(model, i - 1, "../"), "next": _layer_link(model, i + 1, "../"),
-            "crumbs": _crumbs(model, 1, (layer.name, None))}
+            "crumbs": crumbs(model, 1, (layer.name, None))}
 
 
 def _examples(group: str, c: int, arrays: dict, dataset: dict | None, size: int) -> list[dict] | None:
@@ -201,15 +202,19 @@ def _views(layer: Layer, c: int, arrays: dict) -> list[dict]:
     return out
 
 
-def _views_line(model: Model) -> str | None:
-    """Which views the atlas renders, so a missing one reads as a choice rather than a fault."""
+def views_line(model: Model, note: str | None) -> str | None:
+    """Which views the atlas renders, so a missing one reads as a choice rather than a fault.
+
+    Args:
+        note: how the site sized the secondary views to fit its budget, if it shrank them.
+    """
     rendered = model.views
     if not rendered:
         return None
-    missing = [v for v in VIEW_TEXT if v not in rendered]
+    missing = [v for v in VIEWS if v not in rendered]
     return (f"Views in this atlas: {', '.join(rendered)}"
             + (f"; not rendered: {', '.join(missing)}" if missing else "")
-            + (f"; {model.views_note}." if model.views_note else "."))
+            + (f"; {note}." if note else "."))
 
 
 def _quality(c: int, arrays: dict) -> dict | None:
@@ -227,7 +232,7 @@ def _histogram(c: int, arrays: dict) -> dict | None:
         return None
     peak = _at(arrays, "featurevis/channel_peak", c)
     marks = {"visualization": float(peak)} if peak is not None else {}
-    return img.histogram_plot(arrays["stats/hist"][c], arrays["stats/hist_edges"], marks)
+    return plots.histogram_plot(arrays["stats/hist"][c], arrays["stats/hist_edges"], marks)
 
 
 def _fired(c: int, arrays: dict, dataset: dict | None, fired: dict | None, size: int) -> list[dict]:
@@ -249,10 +254,14 @@ def _fired(c: int, arrays: dict, dataset: dict | None, fired: dict | None, size:
     return out
 
 
-def unit_context(model: Model, i: int, c: int, arrays: dict, dataset: dict | None,
+def unit_context(model: Model, i: int, c: int, arrays: dict, dataset: dict | None, views_line: str | None,
                  fired: dict | None = None, has_unit_attribution: bool = False) -> dict:
     """A unit page: every view, quality, loss curve, dataset examples, statistics, histogram,
-    and what made the unit fire on its top images."""
+    and what made the unit fire on its top images.
+
+    Args:
+        views_line: which views the atlas renders (`views_line`), the same on every unit page.
+    """
     layer = model.layers[i]
     done = arrays.get("featurevis/channel_done")
     fv = None
@@ -260,13 +269,13 @@ def unit_context(model: Model, i: int, c: int, arrays: dict, dataset: dict | Non
         loss = _at(arrays, "featurevis/channel_loss", c)
         fv = {"src": f"{c}.{img.PICTURE_EXT}", "objective": _at(arrays, "featurevis/channel_objective", c),
               "seed": _at(arrays, "featurevis/channel_seed", c), "text": VIEW_TEXT["channel"],
-              "loss": img.loss_points(loss) if loss is not None else ""}
+              "loss": plots.loss_points(loss) if loss is not None else ""}
     stats = [(label, arrays[f"stats/{key}"][c]) for key, label in STATS if f"stats/{key}" in arrays]
     size = int(model.attrs.get("input_size", 224))
     top = _examples("topk", c, arrays, dataset, size)
     return {"title": f"{layer.name}:{c}", "layer": layer, "channel": c, "fv": fv,
             "fv_pending": layer.has_fv and fv is None, "stats": stats,
-            "views": _views(layer, c, arrays), "views_line": _views_line(model),
+            "views": _views(layer, c, arrays), "views_line": views_line,
             "quality": _quality(c, arrays), "hist": _histogram(c, arrays),
             "dead": bool(arrays["stats/dead"][c]) if "stats/dead" in arrays else None,
             "top": top, "bottom": _examples("bottomk", c, arrays, dataset, size),
@@ -275,156 +284,4 @@ def unit_context(model: Model, i: int, c: int, arrays: dict, dataset: dict | Non
             "fired_missing": bool(top) and not has_unit_attribution, "run": site_checks.RUN,
             "prev": _unit_link(model, i, c - 1), "next": _unit_link(model, i, c + 1),
             "prev_layer": _layer_link(model, i - 1, "../"), "next_layer": _layer_link(model, i + 1, "../"),
-            "crumbs": _crumbs(model, 1, (layer.name, "index.html"), (f"unit {c}", None))}
-
-
-def label_methods(dataset: dict, methods: list[str], i: int, label_maps: dict) -> list[str]:
-    """Methods whose true-label map of image i is worth showing: the label is known and is not the top-1."""
-    out = []
-    for m in methods:
-        info = dataset["attribution"][m]
-        label, target = info["label_target"], info["target"]
-        if m in label_maps and label is not None and target is not None and 0 <= label[i] != target[i]:
-            out.append(m)
-    return out
-
-
-def _unscaled(value: float | None, factors: np.ndarray | None, i: int) -> float | None:
-    """A value read off a stored map, in attribution units: stores may keep maps divided by a per-image scale."""
-    if value is None or factors is None or not np.isfinite(factors[i]):
-        return value
-    return value * float(factors[i])
-
-
-def _map_item(dataset: dict, checks: dict | None, i: int, column: int, method: str, sprite: dict) -> dict:
-    """One method's cell of an image page: where its maps lie in the sprite, scales, badges."""
-    info = dataset["attribution"][method]
-    columns, rows = len(sprite["scales"][0]), sprite["rows"]
-    at = lambda r: f"{img.tile_position(column, columns)} {img.tile_position(r, rows)},0 0,0 0,0 0"  # noqa: E731
-    label_scale = _unscaled(sprite["scales"][1][column] if rows > 1 else None, info["label_scale"], i)
-    return {"method": method, "parts": method.split("_"), "at": at(0),
-            "scale": _unscaled(sprite["scales"][0][column], info["scale"], i),
-            "signed": site_checks.is_signed(method, info["params"]),
-            "label_at": at(1) if label_scale is not None else None, "label_scale": label_scale,
-            "score": info["score"][i] if info["score"] is not None else None,
-            "completeness": site_checks.completeness_badge(info, i),
-            "non_finite": info["finite"] is not None and not bool(info["finite"][i]),
-            "verdict": site_checks.verdict_badge(checks, method, "../checks.html")}
-
-
-def image_context(model: Model, dataset: dict, checks: dict | None, i: int, methods: list[str],
-                  sprite: dict | None) -> dict:
-    """A dataset image page: the image, label, top-5 predictions, every attribution map, grouped by family."""
-    label = int(dataset["labels"][i])
-    predictions = [{"name": _class_name(model, int(k)), "prob": float(p), "correct": int(k) == label}
-                   for k, p in zip(dataset["top5"][i], dataset["top5_prob"][i])]
-    families = []
-    target = label_target = None
-    if sprite is not None:
-        items = {m: _map_item(dataset, checks, i, k, m, sprite) for k, m in enumerate(methods)}
-        families = [(name, [items[m] for m in members]) for name, members in site_checks.families(methods)]
-        first = dataset["attribution"][methods[0]]["target"]
-        top1 = first[i] if first is not None else dataset["top5"][i][0] if len(dataset["top5"][i]) else -1
-        target = _class_name(model, int(top1))
-        if sprite["rows"] > 1:
-            label_target = _class_name(model, label)
-        sprite = sprite | {"size": f"{len(methods) * 100}% {sprite['rows'] * 100}%"}
-    n = model.n_images
-    return {"title": f"image {i}", "index": i, "path": dataset["paths"][i],
-            "label": _class_name(model, label) if label >= 0 else None, "predictions": predictions,
-            "families": families, "sprite": sprite, "target": target, "label_target": label_target,
-            "colorbar": img.colorbar_css(True), "colorbar_unsigned": img.colorbar_css(False),
-            "methods_missing": not model.methods, "has_checks": checks is not None,
-            "skipped_methods": sorted(dataset["skipped_methods"].items()),
-            "prev": {"href": f"{i - 1}.html", "label": f"image {i - 1}"} if i > 0 else None,
-            "next": {"href": f"{i + 1}.html", "label": f"image {i + 1}"} if i + 1 < n else None,
-            "crumbs": _crumbs(model, 1, ("images", image_index_name(i // IMAGES_PER_INDEX)[7:]),
-                              (f"image {i}", None))}
-
-
-def image_index_name(number: int) -> str:
-    """The file of the number-th page of the dataset image index, relative to the model folder."""
-    return "images/index.html" if number == 0 else f"images/index-{number + 1}.html"
-
-
-def image_index_count(n_images: int) -> int:
-    return math.ceil(n_images / IMAGES_PER_INDEX)
-
-
-def image_index_contexts(model: Model, dataset: dict) -> list[dict]:
-    """One context per page of the dataset image index."""
-    count = image_index_count(model.n_images)
-    out = []
-    for number in range(count):
-        start = number * IMAGES_PER_INDEX
-        stop = min(start + IMAGES_PER_INDEX, model.n_images)
-        images = [{"index": i, "path": dataset["paths"][i]} for i in range(start, stop)]
-        link = lambda k: {"href": image_index_name(k)[7:], "label": f"page {k + 1}"}  # noqa: E731
-        out.append({"title": f"{model.name} images", "images": images, "start": start, "stop": stop,
-                    "total": model.n_images, "skipped": dataset["skipped"] if number == 0 else [],
-                    "pages": [link(k) | {"current": k == number} for k in range(count)] if count > 1 else [],
-                    "crumbs": _crumbs(model, 1, ("images", None))})
-    return out
-
-
-def about_context(f: h5py.File, model: Model, dataset: dict | None, checks: dict | None = None) -> dict:
-    """How the store was made: spec, weights, versions, config, parameters, settings, contents."""
-    attrs = model.attrs
-    facts = [(k, attrs.get(k)) for k in ("spec", "name", "weights_id", "input_size", "created",
-                                         "atlas_version", "store_format") if k in attrs]
-    if model.views_note:
-        facts.append(("site", model.views_note))
-    params = view_params(model.layers)
-    if dataset is not None:
-        params.append(("dataset images", pretty_json(dataset["attrs"])))
-    units = [(layer.name, unit_attribution(f["layers"][layer.name])[1]) for layer in model.layers]
-    units = [(name, params) for name, params in units if params]
-    return {"title": f"About {model.name}", "facts": facts,
-            "config": pretty_json(attrs.get("config", {})), "versions": pretty_json(attrs.get("versions", {})),
-            "preprocess": pretty_json(attrs.get("preprocess", {})), "params": params,
-            "settings": site_checks.settings(checks, dataset, units), "run": site_checks.RUN,
-            "contents": store_contents(f), "skipped": dataset["skipped"] if dataset else [],
-            "crumbs": model_crumbs(model, "about")}
-
-
-def view_params(layers) -> list[tuple[str, str]]:
-    """Each distinct feature-visualization setting once, with the layers it applies to.
-
-    A deep model's layers share their settings; listing them per layer made the
-    about page of ResNet-50 over 400 KB.
-    """
-    groups: dict[tuple[str, str], list[str]] = {}
-    for layer in layers:
-        for view, p in layer.view_params.items():
-            groups.setdefault((view, pretty_json(p)), []).append(layer.name)
-    return [(f"featurevis {view}, " + ("every layer" if len(names) == len(layers) else ", ".join(names)), text)
-            for (view, text), names in groups.items()]
-
-
-def summary(model: Model, extra: dict[str, dict]) -> dict:
-    """What the site index lists of a model (saved as `<model>/summary.json`)."""
-    previews = [e["preview"] for e in extra.values() if e["preview"]]
-    preview = previews[len(previews) // 2] if previews else None
-    return {"name": model.name, "slug": model.slug, "spec": model.attrs.get("spec", ""),
-            "weights_id": model.attrs.get("weights_id", ""), "layers": len(model.layers),
-            "units": sum(l.channels for l in model.layers), "images": model.n_images,
-            "preview": f"{model.slug}/{preview}" if preview else None}
-
-
-def search_script(model: Model, dataset: dict | None) -> bytes:
-    """The model's search index as a script (fetch() of a local JSON file fails under file://).
-
-    It lists layers and class names, not units: the search box parses unit ids
-    such as `layer3.2:17` against the layers' channel counts, so the file stays
-    small however many units the model has. Classes link to their unit of the
-    output layer (a layer with one channel per class), else to their images.
-    """
-    n = len(model.classes)
-    logits = next((l for l in reversed(model.layers) if n and l.channels == n), None)
-    labels = [int(x) for x in dataset["labels"]] if dataset is not None else []
-    index = {"name": model.name, "slug": model.slug,
-             "layers": [[l.name, l.slug, l.channels] for l in model.layers],
-             "classes": list(model.classes), "logits": logits.slug if logits else None, "labels": labels}
-    # ASCII only, and no "<", so no store string can end the script early
-    text = json.dumps(index, ensure_ascii=True, separators=(",", ":")).replace("<", "\\u003c")
-    return f"(window.atlasModels = window.atlasModels || []).push({text});\n".encode()
+            "crumbs": crumbs(model, 1, (layer.name, "index.html"), (f"unit {c}", None))}

@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 import h5py
 import numpy as np
 
-from atlas import site_images as img
-from atlas.site_data import Model, pictures, unit_attribution
+from atlas.site import pictures as img
+from atlas.site.data import Model, pictures, unit_attribution
+from atlas.store.schema import SECONDARY_VIEWS
 
-SECONDARY_VIEWS = ("negative", "neuron", "diversity")
 VIEW_SCALES = (1.0, 0.75, 0.5)  # sides of the secondary views tried, as fractions of the stored side
 SAMPLE_UNITS = 48  # units encoded to estimate the bytes of every unit
 # HTML of one unit page, as `atlas bench site` measures it for ResNet-50: with its 10

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from atlas.attribution.base import chunked
 from atlas.attribution.baselines import gaussian_blur
+from atlas.devices import chunked
 
 REPLACEMENTS = ("mean", "blur")
 KINDS = ("deletion", "insertion")

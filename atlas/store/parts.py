@@ -1,6 +1,6 @@
 """The store: one HDF5 file per model, built from crash-safe work-unit parts.
 
-Layout on disk (see docs/store.md for the layout inside the .h5):
+Layout on disk (schema.py names the layout inside the .h5; docs/store.md describes it):
 
     <store_dir>/<model>.h5            consolidated store, what the site reads
     <store_dir>/<model>.parts/
@@ -28,55 +28,9 @@ import numpy as np
 
 import atlas
 from atlas.errors import AtlasError
-
-STAGES = ("featurevis", "dataset", "attribution")
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Calls `write(tmp)` then renames tmp to `path`, durably.
-
-    A full disk or any error leaves `path` as it was and removes the temporary.
-    """
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        if exc.errno == 28:  # ENOSPC
-            raise AtlasError(f"disk full while writing {path}; finished units are kept, "
-                             f"free space and re-run the same command to continue") from None
-        raise
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def write_json(path: Path, obj: dict) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=1, sort_keys=True)))
-
-
-def _write_h5(tmp: Path, arrays: dict[str, np.ndarray], attrs: dict) -> None:
-    with h5py.File(tmp, "w") as f:
-        for k, v in attrs.items():
-            f.attrs[k] = json.dumps(v) if isinstance(v, (dict, list, tuple)) or v is None else v
-        for k, v in arrays.items():
-            v = np.asarray(v)
-            if v.dtype.kind == "U":
-                f.create_dataset(k, data=v.astype(object), dtype=h5py.string_dtype())
-            else:
-                f.create_dataset(k, data=v)
+from atlas.store.files import atomic_write, write_h5, write_json
+from atlas.store.read import write_root
+from atlas.store.schema import STORE_FORMAT
 
 
 class Store:
@@ -96,7 +50,7 @@ class Store:
             meta: JSON-able description: spec, weights_id, input_size, classes, layers, config.
         """
         self.parts.mkdir(parents=True, exist_ok=True)
-        meta = {**meta, "atlas_version": atlas.__version__, "store_format": atlas.STORE_FORMAT}
+        meta = {**meta, "atlas_version": atlas.__version__, "store_format": STORE_FORMAT}
         old = self.meta() if (self.parts / "meta.json").exists() else None
         if old is not None:
             self._check_compatible(old, meta)
@@ -104,10 +58,10 @@ class Store:
         write_json(self.parts / "meta.json", meta)
 
     def _check_compatible(self, old: dict, new: dict) -> None:
-        if old.get("store_format") != atlas.STORE_FORMAT:
+        if old.get("store_format") != STORE_FORMAT:
             raise AtlasError(f"{self.parts} was written by Atlas {old.get('atlas_version')} (store format "
                              f"{old.get('store_format')}); this is Atlas {atlas.__version__} (format "
-                             f"{atlas.STORE_FORMAT}): use another --store-dir or delete it")
+                             f"{STORE_FORMAT}): use another --store-dir or delete it")
         for key in ("spec", "weights_id"):
             if old.get(key) != new.get(key):
                 raise AtlasError(f"{self.parts} holds {key} {old.get(key)!r}, not {new.get(key)!r}: "
@@ -158,7 +112,7 @@ class Store:
 
     def write_unit(self, stage: str, key: str, arrays: dict[str, np.ndarray], attrs: dict | None = None) -> None:
         """Writes one finished work unit atomically."""
-        atomic_write(self._unit_path(stage, key), lambda tmp: _write_h5(tmp, arrays, attrs or {}))
+        atomic_write(self._unit_path(stage, key), lambda tmp: write_h5(tmp, arrays, attrs or {}))
 
     def read_unit(self, stage: str, key: str) -> h5py.File:
         """Opens one finished unit for reading (use as a context manager)."""
@@ -183,7 +137,7 @@ class Store:
 
         def write(tmp: Path) -> None:
             with h5py.File(tmp, "w") as f:
-                _write_root(f, meta)
+                write_root(f, meta)
                 for stage, writer in writers.items():
                     if self.done(stage):
                         writer(self, f)
@@ -199,54 +153,3 @@ class Store:
 def _merge_layers(old: list[dict], new: list[dict]) -> list[dict]:
     names = {l["name"] for l in old}
     return old + [l for l in new if l["name"] not in names]
-
-
-def _write_root(f: h5py.File, meta: dict) -> None:
-    for key in ("spec", "name", "weights_id", "input_size", "atlas_version", "store_format", "created"):
-        if key in meta:
-            f.attrs[key] = meta[key]
-    f.attrs["config"] = json.dumps(meta.get("config", {}))
-    f.attrs["versions"] = json.dumps(meta.get("versions", {}))
-    f.attrs["preprocess"] = json.dumps(meta.get("preprocess", {}))
-    f.create_dataset("classes", data=np.array(meta.get("classes", []), dtype=object),
-                     dtype=h5py.string_dtype())
-    layers = f.create_group("layers")
-    for i, l in enumerate(meta.get("layers", [])):
-        g = layers.create_group(l["name"])
-        for k in ("kind", "module", "call", "channels", "height", "width"):
-            g.attrs[k] = l[k]
-        g.attrs["order"] = i
-
-
-def read_attrs(obj: h5py.HLObject) -> dict:
-    """HDF5 attributes as plain Python values (JSON strings decoded)."""
-    out = {}
-    for k, v in obj.attrs.items():
-        if isinstance(v, bytes):
-            v = v.decode()
-        if isinstance(v, str) and v[:1] in "[{" or v == "null":
-            try:
-                v = json.loads(v)
-            except ValueError:
-                pass
-        elif isinstance(v, np.generic):
-            v = v.item()
-        out[k] = v
-    return out
-
-
-def open_store(path: str | os.PathLike) -> h5py.File:
-    """Opens a consolidated store for reading, with a clear error for a bad path or version."""
-    path = Path(path)
-    if not path.is_file():
-        raise AtlasError(f"no store file at {path}")
-    try:
-        f = h5py.File(path, "r")
-    except OSError as exc:
-        raise AtlasError(f"{path} is not a readable HDF5 store ({exc})") from None
-    fmt, version = f.attrs.get("store_format"), f.attrs.get("atlas_version")
-    if fmt != atlas.STORE_FORMAT:
-        f.close()
-        raise AtlasError(f"{path} was written by Atlas {version} (store format {fmt}); "
-                         f"this Atlas {atlas.__version__} reads format {atlas.STORE_FORMAT}")
-    return f

@@ -8,10 +8,23 @@ a module called more than once, and a residual block.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
-from atlas.models import Preprocess, register_tiny
+from atlas.models.preprocess import Preprocess
+
+# name -> factory returning (model, preprocessing, class names); loaded as `atlas:<name>`
+TINY: dict[str, Callable[[], tuple[nn.Module, Preprocess, list[str]]]] = {}
+
+
+def register_tiny(name: str):
+    """Registers a tiny built-in model factory as `atlas:<name>` (as timm registers its test models)."""
+    def wrap(factory):
+        TINY[name] = factory
+        return factory
+    return wrap
 
 
 class Block(nn.Module):

@@ -15,10 +15,10 @@ import numpy as np
 
 from atlas.errors import AtlasError
 from atlas.store import read_attrs
+from atlas.store.schema import RANDOM_CONTROL, VIEWS
 
 _SAFE = re.compile(r"[A-Za-z0-9._]")
 # Names the site itself uses inside a model folder or at the site root.
-VIEWS = ("channel", "negative", "neuron", "diversity")  # feature-visualization views, in display order
 RESERVED = frozenset({"images", "static", "index.html", "404.html", "about.html", "summary.json"})
 
 
@@ -71,7 +71,6 @@ class Model:
     layers: list[Layer]
     n_images: int
     methods: list[str]
-    views_note: str | None = None  # how the site shrank the secondary views to fit its budget, if it did
 
     @property
     def views(self) -> list[str]:
@@ -206,7 +205,7 @@ def read_checks(f: h5py.File) -> dict | None:
     attrs = tree.pop("attrs")
     images, fractions = tree.pop("images", np.zeros(0, np.int64)), tree.pop("fractions", None)
     methods = {k: v for k, v in tree.items() if isinstance(v, dict)}
-    random = methods.pop("random", None)
+    random = methods.pop(RANDOM_CONTROL, None)
     caveats = attrs.get("caveats", {})
     return {"images": np.asarray(images, np.int64), "fractions": fractions, "attrs": attrs,
             "caveats": caveats if isinstance(caveats, dict) else {}, "threshold": attrs.get("threshold"),

@@ -16,7 +16,7 @@ import h5py
 import numpy as np
 
 import atlas
-from atlas.synthetic_attribution import write_attribution, write_checks, write_unit_attribution
+from atlas.testing.synthetic_attribution import write_attribution, write_checks, write_unit_attribution
 
 LOSS_POINTS = 16  # samples of each synthetic loss curve
 VIEWS = ("channel", "negative", "neuron", "diversity")  # every view a store can hold

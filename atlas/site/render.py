@@ -23,11 +23,8 @@ longer produces are removed at the end. The site index is rebuilt from the
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import sys
 import time
-from collections import Counter
 from pathlib import Path
 
 import h5py
@@ -37,30 +34,32 @@ import numpy as np
 from tqdm import tqdm
 
 import atlas
-from atlas import site_checks as checks_page
-from atlas import site_images as img
-from atlas import site_pages as pages
-from atlas.site_budget import SECONDARY_VIEWS, Plan, plan_views
+from atlas.config import MAX_SITE_MB
 from atlas.errors import AtlasError
-from atlas.site_data import (Layer, Model, pictures, read_checks, read_dataset, read_layer_arrays, read_model,
+from atlas.site import about, image_pages, pages
+from atlas.site import checks as checks_page
+from atlas.site import pictures as img
+from atlas.site.budget import Plan, plan_views
+from atlas.site.data import (Layer, Model, pictures, read_checks, read_dataset, read_layer_arrays, read_model,
                              unit_attribution)
+from atlas.site.writer import SiteWriter, folder_bytes, site_sizes, size_table
 from atlas.store import open_store
+from atlas.store.schema import SECONDARY_VIEWS
 
 # Nothing but the site's own files may load: no CDN, font, tracker or frame.
 CSP = ("default-src 'none'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; "
        "script-src 'self'; base-uri 'none'; form-action 'none'")
 _CHUNK = 64  # dataset images and maps read per HDF5 slice
-MAX_SITE_MB = 1000.0  # GitHub Pages publishes sites of up to 1 GB
 
 
 def templates_dir() -> Path:
     """The templates folder: inside the installed package, else at the repository root."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "templates", here.parent / "templates"):
+    package = Path(__file__).resolve().parent.parent  # atlas/
+    for candidate in (package / "templates", package.parent / "templates"):
         if (candidate / "base.html").is_file():
             return candidate
-    raise AtlasError(f"the site templates are missing (looked in {here / 'templates'} and "
-                     f"{here.parent / 'templates'}); reinstall Atlas")
+    raise AtlasError(f"the site templates are missing (looked in {package / 'templates'} and "
+                     f"{package.parent / 'templates'}); reinstall Atlas")
 
 
 def _environment() -> jinja2.Environment:
@@ -72,76 +71,6 @@ def _environment() -> jinja2.Environment:
     return env
 
 
-class SiteWriter:
-    """Writes files under one folder, counting pages and bytes per part of the site."""
-
-    def __init__(self, base: Path, env: jinja2.Environment, depth: int, bar: tqdm | None = None):
-        """
-        Args:
-            base: the folder written into.
-            env: the jinja2 environment.
-            depth: how many folders `base` lies below the site root.
-            bar: progress bar advanced once per page.
-        """
-        self.base, self.env, self.depth, self.bar = base, env, depth, bar
-        self.bytes: Counter[str] = Counter()
-        self.pages = self.changed = 0
-        self.search: list[str] = []  # search indexes every page loads, relative to the site root
-        self.kept: set[str] = set()  # every file written or found identical
-        self._folders: set[Path] = set()
-
-    def path(self, rel: str) -> Path:
-        """The file for a relative path; refuses anything that could leave `base`."""
-        parts = rel.split("/")
-        if rel.startswith("/") or any(p in ("", ".", "..") or "\\" in p for p in parts):
-            raise AtlasError(f"refusing to write {rel!r}: not a plain relative path inside {self.base}")
-        return self.base.joinpath(*parts)
-
-    def write(self, rel: str, data: bytes, part: str) -> None:
-        """Writes bytes to `rel`, counted under `part` (html, featurevis, ...).
-
-        A file that already holds exactly `data` is left alone (its mtime too);
-        any other is replaced atomically.
-        """
-        path = self.path(rel)
-        self.bytes[part] += len(data)
-        self.kept.add(rel)
-        try:
-            if path.stat().st_size == len(data) and path.read_bytes() == data:
-                return
-        except OSError:
-            pass  # not there yet
-        if path.parent not in self._folders:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._folders.add(path.parent)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-        self.changed += 1
-
-    def remove_others(self) -> int:
-        """Deletes every file under `base` that this writer did not write; returns how many."""
-        removed = 0
-        for path in sorted(self.base.rglob("*"), reverse=True):
-            rel = path.relative_to(self.base).as_posix()
-            if path.is_file() and rel not in self.kept:
-                path.unlink()
-                removed += 1
-            elif path.is_dir() and not any(path.iterdir()):
-                path.rmdir()
-        return removed
-
-    def page(self, rel: str, template: str, **context: object) -> None:
-        """Renders `template` to `rel`, giving it `root`, the relative path up to the site root."""
-        context.setdefault("root", "../" * (rel.count("/") + self.depth))
-        context.setdefault("search", self.search)
-        html = self.env.get_template(template).render(**context)
-        self.write(rel, html.encode(), "html")
-        self.pages += 1
-        if self.bar is not None:
-            self.bar.update()
-
-
 def render(store_path: str | Path, site_dir: str | Path, progress: bool = True,
            max_site_mb: float = MAX_SITE_MB) -> dict:
     """Renders one store into `site_dir/<model>/` and rewrites the site's index.
@@ -150,15 +79,16 @@ def render(store_path: str | Path, site_dir: str | Path, progress: bool = True,
         store_path: a consolidated store (.h5).
         site_dir: the site folder; other models already rendered there are kept
             and listed in its index.
-        progress: show a progress bar over pages, then the size of each part
-            of the site.
-        max_site_mb: the size budget of the whole site folder; past it, a
-            one-line warning goes to stderr.
+        progress: show a progress bar over pages.
+        max_site_mb: the size budget of the whole site folder: the secondary
+            views shrink to fit it, and the report says whether the site does.
 
     Returns:
         A report: model name, folder, pages, files changed, files removed,
         bytes per part of the model (html, featurevis, sprites, dataset,
-        attributions, search), bytes of the whole site, and seconds taken.
+        attributions, search), bytes of the whole site, how the secondary
+        views were sized (`views_note`, None when at their stored side),
+        whether the site is over its budget, and seconds taken.
 
     Raises:
         AtlasError: the store is missing, unreadable, or not an Atlas store.
@@ -170,82 +100,46 @@ def render(store_path: str | Path, site_dir: str | Path, progress: bool = True,
         model = read_model(f)
         final = site_dir / model.slug
         shutil.rmtree(site_dir / f".{model.slug}.rendering", ignore_errors=True)  # left by older versions
-        others = sum(_folder_bytes(site_dir, skip=model.slug).values())
+        others = sum(folder_bytes(site_dir, skip=model.slug).values())
         with tqdm(total=_page_count(model), disable=not progress, unit="page",
                   desc=f"site {model.name}") as bar:
-            writer = SiteWriter(final, env, depth=1, bar=bar)
-            writer.search = [f"{model.slug}/search.js"]
-            plan = _render_model(f, model, writer, others, int(max_site_mb * 1e6))
+            writer = SiteWriter(final, env, depth=1, search=[f"{model.slug}/search.js"], bar=bar)
+            plan, note = _render_model(f, model, writer, others, int(max_site_mb * 1e6))
     removed = writer.remove_others()
     root = write_site_root(site_dir, env)
     site_bytes = site_sizes(site_dir)
-    report = {"model": model.name, "folder": str(final), "pages": writer.pages + root["pages"],
-              "changed": writer.changed + root["changed"], "removed": removed,
-              "bytes": dict(sorted(writer.bytes.items())), "site_bytes": site_bytes,
-              "view_scale": plan.scale, "estimates": plan.estimates,
-              "seconds": round(time.perf_counter() - start, 2)}
-    if progress:
-        print(size_table(site_bytes))
-        if model.views_note:
-            print(f"  {model.views_note}")
-    total_mb = sum(site_bytes.values()) / 1e6
-    if total_mb > max_site_mb:
-        print(f"warning: the site in {site_dir} is {total_mb:.0f} MB, over its budget of {max_site_mb:g} MB "
-              f"(GitHub Pages publishes at most 1 GB); render fewer views, layers or images",
-              file=sys.stderr)
-    return report
+    return {"model": model.name, "folder": str(final), "pages": writer.pages + root["pages"],
+            "changed": writer.changed + root["changed"], "removed": removed,
+            "bytes": dict(sorted(writer.bytes.items())), "site_bytes": site_bytes,
+            "view_scale": plan.scale, "estimates": plan.estimates, "views_note": note,
+            "max_site_mb": max_site_mb, "over_budget": sum(site_bytes.values()) > max_site_mb * 1e6,
+            "seconds": round(time.perf_counter() - start, 2)}
 
 
-def site_part(rel: str) -> str:
-    """Which part of the site a file belongs to, from its path relative to the site root."""
-    parts = rel.split("/")
-    name = parts[-1]
-    if parts[0] == "static":
-        return "static"
-    if name.endswith((".html", ".json")):
-        return "html"
-    if len(parts) == 1:
-        return "static"
-    if name == "search.js":
-        return "search"
-    if len(parts) == 3 and parts[1] == "images":
-        return "dataset" if name.endswith(".jpg") else "attributions"
-    if name.split(".")[0].endswith("-attribution") or name.startswith(f"{checks_page.STRIPS}."):
-        return "attributions"  # a unit's attribution maps, the checks page's randomization strips
-    if name.startswith(("sprite-", "preview.")):
-        return "sprites"
-    return "featurevis"
-
-
-def site_sizes(site_dir: str | Path) -> dict[str, int]:
-    """Bytes per part of everything in the site folder (html, featurevis, sprites, ...)."""
-    return _folder_bytes(Path(site_dir))
-
-
-def _folder_bytes(site_dir: Path, skip: str | None = None) -> dict[str, int]:
-    """Bytes per part of the site folder, leaving out the top-level folder `skip`."""
-    sizes: Counter[str] = Counter()
-    for folder, dirs, files in os.walk(site_dir):
-        dirs[:] = [d for d in dirs if not d.startswith(".") and not (folder == str(site_dir) and d == skip)]
-        rel = Path(folder).relative_to(site_dir).as_posix()
-        for name in files:
-            sizes[site_part(name if rel == "." else f"{rel}/{name}")] += os.path.getsize(os.path.join(folder, name))
-    return dict(sorted(sizes.items()))
-
-
-def size_table(sizes: dict[str, int]) -> str:
-    """The size of each part of a site and the total, one line each."""
-    lines = [f"  {part:13s} {n / 1e6:10.1f} MB" for part, n in sizes.items()]
-    return "\n".join(["site size:", *lines, f"  {'total':13s} {sum(sizes.values()) / 1e6:10.1f} MB"])
+def report_lines(report: dict, site_dir: str | Path) -> tuple[list[str], str | None]:
+    """What the command line prints of a render report: the size table (and how the views were
+    sized), and a warning when the site is over its budget (None if it is not)."""
+    lines = size_table(report["site_bytes"]).splitlines()
+    if report["views_note"]:
+        lines.append(f"  {report['views_note']}")
+    warning = None
+    if report["over_budget"]:
+        total_mb = sum(report["site_bytes"].values()) / 1e6
+        warning = (f"warning: the site in {site_dir} is {total_mb:.0f} MB, over its budget of "
+                   f"{report['max_site_mb']:g} MB (GitHub Pages publishes at most 1 GB); render fewer views, "
+                   f"layers or images")
+    return lines, warning
 
 
 def _page_count(model: Model) -> int:
     units = sum(layer.channels for layer in model.layers)
-    return units + len(model.layers) + model.n_images + pages.image_index_count(model.n_images) + 3
+    return units + len(model.layers) + model.n_images + image_pages.image_index_count(model.n_images) + 3
 
 
-def _render_model(f: h5py.File, model: Model, w: SiteWriter, others: int, budget: int) -> Plan:
-    """Writes every page and picture of one model; returns the plan that sized its secondary views.
+def _render_model(f: h5py.File, model: Model, w: SiteWriter, others: int,
+                  budget: int) -> tuple[Plan, str | None]:
+    """Writes every page and picture of one model; returns the plan that sized its secondary views
+    and the line that says so (None when they keep their stored side).
 
     Args:
         others: bytes of the rest of the site (other models).
@@ -256,7 +150,8 @@ def _render_model(f: h5py.File, model: Model, w: SiteWriter, others: int, budget
     if dataset is not None:
         _render_images(f, model, dataset, checks, w)
     plan = plan_views(f, model, others + sum(w.bytes.values()), budget)
-    model.views_note = plan.describe(_stored_side(model))
+    note = plan.describe(_stored_side(model))
+    views_line = pages.views_line(model, note)
     extra: dict[str, dict] = {}
     for i, layer in enumerate(model.layers):
         group = f["layers"][layer.name]
@@ -266,19 +161,19 @@ def _render_model(f: h5py.File, model: Model, w: SiteWriter, others: int, budget
         sheets = _render_pictures(layer, arrays, pictures(group), w, plan.scale)
         preview = f"{layer.slug}/preview.{img.PICTURE_EXT}" if sheets else None
         extra[layer.name] = pages.layer_summary(arrays, preview)
-        _render_layer(model, i, arrays, sheets, dataset, group, w)
+        _render_layer(model, i, arrays, sheets, dataset, group, w, views_line)
     w.page("index.html", "model.html", **pages.model_context(model, extra, checks))
-    w.page("about.html", "about.html", **pages.about_context(f, model, dataset, checks))
+    w.page("about.html", "about.html", **about.about_context(f, model, dataset, checks, note))
     strips = checks_page.strip_sprite(checks, dataset)
     if strips is not None:  # every randomization strip of the page in one file
         w.write(strips[1]["src"], img.encode(strips[0], "strip"), "attributions")
     w.page("checks.html", "checks.html",
            **checks_page.checks_context(model, checks, dataset, pages.model_crumbs(model, "sanity checks"),
                                         strips[1] if strips is not None else None))
-    w.write("search.js", pages.search_script(model, dataset), "search")
-    summary = pages.summary(model, extra)
+    w.write("search.js", about.search_script(model, dataset), "search")
+    summary = about.summary(model, extra)
     w.write("summary.json", json.dumps(summary, indent=1, sort_keys=True).encode(), "html")
-    return plan
+    return plan, note
 
 
 def _stored_side(model: Model) -> int | None:
@@ -330,7 +225,7 @@ def _render_pictures(layer: Layer, arrays: dict, stored: dict[str, h5py.Dataset]
 
 
 def _render_layer(model: Model, i: int, arrays: dict, sheets: list[dict], dataset: dict | None,
-                  group: h5py.Group, w: SiteWriter) -> None:
+                  group: h5py.Group, w: SiteWriter, views_line: str | None) -> None:
     """Writes the layer's grid page, and each unit's page with its attribution strip.
 
     Unit-attribution maps are read SHEET_UNITS channels at a time.
@@ -350,7 +245,7 @@ def _render_layer(model: Model, i: int, arrays: dict, sheets: list[dict], datase
             if fired is not None:
                 fired["params"] = params
             w.page(f"{layer.slug}/{c}.html", "unit.html",
-                   **pages.unit_context(model, i, c, arrays, dataset, fired, maps is not None))
+                   **pages.unit_context(model, i, c, arrays, dataset, views_line, fired, maps is not None))
 
 
 def _unit_strip(layer: Layer, c: int, maps: np.ndarray, w: SiteWriter) -> dict | None:
@@ -380,7 +275,7 @@ def _render_images(f: h5py.File, model: Model, dataset: dict, checks: dict | Non
             w.write(f"images/{i}.jpg", img.encode(picture, "photo", "jpg"), "dataset")
             sprite = None
             if methods:
-                shown = pages.label_methods(dataset, methods, i, label_maps)
+                shown = image_pages.label_methods(dataset, methods, i, label_maps)
                 rows = [[maps[m][j] for m in methods]]
                 if shown:
                     rows.append([label_maps[m][j] if m in shown else None for m in methods])
@@ -389,9 +284,9 @@ def _render_images(f: h5py.File, model: Model, dataset: dict, checks: dict | Non
                 sprite = {"src": f"{i}-maps.{img.PICTURE_EXT}", "scales": scales, "rows": len(rows)}
                 w.write(f"images/{sprite['src']}", img.encode(sheet, "heat"), "attributions")
             w.page(f"images/{i}.html", "image.html",
-                   **pages.image_context(model, dataset, checks, i, methods, sprite))
-    for number, context in enumerate(pages.image_index_contexts(model, dataset)):
-        w.page(pages.image_index_name(number), "images.html", **context)
+                   **image_pages.image_context(model, dataset, checks, i, methods, sprite))
+    for number, context in enumerate(image_pages.image_index_contexts(model, dataset)):
+        w.page(image_pages.image_index_name(number), "images.html", **context)
 
 
 def write_site_root(site_dir: str | Path, env: jinja2.Environment | None = None) -> dict:
@@ -408,11 +303,21 @@ def write_site_root(site_dir: str | Path, env: jinja2.Environment | None = None)
     """
     site_dir = Path(site_dir)
     env = env or _environment()
-    w = SiteWriter(site_dir, env, depth=0)
+    models = _rendered_models(site_dir)
+    search = [f"{m['slug']}/search.js" for m in models
+              if isinstance(m.get("slug"), str) and (site_dir / m["slug"] / "search.js").is_file()]
+    w = SiteWriter(site_dir, env, depth=0, search=search)
     for asset in sorted((templates_dir() / "static").iterdir()):
         if asset.is_file():
             w.write(f"static/{asset.name}", asset.read_bytes(), "html")
     w.write(".nojekyll", b"", "html")
+    w.page("index.html", "index.html", models=models, crumbs=[], title="Model atlases")
+    w.page("404.html", "404.html")
+    return {"pages": w.pages, "changed": w.changed}
+
+
+def _rendered_models(site_dir: Path) -> list[dict]:
+    """The summary of every model rendered into the site folder, by name."""
     models = []
     for path in sorted(site_dir.glob("*/summary.json")):
         if path.parent.name.startswith("."):
@@ -421,9 +326,4 @@ def write_site_root(site_dir: str | Path, env: jinja2.Environment | None = None)
             models.append(json.loads(path.read_text()))
         except (OSError, ValueError):
             continue  # a folder that is not a rendered model: leave it out of the index
-    models.sort(key=lambda m: m.get("name", ""))
-    w.search = [f"{m['slug']}/search.js" for m in models
-                if isinstance(m.get("slug"), str) and (site_dir / m["slug"] / "search.js").is_file()]
-    w.page("index.html", "index.html", models=models, crumbs=[], title="Model atlases")
-    w.page("404.html", "404.html")
-    return {"pages": w.pages, "changed": w.changed}
+    return sorted(models, key=lambda m: m.get("name", ""))

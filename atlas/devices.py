@@ -1,0 +1,96 @@
+"""Where the work runs: the device a build uses, and what to do when its memory runs out.
+
+Every stage sizes its batches for speed and lets `fit` or `chunked` shrink
+them when a batch does not fit: the failed call is retried with half the
+rows, down to one row, and the size that fitted is handed back so the next
+call starts from it. A unit's result never depends on the batch it ran in.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, TypeVar
+
+import torch
+
+from atlas.errors import AtlasError
+
+T = TypeVar("T")
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """auto picks CUDA, then MPS, then the CPU; an unavailable explicit choice is an error.
+
+    Under torchrun, plain `cuda` (or auto) means this machine's GPU number `local_rank`.
+    """
+    if name in ("auto", "cuda") and torch.cuda.is_available():
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    if name == "auto":
+        return torch.device("mps") if _has_mps() else torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise AtlasError(f"--device {name}: no CUDA device is available; use --device cpu or auto")
+    if name == "mps" and not _has_mps():
+        raise AtlasError("--device mps: MPS is not available on this machine; use --device cpu or auto")
+    if name != "cpu" and not name.startswith(("cuda", "mps")):
+        raise AtlasError(f"unknown device {name!r}; expected auto, cpu, cuda, cuda:N or mps")
+    return torch.device(name)
+
+
+def _has_mps() -> bool:
+    return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+
+
+def is_oom(exc: BaseException) -> bool:
+    """Out of memory on any device (CUDA raises its own type, the CPU allocator a RuntimeError)."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and ("out of memory" in str(exc) or "can't allocate memory" in str(exc))
+
+
+def fit(fn: Callable[[int], T], size: int, on_halve: Callable[[int], None] | None = None) -> tuple[T, int]:
+    """Calls `fn(size)`, halving `size` after each out-of-memory error until it fits.
+
+    `fn` must change nothing before its last step that can run out of memory,
+    since a failed call is simply made again.
+
+    Args:
+        fn: the work, given the number of rows it may take at once.
+        size: the number to try first.
+        on_halve: called with the new size after each halving (to log it, rewind a progress bar).
+
+    Returns:
+        `fn`'s result and the size that fitted.
+
+    Raises:
+        The out-of-memory error itself when even one row does not fit (callers say what to do).
+    """
+    size = max(1, size)
+    while True:
+        try:
+            return fn(size), size
+        except (torch.OutOfMemoryError, RuntimeError) as exc:
+            if not is_oom(exc) or size == 1:
+                raise
+        size = max(1, size // 2)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if on_halve is not None:
+            on_halve(size)
+
+
+def chunked(fn: Callable[[int, int], T], total: int, batch: int) -> tuple[list[T], int]:
+    """Calls `fn(a, b)` over [0, total) in chunks of at most `batch` rows, each chunk through `fit`.
+
+    A chunk that runs out of memory is retried in halves; later chunks keep the smaller size.
+
+    Returns:
+        The results in order, and the chunk size that fitted.
+    """
+    size, out, a = max(1, batch), [], 0
+    while a < total:
+        first = min(size, total - a)
+        result, fitted = fit(lambda n: fn(a, a + n), first)
+        out.append(result)
+        a += fitted
+        if fitted < first:
+            size = fitted
+    return out, size

@@ -1,0 +1,127 @@
+"""Writing the site's files: atomic, only when changed, counted by part of the site."""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from pathlib import Path
+
+import jinja2
+from tqdm import tqdm
+
+from atlas.errors import AtlasError
+from atlas.site.checks import STRIPS
+
+
+class SiteWriter:
+    """Writes files under one folder, counting pages and bytes per part of the site."""
+
+    def __init__(self, base: Path, env: jinja2.Environment, depth: int, search: list[str],
+                 bar: tqdm | None = None):
+        """
+        Args:
+            base: the folder written into.
+            env: the jinja2 environment.
+            depth: how many folders `base` lies below the site root.
+            search: the search indexes every page loads, relative to the site root.
+            bar: progress bar advanced once per page.
+        """
+        self.base, self.env, self.depth, self.search, self.bar = base, env, depth, search, bar
+        self.bytes: Counter[str] = Counter()
+        self.pages = self.changed = 0
+        self.kept: set[str] = set()  # every file written or found identical
+        self._folders: set[Path] = set()
+
+    def path(self, rel: str) -> Path:
+        """The file for a relative path; refuses anything that could leave `base`."""
+        parts = rel.split("/")
+        if rel.startswith("/") or any(p in ("", ".", "..") or "\\" in p for p in parts):
+            raise AtlasError(f"refusing to write {rel!r}: not a plain relative path inside {self.base}")
+        return self.base.joinpath(*parts)
+
+    def write(self, rel: str, data: bytes, part: str) -> None:
+        """Writes bytes to `rel`, counted under `part` (html, featurevis, ...).
+
+        A file that already holds exactly `data` is left alone (its mtime too);
+        any other is replaced atomically.
+        """
+        path = self.path(rel)
+        self.bytes[part] += len(data)
+        self.kept.add(rel)
+        try:
+            if path.stat().st_size == len(data) and path.read_bytes() == data:
+                return
+        except OSError:
+            pass  # not there yet
+        if path.parent not in self._folders:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._folders.add(path.parent)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+        self.changed += 1
+
+    def remove_others(self) -> int:
+        """Deletes every file under `base` that this writer did not write; returns how many."""
+        removed = 0
+        for path in sorted(self.base.rglob("*"), reverse=True):
+            rel = path.relative_to(self.base).as_posix()
+            if path.is_file() and rel not in self.kept:
+                path.unlink()
+                removed += 1
+            elif path.is_dir() and not any(path.iterdir()):
+                path.rmdir()
+        return removed
+
+    def page(self, rel: str, template: str, **context: object) -> None:
+        """Renders `template` to `rel`, giving it `root`, the relative path up to the site root."""
+        context.setdefault("root", "../" * (rel.count("/") + self.depth))
+        context.setdefault("search", self.search)
+        html = self.env.get_template(template).render(**context)
+        self.write(rel, html.encode(), "html")
+        self.pages += 1
+        if self.bar is not None:
+            self.bar.update()
+
+
+def site_part(rel: str) -> str:
+    """Which part of the site a file belongs to, from its path relative to the site root."""
+    parts = rel.split("/")
+    name = parts[-1]
+    if parts[0] == "static":
+        return "static"
+    if name.endswith((".html", ".json")):
+        return "html"
+    if len(parts) == 1:
+        return "static"
+    if name == "search.js":
+        return "search"
+    if len(parts) == 3 and parts[1] == "images":
+        return "dataset" if name.endswith(".jpg") else "attributions"
+    if name.split(".")[0].endswith("-attribution") or name.startswith(f"{STRIPS}."):
+        return "attributions"  # a unit's attribution maps, the checks page's randomization strips
+    if name.startswith(("sprite-", "preview.")):
+        return "sprites"
+    return "featurevis"
+
+
+def site_sizes(site_dir: str | Path) -> dict[str, int]:
+    """Bytes per part of everything in the site folder (html, featurevis, sprites, ...)."""
+    return folder_bytes(Path(site_dir))
+
+
+def folder_bytes(site_dir: Path, skip: str | None = None) -> dict[str, int]:
+    """Bytes per part of the site folder, leaving out the top-level folder `skip`."""
+    sizes: Counter[str] = Counter()
+    for folder, dirs, files in os.walk(site_dir):
+        dirs[:] = [d for d in dirs if not d.startswith(".") and not (folder == str(site_dir) and d == skip)]
+        rel = Path(folder).relative_to(site_dir).as_posix()
+        for name in files:
+            sizes[site_part(name if rel == "." else f"{rel}/{name}")] += os.path.getsize(os.path.join(folder, name))
+    return dict(sorted(sizes.items()))
+
+
+def size_table(sizes: dict[str, int]) -> str:
+    """The size of each part of a site and the total, one line each."""
+    lines = [f"  {part:13s} {n / 1e6:10.1f} MB" for part, n in sizes.items()]
+    return "\n".join(["site size:", *lines, f"  {'total':13s} {sum(sizes.values()) / 1e6:10.1f} MB"])

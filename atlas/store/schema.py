@@ -1,0 +1,104 @@
+"""Every name the store is made of, defined once: format, stages, groups, views and methods.
+
+The stages write these names, the site and `atlas info` read them, and the
+synthetic stores of the tests and benchmarks are built from them, so a name
+changed here changes everywhere. docs/store.md describes the layout they make:
+
+    /                           attrs: spec, name, weights_id, input_size, config, versions, ...
+    /classes                    class names
+    /layers/<layer>/            attrs: kind, module, call, channels, height, width, order
+        featurevis/<view>[_objective|_loss|_seed|_peak|_done], quality
+        topk/, bottomk/         index, value, box
+        stats/                  mean, std, max, zero_fraction, dead, hist, hist_edges
+        unit_attribution/       maps, scale, index
+    /dataset/                   images, paths, labels, top5, top5_prob, skipped_*, source_index
+    /attribution/<method>/      maps, label_maps, targets, info
+    /attribution/skipped        methods that do not apply to the model, and why
+    /checks/<method>/           randomization, deletion, insertion, ...
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+STORE_FORMAT = 2  # bumped whenever the store layout or its encoding changes incompatibly
+
+# The stages, in pipeline order; each is a package of the same name with run(ctx) and consolidate(store, h5).
+STAGES = ("featurevis", "dataset", "attribution")
+
+# --- groups of the consolidated store ---
+CLASSES = "classes"
+LAYERS = "layers"
+DATASET = "dataset"
+ATTRIBUTION = "attribution"
+CHECKS = "checks"
+# inside /layers/<layer>/
+FEATUREVIS = "featurevis"
+TOPK = "topk"
+BOTTOMK = "bottomk"
+STATS = "stats"
+UNIT_ATTRIBUTION = "unit_attribution"
+
+# Root attributes stored as JSON (decoded by read_attrs); the others are plain HDF5 scalars.
+ROOT_SCALARS = ("spec", "name", "weights_id", "input_size", "atlas_version", "store_format", "created")
+ROOT_JSON = ("config", "versions", "preprocess")
+LAYER_ATTRS = ("kind", "module", "call", "channels", "height", "width")
+
+# --- feature-visualization views, in display order ---
+VIEWS = ("channel", "negative", "neuron", "diversity")
+SECONDARY_VIEWS = VIEWS[1:]  # shown together in one strip on a unit's page
+# A view's datasets in /layers/<layer>/featurevis/: the part's array name -> the suffix after the view's name.
+VIEW_ARRAYS = {"images": "", "objective": "_objective", "loss": "_loss", "seed": "_seed", "peak": "_peak",
+               "finite": "_done"}
+
+
+def view_dataset(view: str, array: str) -> str:
+    """The name of one of a view's datasets, e.g. ("channel", "finite") -> "channel_done"."""
+    return view + VIEW_ARRAYS[array]
+
+
+# --- attribution methods ---
+@dataclass(frozen=True)
+class Method:
+    """What the store, the site and the stage know of an attribution method.
+
+    Attributes:
+        name: the method's key in the store and on the command line.
+        family: the group the image and checks pages show it in.
+        signed: its maps carry a sign (evidence for and against); False: non-negative maps.
+        path: a path method, whose map sums to f(x) - f(baseline) (completeness is checked).
+        quick: computed by the quick preset (False for those costing the most passes per image).
+    """
+
+    name: str
+    family: str
+    signed: bool = True
+    path: bool = False
+    quick: bool = True
+
+
+_METHODS = (
+    Method("gradient", "Gradients"),
+    Method("gradient_x_input", "Gradients"),
+    Method("smoothgrad", "SmoothGrad family"),
+    Method("smoothgrad_sq", "SmoothGrad family", signed=False),
+    Method("vargrad", "SmoothGrad family", signed=False),
+    Method("guided_backprop", "Guided"),
+    Method("grad_cam", "CAM", signed=False),  # the ReLU keeps only positive evidence
+    Method("guided_grad_cam", "Guided"),
+    Method("integrated_gradients", "Path methods", path=True),
+    # the IG baselines other than black take several draws each
+    Method("ig_max_distance", "Path methods", path=True, quick=False),
+    Method("ig_blurred", "Path methods", path=True, quick=False),
+    Method("ig_uniform", "Path methods", path=True, quick=False),
+    Method("ig_gaussian", "Path methods", path=True, quick=False),
+    Method("expected_gradients", "Path methods", path=True),
+    Method("occlusion", "Perturbation"),
+    Method("extremal_perturbation", "Perturbation", signed=False, quick=False),  # a mask in [0, 1]; 800 steps
+)
+METHODS: dict[str, Method] = {m.name: m for m in _METHODS}  # in the order the pipeline computes them
+ALL_METHODS = tuple(METHODS)
+QUICK_METHODS = tuple(m.name for m in _METHODS if m.quick)
+FAMILY_ORDER = ("Gradients", "SmoothGrad family", "Guided", "CAM", "Path methods", "Perturbation")
+FAMILIES = tuple((family, tuple(m.name for m in _METHODS if m.family == family)) for family in FAMILY_ORDER)
+RANDOM_CONTROL = "random"  # the checks' random-order control, stored beside the methods' checks
