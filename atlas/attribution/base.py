@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from atlas.devices import chunked
+from atlas.store.schema import METHODS
 
 T = TypeVar("T")
 
@@ -88,9 +89,7 @@ class Attribution(abc.ABC):
             several images together); halved automatically on out-of-memory.
     """
 
-    name = "base"
-    path_method = False  # sums to f(x) - f(baseline): completeness is checked
-    signed = True  # maps carry a sign (evidence for and against); False: non-negative maps
+    name = "base"  # the method's key: its properties (family, signed, path method) are schema.METHODS[name]
     needs_layer = False  # Grad-CAM and unit attributions work on a layer
 
     def __init__(self, model: nn.Module, space: InputSpace | None = None, batch: int = 64):
@@ -102,6 +101,11 @@ class Attribution(abc.ABC):
         self.model = model
         self.space = space or InputSpace()
         self.batch = batch
+
+    @property
+    def signed(self) -> bool:
+        """Whether the maps carry a sign (evidence for and against); False: non-negative maps."""
+        return METHODS[self.name].signed if self.name in METHODS else True
 
     @property
     def params(self) -> dict:

@@ -79,7 +79,6 @@ class GradCAM(Attribution):
     """
 
     name = "grad_cam"
-    signed = False  # the ReLU keeps only positive evidence
     needs_layer = True
 
     def __init__(self, model: nn.Module, space: InputSpace | None = None, batch: int = 64,

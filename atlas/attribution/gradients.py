@@ -56,10 +56,6 @@ class SmoothGrad(Attribution):
         self.name = self.VARIANTS[variant]
 
     @property
-    def signed(self) -> bool:
-        return self.variant == "mean"  # squares and variances are non-negative
-
-    @property
     def params(self):
         return {**super().params, "samples": self.samples, "noise_fraction_of_range": self.noise,
                 "variant": self.variant, "seed": self.seed}

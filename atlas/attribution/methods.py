@@ -17,7 +17,9 @@ from atlas.attribution.cam import GradCAM, GuidedGradCAM
 from atlas.attribution.gradients import Gradient, GradientXInput, GuidedBackprop, SmoothGrad
 from atlas.attribution.paths import ExpectedGradients, IntegratedGradients
 from atlas.attribution.perturbation import ExtremalPerturbation, Occlusion
+from atlas.config import Config
 from atlas.errors import AtlasError
+from atlas.store.schema import ALL_METHODS
 
 Factory = Callable[[nn.Module, InputSpace, int, dict], Attribution]
 
@@ -64,9 +66,19 @@ METHODS: dict[str, Factory] = {
         model, space, batch, steps=s["extremal_steps"]),
 }
 
-# The settings a caller does not name default to the reference recipes (RECIPES.md).
-DEFAULTS = {"samples": 50, "noise": 0.15, "steps": 50, "draws": 4, "tolerance": 0.01, "max_steps": 400,
-            "extremal_steps": 800, "occlusion_stride": 0.5, "seed": 0, "layer": None, "input_size": None}
+assert tuple(METHODS) == ALL_METHODS, "every method of the schema needs a factory, in the schema's order"
+
+
+def settings(config: Config) -> dict:
+    """A build config's attribution settings, by the names the factories read."""
+    return {"samples": config.attr_samples, "noise": config.attr_noise, "steps": config.attr_steps,
+            "draws": config.attr_draws, "tolerance": config.attr_tolerance, "max_steps": config.attr_max_steps,
+            "extremal_steps": config.attr_extremal_steps, "occlusion_stride": config.attr_occlusion_stride,
+            "seed": config.seed, "layer": None, "input_size": None}
+
+
+# The settings a caller does not name: Config's defaults, the reference recipes (RECIPES.md).
+DEFAULTS = settings(Config())
 
 
 def check(name: str) -> None:

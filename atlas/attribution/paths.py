@@ -107,8 +107,6 @@ class _Path:
 class _PathMethod(Attribution):
     """What IG and EG share: evaluating many paths' rows in chunks."""
 
-    path_method = True
-
     def _path_sums(self, inputs: torch.Tensor, target: torch.Tensor, paths: list[_Path]) -> torch.Tensor:
         """sum_m weight_m (x - s_m) grad f(s_m + alpha_m (x - s_m)) for each path: [P, 3, H, W]."""
         offsets = np.cumsum([0] + [len(p) for p in paths]).tolist()

@@ -122,7 +122,6 @@ class ExtremalPerturbation(Attribution):
     """
 
     name = "extremal_perturbation"
-    signed = False  # a mask in [0, 1]
     LAMBDA_FIRST = 1.0  # weight of the area regularizer at the first step
     LAMBDA_LAST = 300.0  # ... and at the last
 

@@ -21,13 +21,13 @@ from atlas.attribution.checks import sanity
 from atlas.attribution.checks.ablation import fractions
 from atlas.attribution.base import Attribution, InputSpace
 from atlas.attribution.maps import run_maps
-from atlas.attribution.methods import check, get
+from atlas.attribution.methods import check, get, settings
 from atlas.attribution.units import UnitAttribution, unit_maps
 from atlas.dataset.reader import DatasetImages, top_examples
 from atlas.errors import AtlasError
-from atlas.store.schema import RANDOM_CONTROL
+from atlas.store.schema import ATTRIBUTION, RANDOM_CONTROL
 
-STAGE = "attribution"
+STAGE = ATTRIBUTION
 UNIT_CHANNELS = 128  # channels per unit-attribution work unit
 
 
@@ -71,10 +71,7 @@ def make_method(ctx, name: str, images: DatasetImages | None, model=None,
     cfg, loaded = ctx.config, ctx.loaded
     tolerance = float("inf") if fixed_steps else cfg.attr_tolerance
     method = get(name, model or loaded.model, InputSpace.of(loaded.preprocess), chunk(ctx),
-                 steps=cfg.attr_steps, max_steps=cfg.attr_max_steps, tolerance=tolerance,
-                 samples=cfg.attr_samples, noise=cfg.attr_noise, draws=cfg.attr_draws, seed=cfg.seed,
-                 extremal_steps=cfg.attr_extremal_steps, occlusion_stride=cfg.attr_occlusion_stride,
-                 input_size=loaded.input_size)
+                 **{**settings(cfg), "tolerance": tolerance, "input_size": loaded.input_size})
     if images is not None and hasattr(method, "set_references"):
         method.set_references(images.references())
     return method

@@ -12,9 +12,10 @@ import torch
 
 from atlas.dataset.reader import box_of
 from atlas.dataset.topk import HIST_EDGES, STATS, TopK
+from atlas.store.schema import DATASET
 from atlas.store import Store, read_attrs
 
-STAGE = "dataset"
+STAGE = DATASET
 
 
 def consolidate(store: Store, f: h5py.File) -> None:

@@ -14,9 +14,10 @@ import numpy as np
 import torch
 
 from atlas.dataset.topk import TopK
+from atlas.store.schema import DATASET
 from atlas.store import Store, read_attrs
 
-STAGE = "dataset"
+STAGE = DATASET
 REFERENCES = 64  # dataset images Expected Gradients draws its baselines from
 
 

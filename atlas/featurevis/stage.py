@@ -17,15 +17,15 @@ import h5py
 import numpy as np
 import torch
 
-from atlas import distributed
+from atlas import devices, distributed
 from atlas.errors import AtlasError
 from atlas.featurevis import objectives as O
 from atlas.featurevis.param import unit_seed
 from atlas.featurevis.render import Rendered, RenderSettings, render
 from atlas.store import Store
+from atlas.store.schema import FEATUREVIS, LAYERS, TOPK, VIEWS, VIEW_ARRAYS, view_dataset
 
-STAGE = "featurevis"
-VIEWS = ("channel", "negative", "neuron", "diversity")
+STAGE = FEATUREVIS
 
 
 def settings_of(config) -> RenderSettings:
@@ -115,6 +115,7 @@ class _Renderer:
         if ctx.device.type == "cuda" and ctx.layers:
             self.batch = self._batch_from_free_memory(ctx.layers[-1].name)
         self.batch = distributed.smallest(self.batch)  # every rank cuts the channels into the same units
+        self.fitting = self.batch  # channels rendered together that fit in memory (shrinks on out-of-memory)
 
     def _batch_from_free_memory(self, layer: str, cap: int = 1024) -> int:
         """Measures one image's memory on the deepest layer and fills 60 % of what is free."""
@@ -132,17 +133,22 @@ class _Renderer:
         return max(1, self.batch // images_per_channel(view, self.cfg))
 
     def render_unit(self, view: str, layer: str, channels: list[int]) -> list[tuple[list[int], dict]]:
-        """Renders one unit; on out-of-memory, its halves (each returned as its own unit)."""
+        """Renders one unit; on out-of-memory, in smaller pieces, each returned as its own unit.
+
+        Later units start from the piece that fitted, so a GPU that ran out of memory once
+        is not made to run out again on every unit.
+        """
+        def piece(a: int, b: int) -> tuple[list[int], dict]:
+            return channels[a:b], self._render(view, layer, channels[a:b])
         try:
-            return [(channels, self._render(view, layer, channels))]
-        except torch.cuda.OutOfMemoryError:
-            if len(channels) == 1:
-                raise AtlasError(f"one unit of {layer} does not fit in GPU memory at {self.settings.size} px; "
-                                 f"use --size smaller or --device cpu") from None
-            torch.cuda.empty_cache()
-            self.batch = max(1, self.batch // 2)
-            half = len(channels) // 2
-            return self.render_unit(view, layer, channels[:half]) + self.render_unit(view, layer, channels[half:])
+            parts, fitted = devices.chunked(piece, len(channels), min(len(channels), self.fitting))
+        except (torch.OutOfMemoryError, RuntimeError) as exc:
+            if not devices.is_oom(exc):
+                raise
+            raise AtlasError(f"one unit of {layer} does not fit in GPU memory at {self.settings.size} px; "
+                             f"use --size smaller or --device cpu") from None
+        self.fitting = min(self.fitting, fitted)
+        return parts
 
     def _seeds(self, view: str, layer: str, channels: list[int], attempt: int) -> list[int]:
         k = images_per_channel(view, self.cfg)
@@ -188,14 +194,13 @@ def consolidate(store: Store, f: h5py.File) -> None:
     """Gathers the parts into /layers/<layer>/featurevis/<view>*, unit by unit."""
     for key, part in store.units(STAGE):
         view, layer, first, end = parse_key(key)
-        if layer not in f["layers"]:
+        if layer not in f[LAYERS]:
             continue  # a layer no longer selected
-        group = f["layers"][layer].require_group("featurevis")
+        group = f[LAYERS][layer].require_group(FEATUREVIS)
         if view not in group:
-            _create(group, view, int(f["layers"][layer].attrs["channels"]), part)
-        for name, suffix in (("images", ""), ("objective", "_objective"), ("loss", "_loss"),
-                             ("seed", "_seed"), ("peak", "_peak"), ("finite", "_done")):
-            group[view + suffix][first:end] = part[name][...]
+            _create(group, view, int(f[LAYERS][layer].attrs["channels"]), part)
+        for name in VIEW_ARRAYS:
+            group[view_dataset(view, name)][first:end] = part[name][...]
 
 
 def _create(group: h5py.Group, view: str, channels: int, part: h5py.File) -> None:
@@ -205,11 +210,12 @@ def _create(group: h5py.Group, view: str, channels: int, part: h5py.File) -> Non
                               compression_opts=1)
     ds.attrs.update(dict(part.attrs))
     extra = per[:-3]  # (k,) for diversity sets
-    group.create_dataset(f"{view}_objective", (channels, *extra), np.float32, fillvalue=np.nan)
-    group.create_dataset(f"{view}_loss", (channels, *part["loss"].shape[1:]), np.float32, fillvalue=np.nan)
-    group.create_dataset(f"{view}_seed", (channels, *extra), np.int64)
-    group.create_dataset(f"{view}_peak", (channels, *extra), np.float32, fillvalue=np.nan)
-    group.create_dataset(f"{view}_done", (channels,), bool)
+    group.create_dataset(view_dataset(view, "objective"), (channels, *extra), np.float32, fillvalue=np.nan)
+    group.create_dataset(view_dataset(view, "loss"), (channels, *part["loss"].shape[1:]), np.float32,
+                         fillvalue=np.nan)
+    group.create_dataset(view_dataset(view, "seed"), (channels, *extra), np.int64)
+    group.create_dataset(view_dataset(view, "peak"), (channels, *extra), np.float32, fillvalue=np.nan)
+    group.create_dataset(view_dataset(view, "finite"), (channels,), bool)
 
 
 def derive_quality(f: h5py.File) -> None:
@@ -218,12 +224,13 @@ def derive_quality(f: h5py.File) -> None:
     Below 1, the visualization does not excite the unit as much as a real photo
     does, and says little; NaN where either is missing or the unit is dead.
     """
-    for layer in f["layers"].values():
-        if "featurevis/channel_peak" not in layer or "topk/value" not in layer:
+    peak_name = f"{FEATUREVIS}/{view_dataset('channel', 'peak')}"
+    for layer in f[LAYERS].values():
+        if peak_name not in layer or f"{TOPK}/value" not in layer:
             continue
-        peak, best = layer["featurevis/channel_peak"][...], layer["topk/value"][:, 0]
+        peak, best = layer[peak_name][...], layer[f"{TOPK}/value"][:, 0]
         with np.errstate(divide="ignore", invalid="ignore"):
             quality = np.where(best > 0, peak / best, np.nan).astype(np.float32)
-        ds = layer["featurevis"].create_dataset("quality", data=quality)
+        ds = layer[FEATUREVIS].create_dataset("quality", data=quality)
         ds.attrs["definition"] = ("spatial max of the channel on its visualization (at the rendered size) / "
                                   "highest spatial max over the dataset images")

@@ -23,23 +23,23 @@ from dataclasses import dataclass
 
 STORE_FORMAT = 2  # bumped whenever the store layout or its encoding changes incompatibly
 
-# The stages, in pipeline order; each is a package of the same name with run(ctx) and consolidate(store, h5).
-STAGES = ("featurevis", "dataset", "attribution")
-
 # --- groups of the consolidated store ---
 CLASSES = "classes"
 LAYERS = "layers"
-DATASET = "dataset"
-ATTRIBUTION = "attribution"
+DATASET = "dataset"  # also the dataset stage's name: its parts folder
+ATTRIBUTION = "attribution"  # also the attribution stage's name
 CHECKS = "checks"
 # inside /layers/<layer>/
-FEATUREVIS = "featurevis"
+FEATUREVIS = "featurevis"  # also the feature-visualization stage's name
 TOPK = "topk"
 BOTTOMK = "bottomk"
 STATS = "stats"
 UNIT_ATTRIBUTION = "unit_attribution"
 
 # Root attributes stored as JSON (decoded by read_attrs); the others are plain HDF5 scalars.
+# The stages, in pipeline order; each is a package of the same name with run(ctx) and consolidate(store, h5).
+STAGES = (FEATUREVIS, DATASET, ATTRIBUTION)
+
 ROOT_SCALARS = ("spec", "name", "weights_id", "input_size", "atlas_version", "store_format", "created")
 ROOT_JSON = ("config", "versions", "preprocess")
 LAYER_ATTRS = ("kind", "module", "call", "channels", "height", "width")

@@ -16,10 +16,10 @@ import h5py
 import numpy as np
 
 import atlas
+from atlas.store.schema import STORE_FORMAT, VIEWS, view_dataset
 from atlas.testing.synthetic_attribution import write_attribution, write_checks, write_unit_attribution
 
 LOSS_POINTS = 16  # samples of each synthetic loss curve
-VIEWS = ("channel", "negative", "neuron", "diversity")  # every view a store can hold
 DIVERSITY = 4  # images in a diversity set
 HIST_EDGES = np.sinh(np.linspace(-8, 8, 49))  # the store's fixed histogram bins
 DEAD_FRACTION = 0.05  # units that never fire
@@ -151,7 +151,7 @@ def _write_root(f: h5py.File, name: str, size: int, fv_size: int, k: int, classe
     preprocess = {"size": size, "crop_pct": 0.875, "mean": [0.5] * 3, "std": [0.5] * 3}
     f.attrs.update({
         "spec": f"synthetic:{name}", "name": name, "weights_id": "synthetic-weights",
-        "input_size": size, "atlas_version": atlas.__version__, "store_format": atlas.STORE_FORMAT,
+        "input_size": size, "atlas_version": atlas.__version__, "store_format": STORE_FORMAT,
         "created": "2000-01-01T00:00:00+00:00", "config": json.dumps(config),
         "versions": json.dumps(versions), "preprocess": json.dumps(preprocess),
     })
@@ -225,12 +225,12 @@ def _write_featurevis(g: h5py.Group, channels: int, size: int, views: Sequence[s
         noise = rng.normal(0, 0.03, (*per, LOSS_POINTS)).astype(np.float32)
         loss = final[..., None] * (1 - np.exp(-5 * steps) + noise)
         loss[..., -1] = final
-        fv.create_dataset(f"{view}_objective", data=final)
-        fv.create_dataset(f"{view}_loss", data=loss.astype(np.float32))
+        fv.create_dataset(view_dataset(view, "objective"), data=final)
+        fv.create_dataset(view_dataset(view, "loss"), data=loss.astype(np.float32))
         seeds = np.arange(channels * k, dtype=np.int64).reshape(per) * 7919 + 1 + VIEWS.index(view)
-        fv.create_dataset(f"{view}_seed", data=seeds)
-        fv.create_dataset(f"{view}_peak", data=_view_peak(view, per, best, rng))
-        fv.create_dataset(f"{view}_done", data=np.ones(channels, bool))
+        fv.create_dataset(view_dataset(view, "seed"), data=seeds)
+        fv.create_dataset(view_dataset(view, "peak"), data=_view_peak(view, per, best, rng))
+        fv.create_dataset(view_dataset(view, "finite"), data=np.ones(channels, bool))
     if best is not None and "channel" in views:
         with np.errstate(divide="ignore", invalid="ignore"):
             quality = np.where(best > 0, fv["channel_peak"][()] / best, np.nan).astype(np.float32)

@@ -1,4 +1,4 @@
-"""The attribution and checks sections of synthetic stores (see atlas/synthetic.py).
+"""The attribution and checks sections of synthetic stores (see synthetic.py).
 
 Maps are smooth blobs with noise, path methods carry completeness errors, and
 the checks' scores follow what the real ones show: insensitive methods keep
@@ -12,14 +12,10 @@ import json
 import h5py
 import numpy as np
 
+from atlas.store.schema import METHODS, RANDOM_CONTROL
+
 _CHUNK = 256  # channels generated at a time, to bound memory for big layers
-UNSIGNED = ("smoothgrad_sq", "vargrad", "grad_cam", "occlusion", "extremal_perturbation")  # maps >= 0
 CHECKS = ("randomization", "random_logit", "deletion", "insertion", "mass_centre")  # keys of `caveats`
-
-
-def is_path_method(method: str) -> bool:
-    """Integrated Gradients with any baseline, and Expected Gradients: the methods with a completeness error."""
-    return method in ("integrated_gradients", "expected_gradients") or method.startswith("ig_")
 
 
 _PARAMS = {  # the parameters each method's `maps` carries, as the attribution stage writes them
@@ -64,7 +60,7 @@ def write_attribution(f: h5py.File, method: str, n: int, size: int, incomplete: 
         m = min(64, n - start)
         factor = rng.lognormal(-6, 1, (m, 1, 1)).astype(np.float32)  # attributions are small numbers
         top, other = _blobs(m, size, rng, MAP_NOISE) * factor, _blobs(m, size, rng, MAP_NOISE) * factor
-        if method in UNSIGNED:
+        if not METHODS[method].signed:
             top, other = np.abs(top), np.abs(other)
         label = labels[start:start + m]
         other[label == target[start:start + m]] = top[label == target[start:start + m]]
@@ -74,7 +70,7 @@ def write_attribution(f: h5py.File, method: str, n: int, size: int, incomplete: 
             peak = np.abs(values).max(axis=(1, 2))
             out[start:start + m] = peak
             g[name][start:start + m] = (values / peak[:, None, None]).astype(np.float16)
-    maps.attrs.update({"method": method, "signed": method not in UNSIGNED,
+    maps.attrs.update({"method": method, "signed": METHODS[method].signed,
                        "target_rule": "top-1 prediction", "reduction": "sum over colour",
                        "stored_as": "map / scale: multiply each image's map by `scale` for the attribution",
                        **_PARAMS.get(method, {})})
@@ -83,7 +79,7 @@ def write_attribution(f: h5py.File, method: str, n: int, size: int, incomplete: 
     g.create_dataset("target", data=target.astype(np.int64))
     g.create_dataset("score", data=rng.gamma(3.0, 2.0, n).astype(np.float32))
     g.create_dataset("label_target", data=labels.astype(np.int64))
-    path = is_path_method(method)
+    path = METHODS[method].path
     error = rng.uniform(0.02, 0.8, n) * tolerance if path else np.full(n, np.nan)
     if path and incomplete:
         error[::2] = rng.uniform(1.5, 12, len(error[::2])) * tolerance
@@ -225,7 +221,7 @@ def write_checks(f: h5py.File, methods: list[str], settings: dict[str, int], ins
         r = g.create_group("randomization")
         cascading = 0.9 - 0.1 * steps if bad else 0.55 * np.exp(-4 * steps) + 0.05
         independent = 0.9 - 0.05 * steps if bad else 0.3 + 0.5 * steps
-        strips = _strips(len(groups), settings["strip"], bad, method not in UNSIGNED, rng)
+        strips = _strips(len(groups), settings["strip"], bad, METHODS[method].signed, rng)
         for name, level in (("cascading", cascading), ("independent", independent)):
             sub = r.create_group(name)
             for key, value in _similarity(np.broadcast_to(level, (len(groups), n)), rng).items():
@@ -245,4 +241,4 @@ def write_checks(f: h5py.File, methods: list[str], settings: dict[str, int], ins
         logit.attrs.update({"verdict": "fail" if score > threshold else "pass", "score": score,
                             "threshold": threshold})
         _curves(g, fractions, n, 3.0 if bad else 8.0, 0.2 if bad else 0.45, rng)
-    _curves(c.create_group("random"), fractions, n, 1.2, 0.12, rng)
+    _curves(c.create_group(RANDOM_CONTROL), fractions, n, 1.2, 0.12, rng)
