@@ -17,9 +17,9 @@ import numpy as np
 import torch
 
 from atlas import distributed
+from atlas.attribution.base import Attribution, InputSpace
 from atlas.attribution.checks import sanity
 from atlas.attribution.checks.ablation import fractions
-from atlas.attribution.base import Attribution, InputSpace
 from atlas.attribution.maps import run_maps
 from atlas.attribution.methods import check, get, settings
 from atlas.attribution.units import UnitAttribution, unit_maps

@@ -32,9 +32,9 @@ from atlas.attribution.cam import GradCAM, default_cam_layer
 from atlas.attribution.gradients import GuidedBackprop, SmoothGrad
 from atlas.attribution.paths import IntegratedGradients
 from atlas.bench.common import sync
-from atlas.errors import AtlasError
 from atlas.dataset.images import decode, sample_images
 from atlas.devices import resolve_device
+from atlas.errors import AtlasError
 
 STEPS = SAMPLES = 50  # the settings: IG with 50 steps, SmoothGrad with 50 samples
 NOISE = 0.15  # SmoothGrad noise level, as a fraction of the input range

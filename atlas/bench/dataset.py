@@ -13,12 +13,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from atlas import dataset, models
+from atlas import models
 from atlas.bench.common import best_time, child_peak, repeated_samples
 from atlas.config import preset
+from atlas.dataset import stage as dataset
 from atlas.dataset.images import ImageDataset
-from atlas.layers import discover, select
 from atlas.devices import resolve_device
+from atlas.layers import discover, select
 from atlas.pipeline import Context
 from atlas.store import Store
 

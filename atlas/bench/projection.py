@@ -13,11 +13,11 @@ import time
 from atlas import models
 from atlas.bench.common import sync
 from atlas.config import preset
+from atlas.devices import resolve_device
 from atlas.featurevis.objectives import channel
 from atlas.featurevis.render import RenderSettings, render
 from atlas.featurevis.stage import images_per_channel, settings_of
 from atlas.layers import discover, select
-from atlas.devices import resolve_device
 
 
 def run(model: str = "resnet50", weights: str = models.RANDOM, preset_name: str = "full", batch: int = 8,

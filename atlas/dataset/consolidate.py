@@ -12,8 +12,8 @@ import torch
 
 from atlas.dataset.reader import box_of
 from atlas.dataset.topk import HIST_EDGES, STATS, TopK
-from atlas.store.schema import DATASET
 from atlas.store import Store, read_attrs
+from atlas.store.schema import DATASET
 
 STAGE = DATASET
 

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 
 from atlas.dataset.topk import TopK
-from atlas.store.schema import DATASET
 from atlas.store import Store, read_attrs
+from atlas.store.schema import DATASET
 
 STAGE = DATASET
 REFERENCES = 64  # dataset images Expected Gradients draws its baselines from

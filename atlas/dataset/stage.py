@@ -18,8 +18,8 @@ from atlas import devices
 from atlas.dataset.images import ImageDataset, list_images
 from atlas.dataset.topk import LayerSummary
 from atlas.errors import AtlasError
-from atlas.store.schema import DATASET
 from atlas.layers import Capture, receptive_field
+from atlas.store.schema import DATASET
 
 STAGE = DATASET
 

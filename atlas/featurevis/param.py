@@ -14,7 +14,6 @@ import hashlib
 import math
 
 import numpy as np
-
 import torch
 
 # Square root of ImageNet's colour covariance, the Lucid recipe's constant.

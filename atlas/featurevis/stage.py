@@ -23,7 +23,7 @@ from atlas.featurevis import objectives as O
 from atlas.featurevis.param import unit_seed
 from atlas.featurevis.render import Rendered, RenderSettings, render
 from atlas.store import Store
-from atlas.store.schema import FEATUREVIS, LAYERS, TOPK, VIEWS, VIEW_ARRAYS, view_dataset
+from atlas.store.schema import FEATUREVIS, LAYERS, TOPK, VIEW_ARRAYS, VIEWS, view_dataset
 
 STAGE = FEATUREVIS
 

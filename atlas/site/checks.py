@@ -14,8 +14,8 @@ import warnings
 import numpy as np
 
 from atlas.site import pictures as img
-from atlas.site.plots import line_plot
 from atlas.site.data import Model, pretty_json, slug
+from atlas.site.plots import line_plot
 from atlas.store.schema import FAMILIES, METHODS
 
 WARN_FACTOR = 5  # a completeness error up to this many tolerances is amber, beyond it red

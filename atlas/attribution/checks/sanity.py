@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from atlas.attribution.checks import ablation
 from atlas.attribution.base import Attribution
+from atlas.attribution.checks import ablation
 from atlas.attribution.checks.similarity import compare
 
 Group = tuple[str, list[str]]
