@@ -12,8 +12,9 @@ import h5py
 import numpy as np
 
 from atlas.store import Store, read_attrs
+from atlas.store.schema import ATTRIBUTION, CHECKS, DATASET, LAYERS, UNIT_ATTRIBUTION
 
-STAGE = "attribution"
+STAGE = ATTRIBUTION
 _PER_IMAGE = {"target": (np.int64, -1), "score": (np.float32, np.nan), "label_target": (np.int64, -1),
               "completeness": (np.float32, np.nan), "steps": (np.int32, 0),
               "scale": (np.float32, np.nan), "label_scale": (np.float32, np.nan), "finite": (np.bool_, True)}
@@ -21,16 +22,16 @@ _PER_IMAGE = {"target": (np.int64, -1), "score": (np.float32, np.nan), "label_ta
 
 def consolidate(store: Store, f: h5py.File) -> None:
     """Writes every attribution section the parts have."""
-    if "dataset" not in f:
+    if DATASET not in f:
         return
-    source = f["dataset/source_index"][...]
+    source = f[DATASET]["source_index"][...]
     groups: dict[str, h5py.Group] = {}
     for key, part in store.units(STAGE):
         kind, _, rest = key.partition("/")
         if kind == "skipped":
-            skipped = json.loads(f.require_group("attribution").attrs.get("skipped", "{}"))
+            skipped = json.loads(f.require_group(ATTRIBUTION).attrs.get("skipped", "{}"))
             skipped[rest] = str(part.attrs["reason"])
-            f["attribution"].attrs["skipped"] = json.dumps(skipped)
+            f[ATTRIBUTION].attrs["skipped"] = json.dumps(skipped)
         elif kind == "checks":
             _write_check(f, rest, part, source)
         elif kind == "unit":
@@ -46,7 +47,7 @@ def consolidate(store: Store, f: h5py.File) -> None:
 
 
 def _create(f: h5py.File, name: str, n: int, part: h5py.File) -> h5py.Group:
-    g = f.require_group("attribution").create_group(name)
+    g = f.require_group(ATTRIBUTION).create_group(name)
     size = part["maps"].shape[1]
     attrs = {k: v for k, v in part.attrs.items() if k != "tolerance"}
     g.attrs["tolerance"] = float(part.attrs.get("tolerance", np.nan))
@@ -74,23 +75,23 @@ def _write_maps(g: h5py.Group, part: h5py.File, source: np.ndarray) -> None:
 
 def _write_unit_part(f: h5py.File, part: h5py.File) -> None:
     a = read_attrs(part)
-    layer = f["layers"].get(a["layer"])
+    layer = f[LAYERS].get(a["layer"])
     if layer is None:
         return
     maps = part["maps"]
-    if "unit_attribution" not in layer:
-        g = layer.create_group("unit_attribution")
+    if UNIT_ATTRIBUTION not in layer:
+        g = layer.create_group(UNIT_ATTRIBUTION)
         shape = (int(layer.attrs["channels"]), *maps.shape[1:])
         g.create_dataset("maps", shape, np.float16, chunks=(1, *maps.shape[1:]), fillvalue=np.nan)
         g.create_dataset("scale", shape[:2], np.float32, fillvalue=np.nan)
         g.attrs.update({"method": a["method"], "target": a["target"], "k": a["k"], "size": a["size"]})
-    layer["unit_attribution/maps"][a["first"]:a["end"]] = maps[...]
+    layer[UNIT_ATTRIBUTION]["maps"][a["first"]:a["end"]] = maps[...]
     if "scale" in part:
-        layer["unit_attribution/scale"][a["first"]:a["end"]] = part["scale"][...]
+        layer[UNIT_ATTRIBUTION]["scale"][a["first"]:a["end"]] = part["scale"][...]
 
 
 def _write_check(f: h5py.File, name: str, part: h5py.File, source: np.ndarray) -> None:
-    checks = f.require_group("checks")
+    checks = f.require_group(CHECKS)
     if "images" not in checks:
         checks["images"] = np.searchsorted(source, part["images"][...])
         from atlas.attribution.checks import ablation, sanity

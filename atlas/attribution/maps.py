@@ -14,8 +14,9 @@ from tqdm import tqdm
 from atlas.attribution.base import Attribution
 from atlas.attribution.gradients import SmoothGrad
 from atlas.errors import AtlasError
+from atlas.store.schema import ATTRIBUTION
 
-STAGE = "attribution"
+STAGE = ATTRIBUTION
 
 
 def run_maps(ctx, images, todo: list[tuple[str, str]], make_method) -> None:
@@ -26,11 +27,10 @@ def run_maps(ctx, images, todo: list[tuple[str, str]], make_method) -> None:
     """
     if not todo:
         return
-    sizes = {key: part["index"].shape[0] for key, part in ctx.store.units("dataset")}
     methods: dict[str, Attribution] = {}
     skipped: set[str] = set()
     scores: dict[str, np.ndarray] = {}  # the target logits of a data unit, shared by every method
-    with ctx.bar(sum(sizes[d] for _, d in todo), "attribution", "img") as bar:
+    with ctx.bar(sum(len(images.by_unit[d]) for _, d in todo), "attribution", "img") as bar:
         for data_key, names in _groups(todo):
             if skipped & set(names):
                 continue
@@ -38,8 +38,7 @@ def run_maps(ctx, images, todo: list[tuple[str, str]], make_method) -> None:
             for name in names:
                 if name not in methods:
                     methods[name] = make_method(ctx, name, images)
-            with ctx.store.read_unit("dataset", data_key) as part:
-                index = part["index"][...]
+            index = images.by_unit[data_key]
             if data_key not in scores:
                 scores = {data_key: _scores(ctx, images, index)}
             group = {name: methods[name] for name in names}

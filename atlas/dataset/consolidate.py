@@ -13,9 +13,11 @@ import torch
 from atlas.dataset.reader import box_of
 from atlas.dataset.topk import HIST_EDGES, STATS, TopK
 from atlas.store import Store, read_attrs
-from atlas.store.schema import DATASET
+from atlas.store.schema import BOTTOMK, DATASET, LAYERS, TOPK
+from atlas.store.schema import STATS as STATS_GROUP
 
 STAGE = DATASET
+GROUP_OF = {"top": TOPK, "bottom": BOTTOMK}  # the merged lists' groups in /layers/<layer>/
 
 
 def consolidate(store: Store, f: h5py.File) -> None:
@@ -26,7 +28,7 @@ def consolidate(store: Store, f: h5py.File) -> None:
     """
     compact, attrs = _write_images(store, f)
     k = int(attrs.get("k", 10))
-    merged = {name: _Merged(int(g.attrs["channels"]), k) for name, g in f["layers"].items()}
+    merged = {name: _Merged(int(g.attrs["channels"]), k) for name, g in f[LAYERS].items()}
     for _, part in store.units(STAGE):
         for name in list(merged):
             if f"{name}/top_value" not in part:
@@ -63,7 +65,7 @@ def _write_images(store: Store, f: h5py.File) -> tuple[np.ndarray, dict]:
     compact = np.full(int(index.max()) + 1 if index.size else 0, -1, np.int64)
     compact[index] = np.arange(index.size)
     size = sizes[0] if sizes else 0
-    g = f.create_group("dataset")
+    g = f.create_group(DATASET)
     images = g.create_dataset("images", (index.size, size, size, 3), np.uint8, chunks=(1, size, size, 3))
     text = {k: [] for k in ("paths", "skipped_paths", "skipped_reasons")}
     other = {k: [] for k in ("labels", "top5", "top5_prob")}
@@ -87,20 +89,20 @@ def _write_images(store: Store, f: h5py.File) -> tuple[np.ndarray, dict]:
 
 
 def _write_layer(f: h5py.File, name: str, m: _Merged, compact: np.ndarray, rf: int, k: int) -> None:
-    layer = f["layers"][name]
+    layer = f[LAYERS][name]
     height, width = int(layer.attrs["height"]), int(layer.attrs["width"])
-    size = f["dataset/images"].shape[1]
+    size = f[DATASET]["images"].shape[1]
     for prefix, t in m.lists.items():
-        g = layer.create_group(f"{prefix}k")
+        g = layer.create_group(GROUP_OF[prefix])
         value, index, pos = (_pad(a, k, fill) for a, fill in
                              ((t.value.numpy(), np.nan), (t.index.numpy(), -1), (t.pos.numpy(), 0)))
         valid = np.isfinite(value) & (index >= 0)
         g["index"] = np.where(valid, compact[np.maximum(index, 0)], -1)
         g["value"] = np.where(valid, value, np.nan).astype(np.float32)
         g["box"] = box_of(pos, height, width, rf, size)
-        g.attrs.update({"k": k, "score": "spatial max", "images": int(f["dataset/images"].shape[0]),
+        g.attrs.update({"k": k, "score": "spatial max", "images": int(f[DATASET]["images"].shape[0]),
                         "receptive_field": rf})
-    _write_stats(layer.create_group("stats"), m.stats)
+    _write_stats(layer.create_group(STATS_GROUP), m.stats)
 
 
 def _pad(a: np.ndarray, k: int, fill) -> np.ndarray:

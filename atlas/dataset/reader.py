@@ -29,7 +29,9 @@ class DatasetImages:
         self.where: dict[int, tuple[str, int]] = {}
         self.labels: dict[int, int] = {}
         self.top1: dict[int, int] = {}
+        self.by_unit: dict[str, np.ndarray] = {}  # dataset unit -> source indices of its images, in order
         for key, part in store.units(STAGE):
+            self.by_unit[key] = part["index"][...]
             for row, (i, label, top) in enumerate(zip(part["index"][...], part["labels"][...], part["top5"][:, 0])):
                 self.where[int(i)] = (key, row)
                 self.labels[int(i)], self.top1[int(i)] = int(label), int(top)

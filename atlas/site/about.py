@@ -9,6 +9,7 @@ import h5py
 from atlas.site import checks as site_checks
 from atlas.site.data import Model, pretty_json, store_contents, unit_attribution
 from atlas.site.pages import model_crumbs
+from atlas.store.schema import LAYERS
 
 
 def about_context(f: h5py.File, model: Model, dataset: dict | None, checks: dict | None = None,
@@ -26,7 +27,7 @@ def about_context(f: h5py.File, model: Model, dataset: dict | None, checks: dict
     params = view_params(model.layers)
     if dataset is not None:
         params.append(("dataset images", pretty_json(dataset["attrs"])))
-    units = [(layer.name, unit_attribution(f["layers"][layer.name])[1]) for layer in model.layers]
+    units = [(layer.name, unit_attribution(f[LAYERS][layer.name])[1]) for layer in model.layers]
     units = [(name, params) for name, params in units if params]
     return {"title": f"About {model.name}", "facts": facts,
             "config": pretty_json(attrs.get("config", {})), "versions": pretty_json(attrs.get("versions", {})),

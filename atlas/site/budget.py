@@ -18,7 +18,7 @@ import numpy as np
 
 from atlas.site import pictures as img
 from atlas.site.data import Model, pictures, unit_attribution
-from atlas.store.schema import SECONDARY_VIEWS
+from atlas.store.schema import FEATUREVIS, LAYERS, SECONDARY_VIEWS, view_dataset
 
 VIEW_SCALES = (1.0, 0.75, 0.5)  # sides of the secondary views tried, as fractions of the stored side
 SAMPLE_UNITS = 48  # units encoded to estimate the bytes of every unit
@@ -59,7 +59,7 @@ def _sample(model: Model) -> list[tuple[int, int]]:
 
 
 def _done(group: h5py.Group, view: str, c: int) -> bool:
-    done = group.get(f"featurevis/{view}_done")
+    done = group.get(f"{FEATUREVIS}/{view_dataset(view, 'finite')}")
     return bool(done[c]) if isinstance(done, h5py.Dataset) else True
 
 
@@ -70,7 +70,7 @@ def _unit_bytes(f: h5py.File, model: Model, sample: list[tuple[int, int]]) -> tu
     channels: dict[int, list[np.ndarray]] = {}  # by side
     for i, c in sample:
         layer = model.layers[i]
-        group = f["layers"][layer.name]
+        group = f[LAYERS][layer.name]
         stored = pictures(group)
         if "channel" in stored and _done(group, "channel", c):
             channel = stored["channel"][c]

@@ -15,7 +15,8 @@ import numpy as np
 
 from atlas.errors import AtlasError
 from atlas.store import read_attrs
-from atlas.store.schema import RANDOM_CONTROL, VIEWS
+from atlas.store.schema import (ATTRIBUTION, BOTTOMK, CHECKS, CLASSES, DATASET, FEATUREVIS, LAYERS, RANDOM_CONTROL,
+                                 STATS, TOPK, UNIT_ATTRIBUTION, VIEWS)
 
 _SAFE = re.compile(r"[A-Za-z0-9._]")
 # Names the site itself uses inside a model folder or at the site root.
@@ -85,15 +86,15 @@ def _strings(ds: h5py.Dataset) -> list[str]:
 
 def _layer(name: str, g: h5py.Group) -> Layer:
     a = read_attrs(g)
-    fv = g.get("featurevis")
+    fv = g.get(FEATUREVIS)
     views = [v for v in VIEWS if fv is not None and v in fv] if fv is not None else []
     params = {v: read_attrs(fv[v]) for v in views}
     return Layer(
         name=name, slug=slug(name), kind=str(a.get("kind", "?")), channels=int(a["channels"]),
         height=int(a.get("height", 1)), width=int(a.get("width", 1)),
-        has_fv="channel" in views, has_examples="topk" in g, has_stats="stats" in g,
+        has_fv="channel" in views, has_examples=TOPK in g, has_stats=STATS in g,
         views=views, fv_params=params.get("channel", {}), view_params=params,
-        example_params=read_attrs(g["topk"]) if "topk" in g else {},
+        example_params=read_attrs(g[TOPK]) if TOPK in g else {},
     )
 
 
@@ -106,7 +107,7 @@ def read_model(f: h5py.File) -> Model:
     attrs = read_attrs(f)
     if not attrs.get("name"):
         raise AtlasError(f"{f.filename} has no root attribute 'name'; it is not a consolidated Atlas store")
-    groups = f.get("layers")
+    groups = f.get(LAYERS)
     if groups is None or not len(groups):
         raise AtlasError(f"{f.filename} has no layers; run `atlas build` to fill the store first")
     ordered = sorted(groups.items(), key=lambda kv: int(kv[1].attrs.get("order", 0)))
@@ -114,13 +115,13 @@ def read_model(f: h5py.File) -> Model:
     if len({s.lower() for s in slugs}) != len(slugs):
         raise AtlasError(f"{f.filename} has layer names that differ only in case; "
                          f"the site needs names that stay distinct on case-insensitive disks")
-    n_images = len(f["dataset/images"]) if "dataset/images" in f else 0
+    n_images = len(f[DATASET]["images"]) if DATASET in f and "images" in f[DATASET] else 0
     return Model(
         name=str(attrs["name"]), slug=slug(str(attrs["name"])), attrs=attrs,
-        classes=_strings(f["classes"]) if "classes" in f else [],
+        classes=_strings(f[CLASSES]) if CLASSES in f else [],
         layers=[_layer(n, g) for n, g in ordered], n_images=n_images,
-        methods=sorted(m for m, g in f["attribution"].items() if "maps" in g)
-        if "attribution" in f and n_images else [],
+        methods=sorted(m for m, g in f[ATTRIBUTION].items() if "maps" in g)
+        if ATTRIBUTION in f and n_images else [],
     )
 
 
@@ -131,23 +132,23 @@ def read_layer_arrays(g: h5py.Group) -> dict[str, np.ndarray]:
     in slices with `pictures`.
     """
     out: dict[str, np.ndarray] = {}
-    for group in ("featurevis", "topk", "bottomk", "stats"):
+    for group in (FEATUREVIS, TOPK, BOTTOMK, STATS):
         if group in g:
             for key, ds in g[group].items():
-                if isinstance(ds, h5py.Dataset) and not (group == "featurevis" and key in VIEWS):
+                if isinstance(ds, h5py.Dataset) and not (group == FEATUREVIS and key in VIEWS):
                     out[f"{group}/{key}"] = ds[()]
     return out
 
 
 def pictures(g: h5py.Group) -> dict[str, h5py.Dataset]:
     """The layer's feature visualizations by view, unread."""
-    fv = g.get("featurevis")
+    fv = g.get(FEATUREVIS)
     return {v: fv[v] for v in VIEWS if fv is not None and isinstance(fv.get(v), h5py.Dataset)}
 
 
 def read_dataset(f: h5py.File) -> dict:
     """The dataset's per-image metadata (not the pixels)."""
-    d = f["dataset"]
+    d = f[DATASET]
     n = len(d["images"])
 
     def get(key: str, default: np.ndarray) -> np.ndarray:
@@ -160,14 +161,14 @@ def read_dataset(f: h5py.File) -> dict:
         "skipped": list(zip(_strings(d["skipped_paths"]), _strings(d["skipped_reasons"])))
         if "skipped_paths" in d and "skipped_reasons" in d else [],
         "attrs": read_attrs(d["images"]),
-        "attribution": {m: _attribution(g) for m, g in f.get("attribution", {}).items() if "maps" in g},
+        "attribution": {m: _attribution(g) for m, g in f.get(ATTRIBUTION, {}).items() if "maps" in g},
         "skipped_methods": skipped_methods(f),
     }
 
 
 def skipped_methods(f: h5py.File) -> dict[str, str]:
     """Methods that do not apply to the model, with the reason (attribute `skipped` of /attribution)."""
-    g = f.get("attribution")
+    g = f.get(ATTRIBUTION)
     skipped = read_attrs(g).get("skipped", {}) if isinstance(g, h5py.Group) else {}
     return {str(k): str(v) for k, v in skipped.items()} if isinstance(skipped, dict) else {}
 
@@ -198,7 +199,7 @@ def read_checks(f: h5py.File) -> dict | None:
     Returns None when the store has no /checks group. Every array is small
     ([G, n] scores, [n, P] curves), so the whole group is read at once.
     """
-    c = f.get("checks")
+    c = f.get(CHECKS)
     if not isinstance(c, h5py.Group):
         return None
     tree = _tree(c)
@@ -214,7 +215,7 @@ def read_checks(f: h5py.File) -> dict | None:
 
 def unit_attribution(g: h5py.Group) -> tuple[h5py.Dataset | None, dict]:
     """A layer's unit-attribution maps (unread) and their attributes; (None, {}) if not computed."""
-    u = g.get("unit_attribution")
+    u = g.get(UNIT_ATTRIBUTION)
     if not isinstance(u, h5py.Group) or not isinstance(u.get("maps"), h5py.Dataset):
         return None, {}
     return u["maps"], {**read_attrs(u), **read_attrs(u["maps"])}
@@ -234,9 +235,9 @@ def store_contents(f: h5py.File) -> list[dict]:
             return
         parts = name.split("/")
         channels = -1
-        if parts[0] == "layers" and len(parts) > 2:
-            channels = int(f["layers"][parts[1]].attrs.get("channels", -1))
-            name = "layers/<layer>/" + "/".join(parts[2:])
+        if parts[0] == LAYERS and len(parts) > 2:
+            channels = int(f[LAYERS][parts[1]].attrs.get("channels", -1))
+            name = f"{LAYERS}/<layer>/" + "/".join(parts[2:])
         row = rows.setdefault("/" + name, {"path": "/" + name, "shapes": [], "layers": 0,
                                            "dtype": "str" if h5py.check_string_dtype(obj.dtype) else str(obj.dtype)})
         shape = "×".join("C" if d == channels else str(d) for d in obj.shape) or "scalar"

@@ -44,7 +44,8 @@ from atlas.site.data import (Layer, Model, pictures, read_checks, read_dataset, 
                              unit_attribution)
 from atlas.site.writer import SiteWriter, folder_bytes, site_sizes, size_table
 from atlas.store import open_store
-from atlas.store.schema import SECONDARY_VIEWS
+from atlas.store.schema import (ATTRIBUTION, BOTTOMK, DATASET, FEATUREVIS, LAYERS, SECONDARY_VIEWS, TOPK,
+                                 UNIT_ATTRIBUTION, view_dataset)
 
 # Nothing but the site's own files may load: no CDN, font, tracker or frame.
 CSP = ("default-src 'none'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; "
@@ -154,10 +155,10 @@ def _render_model(f: h5py.File, model: Model, w: SiteWriter, others: int,
     views_line = pages.views_line(model, note)
     extra: dict[str, dict] = {}
     for i, layer in enumerate(model.layers):
-        group = f["layers"][layer.name]
+        group = f[LAYERS][layer.name]
         arrays = read_layer_arrays(group)
         if model.n_images == 0:  # examples point into /dataset: without it they cannot be shown
-            arrays = {k: v for k, v in arrays.items() if not k.startswith(("topk/", "bottomk/"))}
+            arrays = {k: v for k, v in arrays.items() if not k.startswith((f"{TOPK}/", f"{BOTTOMK}/"))}
         sheets = _render_pictures(layer, arrays, pictures(group), w, plan.scale)
         preview = f"{layer.slug}/preview.{img.PICTURE_EXT}" if sheets else None
         extra[layer.name] = pages.layer_summary(arrays, preview)
@@ -184,7 +185,7 @@ def _stored_side(model: Model) -> int | None:
 
 
 def _done(arrays: dict, view: str, channels: int) -> np.ndarray:
-    return arrays.get(f"featurevis/{view}_done", np.ones(channels, bool)).astype(bool)
+    return arrays.get(f"{FEATUREVIS}/{view_dataset(view, 'finite')}", np.ones(channels, bool)).astype(bool)
 
 
 def _render_pictures(layer: Layer, arrays: dict, stored: dict[str, h5py.Dataset], w: SiteWriter,
@@ -233,7 +234,7 @@ def _render_layer(model: Model, i: int, arrays: dict, sheets: list[dict], datase
     layer = model.layers[i]
     w.page(f"{layer.slug}/index.html", "layer.html", **pages.layer_context(model, i, arrays, sheets))
     maps, params = unit_attribution(group) if dataset is not None else (None, {})
-    scale = group["unit_attribution"].get("scale") if maps is not None else None
+    scale = group[UNIT_ATTRIBUTION].get("scale") if maps is not None else None
     if not isinstance(scale, h5py.Dataset) or scale.shape != maps.shape[:2]:
         scale = None  # stores written before scales kept the maps unscaled
     for start in range(0, layer.channels, img.SHEET_UNITS):
@@ -261,10 +262,10 @@ def _unit_strip(layer: Layer, c: int, maps: np.ndarray, w: SiteWriter) -> dict |
 
 def _render_images(f: h5py.File, model: Model, dataset: dict, checks: dict | None, w: SiteWriter) -> None:
     """Writes each dataset image once (JPEG), one sprite of all its attribution maps, and its page."""
-    images, n = f["dataset/images"], model.n_images
+    images, n = f[DATASET]["images"], model.n_images
     methods = checks_page.ordered(model.methods)
     signed = [checks_page.is_signed(m, dataset["attribution"][m]["params"]) for m in methods]
-    groups = {m: f["attribution"][m] for m in methods}
+    groups = {m: f[ATTRIBUTION][m] for m in methods}
     for start in range(0, n, _CHUNK):
         pixels = images[start:start + _CHUNK]
         maps = {m: g["maps"][start:start + _CHUNK] for m, g in groups.items()}

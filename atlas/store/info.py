@@ -7,7 +7,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from atlas.store import open_store, read_attrs
+from atlas.store.read import open_store, read_attrs
+from atlas.store.schema import ATTRIBUTION, CHECKS, DATASET, FEATUREVIS, LAYERS, STATS, TOPK, view_dataset
 
 
 def summarize(path: Path) -> str:
@@ -18,32 +19,32 @@ def summarize(path: Path) -> str:
                  f"format {root.get('store_format')})",
                  f"model      {root.get('spec')} — weights: {root.get('weights_id')}",
                  f"input      {root.get('input_size')} px, {len(f['classes'])} classes"]
-        if "dataset" in f:
-            d = f["dataset"]
+        if DATASET in f:
+            d = f[DATASET]
             lines.append(f"dataset    {d['images'].shape[0]} images, {len(d['skipped_paths'])} skipped "
                          f"({read_attrs(d['images']).get('source')})")
-        if "attribution" in f:
-            lines.append(f"attribution {', '.join(f['attribution'])}")
-            failures = {m: int(g.attrs.get("completeness_failures", 0)) for m, g in f["attribution"].items()}
+        if ATTRIBUTION in f:
+            lines.append(f"attribution {', '.join(f[ATTRIBUTION])}")
+            failures = {m: int(g.attrs.get("completeness_failures", 0)) for m, g in f[ATTRIBUTION].items()}
             if any(failures.values()):
                 lines.append("           above the completeness tolerance: "
                              + ", ".join(f"{m} {n} images" for m, n in failures.items() if n))
-            broken = {m: int(g.attrs.get("non_finite", 0)) for m, g in f["attribution"].items()}
+            broken = {m: int(g.attrs.get("non_finite", 0)) for m, g in f[ATTRIBUTION].items()}
             if any(broken.values()):
                 lines.append("           maps NaN or infinite after a retry: "
                              + ", ".join(f"{m} {n} images" for m, n in broken.items() if n))
-        if "checks" in f:
-            verdicts = {m: str(g["randomization"].attrs.get("verdict")) for m, g in f["checks"].items()
+        if CHECKS in f:
+            verdicts = {m: str(g["randomization"].attrs.get("verdict")) for m, g in f[CHECKS].items()
                         if isinstance(g, h5py.Group) and "randomization" in g}
             insensitive = [m for m, v in verdicts.items() if v == "fail"]
-            lines.append(f"checks     {len(verdicts)} methods on {f['checks/images'].shape[0]} images; "
+            lines.append(f"checks     {len(verdicts)} methods on {f[CHECKS]['images'].shape[0]} images; "
                          f"insensitive to the weights: {', '.join(insensitive) or 'none'}")
-        lines.append(f"layers     {len(f['layers'])}, "
-                     f"{sum(int(g.attrs['channels']) for g in f['layers'].values())} channels")
+        lines.append(f"layers     {len(f[LAYERS])}, "
+                     f"{sum(int(g.attrs['channels']) for g in f[LAYERS].values())} channels")
         lines.append(f"  {'layer':36} {'channels':>8} {'size':>7} {'featurevis':>10} {'topk':>5} {'dead':>5}")
-        for name, g in sorted(f["layers"].items(), key=lambda kv: kv[1].attrs["order"]):
-            fv = int(np.sum(g["featurevis/channel_done"][...])) if "featurevis" in g else 0
-            dead = int(np.sum(g["stats/dead"][...])) if "stats" in g else 0
+        for name, g in sorted(f[LAYERS].items(), key=lambda kv: kv[1].attrs["order"]):
+            fv = int(np.sum(g[FEATUREVIS][view_dataset("channel", "finite")][...])) if FEATUREVIS in g else 0
+            dead = int(np.sum(g[STATS]["dead"][...])) if STATS in g else 0
             lines.append(f"  {name:36} {g.attrs['channels']:8d} {g.attrs['height']:>3}x{g.attrs['width']:<3} "
-                         f"{fv:10d} {'yes' if 'topk' in g else 'no':>5} {dead:5d}")
+                         f"{fv:10d} {'yes' if TOPK in g else 'no':>5} {dead:5d}")
     return "\n".join(lines)
