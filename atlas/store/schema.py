@@ -67,14 +67,14 @@ class Method:
         family: the group the image and checks pages show it in.
         signed: its maps carry a sign (evidence for and against); False: non-negative maps.
         path: a path method, whose map sums to f(x) - f(baseline) (completeness is checked).
-        quick: computed by the quick preset (False for those costing the most passes per image).
+        costly: among the methods costing the most model passes per image (the quick preset leaves them out).
     """
 
     name: str
     family: str
     signed: bool = True
     path: bool = False
-    quick: bool = True
+    costly: bool = False
 
 
 _METHODS = (
@@ -88,17 +88,16 @@ _METHODS = (
     Method("guided_grad_cam", "Guided"),
     Method("integrated_gradients", "Path methods", path=True),
     # the IG baselines other than black take several draws each
-    Method("ig_max_distance", "Path methods", path=True, quick=False),
-    Method("ig_blurred", "Path methods", path=True, quick=False),
-    Method("ig_uniform", "Path methods", path=True, quick=False),
-    Method("ig_gaussian", "Path methods", path=True, quick=False),
+    Method("ig_max_distance", "Path methods", path=True, costly=True),
+    Method("ig_blurred", "Path methods", path=True, costly=True),
+    Method("ig_uniform", "Path methods", path=True, costly=True),
+    Method("ig_gaussian", "Path methods", path=True, costly=True),
     Method("expected_gradients", "Path methods", path=True),
     Method("occlusion", "Perturbation"),
-    Method("extremal_perturbation", "Perturbation", signed=False, quick=False),  # a mask in [0, 1]; 800 steps
+    Method("extremal_perturbation", "Perturbation", signed=False, costly=True),  # a mask in [0, 1]; 800 steps
 )
 METHODS: dict[str, Method] = {m.name: m for m in _METHODS}  # in the order the pipeline computes them
 ALL_METHODS = tuple(METHODS)
-QUICK_METHODS = tuple(m.name for m in _METHODS if m.quick)
 FAMILY_ORDER = ("Gradients", "SmoothGrad family", "Guided", "CAM", "Path methods", "Perturbation")
 FAMILIES = tuple((family, tuple(m.name for m in _METHODS if m.family == family)) for family in FAMILY_ORDER)
 RANDOM_CONTROL = "random"  # the checks' random-order control, stored beside the methods' checks
