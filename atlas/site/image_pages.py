@@ -69,7 +69,7 @@ def image_context(model: Model, dataset: dict, checks: dict | None, i: int, meth
     return {"title": f"image {i}", "index": i, "path": dataset["paths"][i],
             "label": class_name(model, label) if label >= 0 else None, "predictions": predictions,
             "families": families, "sprite": sprite, "target": target, "label_target": label_target,
-            "colorbar": img.colorbar_css(True), "colorbar_unsigned": img.colorbar_css(False),
+            "colorbar": img.colorbar_css(True), "colorbar_unsigned": img.colorbar_css(False), "under": img.UNDER,
             "methods_missing": not model.methods, "has_checks": checks is not None,
             "skipped_methods": sorted(dataset["skipped_methods"].items()),
             "prev": {"href": f"{i - 1}.html", "label": f"image {i - 1}"} if i > 0 else None,

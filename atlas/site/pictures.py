@@ -162,7 +162,7 @@ STRIP_SIDE = 56  # pixels (and CSS pixels) of one map of a randomization strip o
 UNIT_HEAT_SIDE = 48  # pixels of one unit-attribution map (shown over a 96 px crop): one file per unit
 # Layers under a heatmap tile: a white veil over the photo, desaturated; the tile multiplies onto them,
 # so white (no attribution) leaves the photo visible and colour tints it.
-_UNDER = "linear-gradient(#fff9,#fff9),linear-gradient(#888,#888)"
+UNDER = "linear-gradient(#fff9,#fff9),linear-gradient(#888,#888)"
 
 
 def heatmap(values: np.ndarray, signed: bool = True) -> tuple[np.ndarray, float]:
@@ -251,7 +251,7 @@ def overlay_background(tile: str, tile_at: str, tile_size: str, photo: str, phot
     Four layers: the tile, a white veil, a grey that takes the photo's colour
     away, the photo; the stylesheet supplies their repeat and blend modes.
     """
-    return f"background:url({tile}) {tile_at}/{tile_size},{_UNDER},url({photo}) {photo_at}/{photo_size}"
+    return f"background:url({tile}) {tile_at}/{tile_size},{UNDER},url({photo}) {photo_at}/{photo_size}"
 
 
 def colorbar_css(signed: bool = True) -> str:
