@@ -20,13 +20,6 @@ def frozen(model: nn.Module) -> nn.Module:
     return model.eval().requires_grad_(False)
 
 
-@pytest.fixture(scope="module")
-def convnet() -> nn.Module:
-    """atlas:tiny_convnet: 32 x 32 inputs, 10 classes, in-place ReLUs, a ReLU called twice."""
-    from atlas import models
-    return models.load("atlas:tiny_convnet").model
-
-
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, rel: float = 1e-4) -> None:
     """Agreement to `rel` of the expected map's largest value."""
     assert actual.shape == expected.shape

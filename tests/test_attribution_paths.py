@@ -6,8 +6,7 @@ from torch import nn
 
 from atlas.attribution import baselines as B
 from atlas.attribution.base import InputSpace
-from atlas.attribution.paths import (ExpectedGradients, IntegratedGradients, completeness_error,
-                                     gauss_legendre, points)
+from atlas.attribution.paths import ExpectedGradients, IntegratedGradients, completeness_error, gauss_legendre, points
 
 # ImageNet normalization: black and white differ per channel, so a baseline
 # computed in pixels instead of inputs would be caught.
@@ -30,12 +29,12 @@ def linear_model(size: int = 4) -> nn.Module:
 
 
 @pytest.fixture(scope="module")
-def convnet():
+def case(convnet):
+    """The tiny convnet, its input space, three images and the classes it predicts for them."""
     from atlas import models
-    loaded = models.load("atlas:tiny_convnet")
-    space = InputSpace.of(loaded.preprocess)
+    space = InputSpace.of(models.load("atlas:tiny_convnet").preprocess)
     x = space.from_pixels(pixels(3, size=32, seed=1))
-    model = loaded.model.eval()
+    model = convnet.eval()
     with torch.no_grad():
         target = model(x).argmax(1)
     return model, space, x, target
@@ -174,8 +173,8 @@ def reference_ig(model, x, t, start, steps):
     return (x - start) * (weights.float().view(-1, 1, 1, 1) * grad).sum(0)
 
 
-def test_ig_map_is_the_mean_over_draws(convnet):
-    model, space, x, target = convnet
+def test_ig_map_is_the_mean_over_draws(case):
+    model, space, x, target = case
     method = IntegratedGradients(model, space, steps=8, baseline="gaussian", draws=4, tolerance=NO_STEPS_ADDED)
     maps = method.attribute(x[:1], target[:1])
     draws = method.baselines_for(x[:1], 0)
@@ -183,8 +182,8 @@ def test_ig_map_is_the_mean_over_draws(convnet):
     assert torch.allclose(maps[0], expected, atol=1e-6)
 
 
-def test_ig_completeness_on_tiny_convnet(convnet):
-    model, space, x, target = convnet
+def test_ig_completeness_on_tiny_convnet(case):
+    model, space, x, target = case
     explained = IntegratedGradients(model, space, steps=50).explain(x, target)
     assert (explained.info["completeness"] < 0.01).all()
     delta = explained.info["delta"]
@@ -194,15 +193,15 @@ def test_ig_completeness_on_tiny_convnet(convnet):
     assert torch.allclose(delta, expected, atol=1e-5)
 
 
-def test_ig_adds_steps_until_complete(convnet):
-    model, space, x, target = convnet
+def test_ig_adds_steps_until_complete(case):
+    model, space, x, target = case
     explained = IntegratedGradients(model, space, steps=2, tolerance=0.01).explain(x, target)
     assert explained.info["steps"].max() > 2
     assert (explained.info["completeness"] <= 0.01).all()
 
 
-def test_ig_keeps_the_best_map_when_steps_run_out(convnet):
-    model, space, x, target = convnet
+def test_ig_keeps_the_best_map_when_steps_run_out(case):
+    model, space, x, target = case
     explained = IntegratedGradients(model, space, steps=1, tolerance=0.0, max_steps=4).explain(x, target)
     fixed = {n: IntegratedGradients(model, space, steps=n, tolerance=NO_STEPS_ADDED).explain(x, target)
              for n in (1, 2, 4)}
@@ -214,8 +213,8 @@ def test_ig_keeps_the_best_map_when_steps_run_out(convnet):
         assert explained.info["completeness"][i].item() == pytest.approx(error)
 
 
-def test_ig_does_not_depend_on_batching(convnet):
-    model, space, x, target = convnet
+def test_ig_does_not_depend_on_batching(case):
+    model, space, x, target = case
     method = IntegratedGradients(model, space, steps=10, tolerance=NO_STEPS_ADDED)
     together = method.attribute(x[:2], target[:2])
     for i in range(2):
@@ -228,8 +227,8 @@ def test_ig_does_not_depend_on_batching(convnet):
     assert torch.allclose(pair[1], second[0], atol=1e-6)
 
 
-def test_ig_small_batches_give_the_same_maps(convnet):
-    model, space, x, target = convnet
+def test_ig_small_batches_give_the_same_maps(case):
+    model, space, x, target = case
     settings = dict(steps=5, baseline="uniform", draws=3, tolerance=NO_STEPS_ADDED)
     large = IntegratedGradients(model, space, batch=64, **settings).attribute(x, target)
     small = IntegratedGradients(model, space, batch=3, **settings).attribute(x, target)
@@ -250,8 +249,8 @@ class MemoryLimited(nn.Module):
         return self.model(x)
 
 
-def test_ig_halves_its_batch_on_out_of_memory(convnet):
-    model, space, x, target = convnet
+def test_ig_halves_its_batch_on_out_of_memory(case):
+    model, space, x, target = case
     expected = IntegratedGradients(model, space, steps=12, tolerance=NO_STEPS_ADDED).attribute(x, target)
     limited = MemoryLimited(model, rows=5)
     method = IntegratedGradients(limited, space, batch=64, steps=12, tolerance=NO_STEPS_ADDED)
@@ -259,8 +258,8 @@ def test_ig_halves_its_batch_on_out_of_memory(convnet):
     assert limited.refused > 0 and method.batch <= 5
 
 
-def test_ig_names_and_checks_its_settings(convnet):
-    model, space, _, _ = convnet
+def test_ig_names_and_checks_its_settings(case):
+    model, space, _, _ = case
     assert IntegratedGradients(model, space).name == "integrated_gradients"
     blurred = IntegratedGradients(model, space, baseline="blurred", draws=8)
     assert blurred.name == "ig_blurred" and blurred.draws == 1
@@ -274,9 +273,9 @@ def test_ig_names_and_checks_its_settings(convnet):
         IntegratedGradients(model, space, steps=50, max_steps=10)
 
 
-def test_ig_agrees_with_captum(convnet):
+def test_ig_agrees_with_captum(case):
     captum_attr = pytest.importorskip("captum.attr")
-    model, space, x, target = convnet
+    model, space, x, target = case
     black = space.lo(x).expand_as(x).contiguous()
     theirs = captum_attr.IntegratedGradients(model).attribute(x, baselines=black, target=target, n_steps=50,
                                                                method="gausslegendre")
@@ -292,8 +291,8 @@ def dark_references(space: InputSpace, n: int = 4) -> torch.Tensor:
     return space.from_pixels(colours.expand(n, 3, 32, 32))
 
 
-def test_eg_needs_references(convnet):
-    model, space, x, target = convnet
+def test_eg_needs_references(case):
+    model, space, x, target = case
     with pytest.raises(ValueError, match="references"):
         ExpectedGradients(model, space).attribute(x, target)
     with pytest.raises(ValueError, match="references"):
@@ -310,8 +309,8 @@ def test_eg_of_a_linear_model_with_one_reference_is_exact():
     assert (explained.info["completeness"] < 1e-5).all() and explained.info["steps"].tolist() == [3, 3]
 
 
-def test_eg_completeness_with_enough_samples(convnet):
-    model, space, x, target = convnet
+def test_eg_completeness_with_enough_samples(case):
+    model, space, x, target = case
     method = ExpectedGradients(model, space, samples=50, references=dark_references(space),
                                tolerance=0.05, max_samples=800)
     explained = method.explain(x, target)
@@ -322,8 +321,8 @@ def test_eg_completeness_with_enough_samples(convnet):
     assert torch.allclose(explained.info["completeness"], recomputed.float(), rtol=1e-3, atol=1e-6)
 
 
-def test_eg_does_not_depend_on_batching(convnet):
-    model, space, x, target = convnet
+def test_eg_does_not_depend_on_batching(case):
+    model, space, x, target = case
     settings = dict(samples=10, references=dark_references(space), tolerance=NO_STEPS_ADDED)
     large = ExpectedGradients(model, space, batch=64, **settings).attribute(x, target)
     small = ExpectedGradients(model, space, batch=3, **settings).attribute(x, target)
@@ -342,9 +341,9 @@ def reference_eg(model, x, t, refs, which, alphas):
     return ((x - starts) * grad).mean(0), delta
 
 
-def test_eg_doubling_keeps_the_first_samples(convnet):
+def test_eg_doubling_keeps_the_first_samples(case):
     """Each round draws n reference indices, then n alphas, from the image's generator."""
-    model, space, x, target = convnet
+    model, space, x, target = case
     refs = dark_references(space)
     settings = dict(references=refs, samples=10, max_samples=20, seed=4)
     x, t = x[:1], target[:1]

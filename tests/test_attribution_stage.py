@@ -1,7 +1,6 @@
 """The attribution stage end to end on the tiny model: maps, true-label maps, unit attributions, checks."""
 
 import json
-from pathlib import Path
 
 import h5py
 import numpy as np
@@ -12,25 +11,18 @@ import torch.nn.functional as F
 from atlas import pipeline
 from atlas.attribution.base import InputSpace
 from atlas.attribution.gradients import SmoothGrad
-from atlas.config import preset
 from atlas.layers import Capture
-from test_pipeline import make_images
 
 METHODS = ("gradient", "smoothgrad", "smoothgrad_sq", "vargrad", "integrated_gradients", "grad_cam")
-
-
-def config(tmp_path: Path, data: Path, **kw):
-    settings = dict(model="atlas:tiny_convnet", data=str(data), store_dir=tmp_path / "store",
-                    site_dir=tmp_path / "site", workers=0, topk=3, device="cpu", attr_methods=METHODS,
-                    attr_steps=8, attr_samples=6, attr_check_images=2, attr_check_groups=3,
-                    attr_check_points=5, attr_unit_topk=2, attr_unit_size=8, data_unit=8)
-    return preset("quick").replace(**{**settings, **kw})
+# every method above with few steps, the checks and the unit attributions, small
+SETTINGS = dict(topk=3, attr_methods=METHODS, attr_steps=8, attr_samples=6, attr_check_images=2,
+                attr_check_groups=3, attr_check_points=5, attr_unit_topk=2, attr_unit_size=8, data_unit=8)
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
+def built(tmp_path_factory, make_images, config):
     root = tmp_path_factory.mktemp("stage")
-    cfg = config(root, make_images(root / "images", n=10))
+    cfg = config(root, make_images(root / "images", n=10), **SETTINGS)
     ctx = pipeline.prepare(cfg, progress=False)
     return ctx, pipeline.run_stages(ctx, ("dataset", "attribution"))
 
@@ -129,9 +121,10 @@ def test_checks_hold_every_method_and_the_control(built):
         assert checks["random/deletion/blur"].shape == (2, 5)
 
 
-def test_adding_a_method_computes_only_that_method(tmp_path):
+def test_adding_a_method_computes_only_that_method(tmp_path, make_images, config):
     data = make_images(tmp_path / "images", n=6)
-    cfg = config(tmp_path, data, attr_methods=("gradient",), attr_check_images=0, attr_unit_topk=0)
+    cfg = config(tmp_path, data, **{**SETTINGS, "attr_methods": ("gradient",), "attr_check_images": 0,
+                                    "attr_unit_topk": 0})
     ctx = pipeline.prepare(cfg, progress=False)
     pipeline.run_stages(ctx, ("dataset", "attribution"))
     parts = sorted((tmp_path / "store").glob("*.parts/attribution/*.h5"))
@@ -143,11 +136,12 @@ def test_adding_a_method_computes_only_that_method(tmp_path):
         assert set(f["attribution"]) == {"gradient", "gradient_x_input"}
 
 
-def test_a_method_that_does_not_apply_is_recorded_as_skipped(tmp_path):
+def test_a_method_that_does_not_apply_is_recorded_as_skipped(tmp_path, make_images, config):
     """The colour probe has no ReLU: Guided Backprop is undefined for it, the other methods still run."""
     data = make_images(tmp_path / "images", n=4)
-    cfg = config(tmp_path, data, model="atlas:color_probe", attr_methods=("gradient", "guided_backprop"),
-                 attr_check_images=1, attr_unit_topk=0)
+    cfg = config(tmp_path, data, **{**SETTINGS, "model": "atlas:color_probe",
+                                    "attr_methods": ("gradient", "guided_backprop"), "attr_check_images": 1,
+                                    "attr_unit_topk": 0})
     ctx = pipeline.prepare(cfg, progress=False)
     path = pipeline.run_stages(ctx, ("dataset", "attribution"))
     with h5py.File(path) as f:
@@ -156,3 +150,18 @@ def test_a_method_that_does_not_apply_is_recorded_as_skipped(tmp_path):
         assert "no ReLU" in skipped["guided_backprop"]
         assert "guided_backprop" not in f["checks"] and "gradient" in f["checks"]
     pipeline.run_stages(pipeline.prepare(cfg, progress=False), ("attribution",))  # resumes without retrying
+
+
+def test_gradient_attribution_matches_autograd(tmp_path, images, config, build_stages):
+    ctx, path = build_stages(config(tmp_path, images))
+    with h5py.File(path) as f:
+        g = f["attribution/gradient"]
+        maps = g["maps"][...].astype(np.float32) * g["scale"][...][:, None, None]
+        target = g["target"][...]
+        x = ctx.loaded.preprocess.from_uint8(f["dataset/images"][...]).requires_grad_(True)
+        logits = ctx.loaded.model(x)
+        np.testing.assert_array_equal(target, logits.argmax(1).numpy())
+        logits.gather(1, torch.from_numpy(target)[:, None]).sum().backward()
+        expected = x.grad.sum(1).numpy()
+        np.testing.assert_allclose(maps, expected, rtol=2e-3, atol=1e-3 * np.abs(expected).max())
+        assert f["attribution/gradient/maps"].attrs["method"] == "gradient"

@@ -20,8 +20,8 @@ from urllib.parse import urldefrag
 import pytest
 
 from atlas.site import render
-from atlas.site.pictures import PICTURE_EXT as EXT
 from atlas.site.data import slug
+from atlas.site.pictures import PICTURE_EXT as EXT
 from atlas.testing.synthetic import write_synthetic_store
 
 try:

@@ -6,21 +6,20 @@ import pytest
 import torch
 
 from atlas import pipeline
-from test_pipeline import config, make_images
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
 
-def _build(tmp_path, images, device: str):
+def _build(config, tmp_path, images, device: str):
     cfg = config(tmp_path / device, images, device=device, fv_steps=16,
                  attr_methods=("gradient", "smoothgrad", "integrated_gradients", "grad_cam"), attr_unit_topk=2,
                  attr_check_images=2)
     return pipeline.run_stages(pipeline.prepare(cfg, progress=False), ("featurevis", "dataset", "attribution"))
 
 
-def test_cuda_build_matches_the_cpu(tmp_path):
+def test_cuda_build_matches_the_cpu(tmp_path, config, make_images):
     images = make_images(tmp_path / "images", 10)
-    cpu, cuda = _build(tmp_path, images, "cpu"), _build(tmp_path, images, "cuda")
+    cpu, cuda = _build(config, tmp_path, images, "cpu"), _build(config, tmp_path, images, "cuda")
     with h5py.File(cpu, "r") as a, h5py.File(cuda, "r") as b:
         assert b.attrs["versions"] and "cuda" in str(b.attrs["versions"])
         for layer in a["layers"]:

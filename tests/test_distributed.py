@@ -7,13 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pytest
 
 from atlas.distributed import Ranks, from_env
 from atlas.errors import AtlasError
-from test_pipeline import make_images
 
 TORCHRUN = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"  # it comes with torch
 ARGS = ["--model", "atlas:tiny_convnet", "--steps", "4", "--size", "32", "--topk", "4", "--workers", "0", "-q",
@@ -31,21 +29,14 @@ def build(cwd: Path, store: str, *extra: str, ranks: int = 1, timeout: int = 300
                           timeout=timeout)
 
 
-def datasets(path: Path) -> dict[str, np.ndarray]:
-    out: dict[str, np.ndarray] = {}
-    with h5py.File(path, "r") as f:
-        f.visititems(lambda name, obj: out.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None)
-    return out
-
-
-def test_two_ranks_build_the_single_process_store(tmp_path):
+def test_two_ranks_build_the_single_process_store(tmp_path, make_images, store_arrays):
     make_images(tmp_path / "images", 20)  # 20 images and 2 bad files: 6 dataset units of 4
     one = build(tmp_path, "one")
     assert one.returncode == 0, one.stderr
     two = build(tmp_path, "two", ranks=2)
     assert two.returncode == 0, two.stderr
     assert two.stdout.count("store: ") == 1  # rank 0 reports; the other rank is quiet
-    a, b = datasets(tmp_path / "one" / STORE), datasets(tmp_path / "two" / STORE)
+    a, b = store_arrays(tmp_path / "one" / STORE), store_arrays(tmp_path / "two" / STORE)
     assert set(a) == set(b)
     assert any(k.endswith("featurevis/channel") for k in a) and "attribution/vargrad/maps" in a
     assert "checks/grad_cam/randomization/cascading/spearman" in a and "layers/conv2/unit_attribution/maps" in a

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.parse
 from pathlib import Path
 
 import h5py
@@ -16,11 +17,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from atlas import store as store_module
 from atlas.cli import main
-from test_distributed import datasets as arrays
-from test_images import hostile_folder
-from test_pipeline import make_images
+from atlas.store import parts as store_module  # where Store writes its parts and its root section
 
 BUILD = ["build", "--model", "atlas:tiny_convnet", "--steps", "4", "--size", "32", "--topk", "4", "--workers", "0",
          "-q", "--device", "cpu", "--data-unit", "4", "--fv-batch", "2", "--methods", "gradient,smoothgrad"]
@@ -31,7 +29,7 @@ STORE = "atlas-tiny_convnet"
 # writing a part's datasets, "consolidate" half-way through writing the .h5.
 KILLER = """
 import os, signal, sys
-import atlas.store as store
+import atlas.store.parts as store
 n, where = int(sys.argv[1]), sys.argv[2]
 calls = [0]
 
@@ -47,18 +45,18 @@ if where == "rename":
         return real_replace(src, dst)
     os.replace = replace
 elif where == "consolidate":
-    real_root = store._write_root
+    real_root = store.write_root
     def root(f, meta):
         real_root(f, meta)
         hit()
-    store._write_root = root
+    store.write_root = root
 else:
-    real_write = store._write_h5
+    real_write = store.write_h5
     def write(tmp, arrays, attrs):
         real_write(tmp, dict(list(arrays.items())[: len(arrays) // 2]), attrs)
         hit()
         real_write(tmp, arrays, attrs)
-    store._write_h5 = write
+    store.write_h5 = write
 from atlas.cli import main
 main(sys.argv[3:], prog_name="atlas")
 """
@@ -78,24 +76,35 @@ def parts(folder: Path) -> list[Path]:
     return sorted(p for p in (folder / f"{STORE}.parts").glob("*/*.h5") if not p.name.startswith("."))
 
 
+FV_BATCH = 2  # --fv-batch: channels per feature-visualization unit (every selected layer's count is even)
+
+
 def assert_whole(folder: Path) -> None:
-    """Every part on disk opens with all its datasets readable; no temporary is left behind once resumed."""
+    """Every part on disk opens with all its datasets readable, and a feature-visualization part holds
+    the whole batch its key names; the consolidated store, if there, opens."""
     for p in parts(folder):
         with h5py.File(p, "r") as f:
             f.visititems(lambda _, o: o[()] if isinstance(o, h5py.Dataset) else None)
+            if p.parent.name == "featurevis":
+                first, end = urllib.parse.unquote(p.stem).rsplit("/", 1)[1].split("-")
+                assert f["images"].shape[0] == int(end) - int(first) == FV_BATCH, p
     if (folder / f"{STORE}.h5").exists():
         h5py.File(folder / f"{STORE}.h5", "r").close()
 
 
-def assert_same_store(a: Path, b: Path) -> None:
-    x, y = arrays(a / f"{STORE}.h5"), arrays(b / f"{STORE}.h5")
-    assert set(x) == set(y)
-    for key in x:
-        np.testing.assert_array_equal(x[key], y[key], err_msg=key)
+@pytest.fixture(scope="session")
+def assert_same_store(store_arrays):
+    """`assert_same_store(a, b)`: the consolidated stores in folders a and b hold the same datasets, bit for bit."""
+    def same(a: Path, b: Path) -> None:
+        x, y = store_arrays(a / f"{STORE}.h5"), store_arrays(b / f"{STORE}.h5")
+        assert set(x) == set(y)
+        for key in x:
+            np.testing.assert_array_equal(x[key], y[key], err_msg=key)
+    return same
 
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory):
+def work(tmp_path_factory, make_images):
     """A folder with images and an uninterrupted build in `clean/`."""
     root = tmp_path_factory.mktemp("faults")
     make_images(root / "images", 12)
@@ -105,15 +114,24 @@ def work(tmp_path_factory):
     return root
 
 
-def test_kills_mid_write_lose_no_finished_unit(work):
+def test_kills_mid_write_lose_no_finished_unit(work, assert_same_store):
+    """SIGKILL at four points of a build, each run resuming the one killed before: every part on disk
+    stays whole, a resume never computes a finished unit again, and the store ends as a clean build's."""
     n = len(parts(work / "clean"))
+    kept: dict[str, int] = {}  # part -> inode, of every part a kill left behind
+    counts = []
     for at, where in ((3, "rename"), (6, "write"), (10, "rename"), (1, "consolidate")):
         proc = cli(work, "killed", prefix=("-c", KILLER, str(at), where))
         proc.communicate(timeout=300)
         assert proc.returncode == -signal.SIGKILL, (at, where)
         assert_whole(work / "killed")
         assert len(parts(work / "killed")) < n or where == "consolidate"
-    before = {p.name: p.stat().st_ino for p in parts(work / "killed")}
+        now = {p.name: p.stat().st_ino for p in parts(work / "killed")}
+        assert all(now.get(name) == inode for name, inode in kept.items()), (at, where)  # none redone
+        kept = now
+        counts.append(len(now))
+    assert counts == sorted(set(counts)) and any(0 < c < n for c in counts)  # each run got further; some mid-way
+    before = kept
     assert len(before) == n  # the last kill came after every unit was done
     proc = cli(work, "killed")
     _, err = proc.communicate(timeout=300)
@@ -125,8 +143,8 @@ def test_kills_mid_write_lose_no_finished_unit(work):
     assert_same_store(work / "killed", work / "clean")
 
 
-def test_a_full_disk_stops_with_one_line_and_keeps_the_finished_units(work, monkeypatch):
-    real = store_module._write_h5
+def test_a_full_disk_stops_with_one_line_and_keeps_the_finished_units(work, monkeypatch, assert_same_store):
+    real = store_module.write_h5
     calls = [0]
 
     def full(tmp, arrays, attrs):
@@ -137,7 +155,7 @@ def test_a_full_disk_stops_with_one_line_and_keeps_the_finished_units(work, monk
             raise OSError(errno.ENOSPC, "No space left on device", str(tmp))
         real(tmp, arrays, attrs)
 
-    monkeypatch.setattr(store_module, "_write_h5", full)
+    monkeypatch.setattr(store_module, "write_h5", full)
     monkeypatch.chdir(work)
     args = [*BUILD, "--data", "images", "--store-dir", "full", "--out", "site-full"]
     result = CliRunner().invoke(main, args)
@@ -147,12 +165,12 @@ def test_a_full_disk_stops_with_one_line_and_keeps_the_finished_units(work, monk
     assert len(parts(work / "full")) == 5
     assert not list((work / "full" / f"{STORE}.parts").glob("*/.*.tmp*"))  # the half-written part is gone
     assert_whole(work / "full")
-    monkeypatch.setattr(store_module, "_write_h5", real)
+    monkeypatch.setattr(store_module, "write_h5", real)
     assert CliRunner().invoke(main, args).exit_code == 0
     assert_same_store(work / "full", work / "clean")
 
 
-def test_ctrl_c_exits_cleanly_and_the_rerun_finishes(work):
+def test_ctrl_c_exits_cleanly_and_the_rerun_finishes(work, assert_same_store):
     proc = cli(work, "interrupted")
     folder = work / "interrupted"
     deadline = time.time() + 120
@@ -170,7 +188,7 @@ def test_ctrl_c_exits_cleanly_and_the_rerun_finishes(work):
     assert_same_store(folder, work / "clean")
 
 
-def test_a_folder_of_hostile_files_builds_and_renders(tmp_path):
+def test_a_folder_of_hostile_files_builds_and_renders(tmp_path, hostile_folder):
     (tmp_path / "images").mkdir()
     hostile_folder(tmp_path / "images")
     proc = cli(tmp_path, "hostile")
@@ -186,13 +204,12 @@ def test_a_folder_of_hostile_files_builds_and_renders(tmp_path):
     assert any("&lt;img src=x onerror=alert(1)&gt;" in page for page in pages)
 
 
-def test_nan_maps_are_computed_again_then_flagged(tmp_path, monkeypatch):
+def test_nan_maps_are_computed_again_then_flagged(tmp_path, monkeypatch, config, make_images):
     """NaN in a deterministic method's map stays after the retry and is flagged; a random method's
     infinite map is replaced by the retry from another seed."""
     from atlas import pipeline
     from atlas.attribution import maps as maps_module
     from atlas.site import render
-    from test_pipeline import config
 
     real = maps_module._explain
     retried = []
@@ -225,14 +242,14 @@ def test_nan_maps_are_computed_again_then_flagged(tmp_path, monkeypatch):
     assert ">not finite</span>" not in (tmp_path / "site" / "atlas-2Dtiny_convnet" / "images" / "1.html").read_text()
 
 
-def test_out_of_memory_in_the_dataset_pass_halves_the_batch(tmp_path, monkeypatch):
+def test_out_of_memory_in_the_dataset_pass_halves_the_batch(tmp_path, monkeypatch, config, make_images,
+                                                            store_arrays):
     """A simulated GPU that holds 2 images: the unit starts over with half the batch until it fits,
     and the result equals a run that never ran out."""
     import torch
 
     from atlas import pipeline
     from atlas.layers import Capture
-    from test_pipeline import config
 
     images = make_images(tmp_path / "images", 10)
     plain = pipeline.run_stages(pipeline.prepare(config(tmp_path / "plain", images, data_batch=8), progress=False),
@@ -251,7 +268,7 @@ def test_out_of_memory_in_the_dataset_pass_halves_the_batch(tmp_path, monkeypatc
     failed = [i for i, n in enumerate(sizes) if n > 2]
     assert len(failed) == 2  # a batch of 8, then of 4, ran out of memory; the rest ran in batches of 2
     assert sizes[failed[0]] > 4 >= sizes[failed[1]] > 2
-    a, b = arrays(plain), arrays(path)
+    a, b = store_arrays(plain), store_arrays(path)
     assert set(a) == set(b) and "layers/conv2/topk/index" in a
     for key in a:
         np.testing.assert_allclose(a[key], b[key], rtol=1e-5, err_msg=key) if a[key].dtype.kind == "f" \

@@ -3,10 +3,10 @@ import pytest
 import torch
 
 from atlas.featurevis import objectives as O
-from atlas.layers import Capture
 from atlas.featurevis.param import frequency_scale, init_spectrum, spectrum_to_rgb, unit_seed
 from atlas.featurevis.render import RenderSettings, render
 from atlas.featurevis.stage import plan
+from atlas.layers import Capture
 
 SETTINGS = RenderSettings(size=32, steps=24, lr=0.05, loss_points=6)
 

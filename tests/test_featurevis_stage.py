@@ -7,18 +7,18 @@ import torch
 
 from atlas import pipeline
 from atlas.featurevis import stage
-from test_pipeline import build, config, make_images
+from atlas.store.schema import VIEWS
 
 
 @pytest.fixture(scope="module")
-def images(tmp_path_factory):
+def few_images(tmp_path_factory, make_images):
     return make_images(tmp_path_factory.mktemp("images"), n=6)
 
 
-def test_every_view_is_stored_with_its_shape_and_quality(tmp_path, images):
-    cfg = config(tmp_path, images, layers=("conv2", "block"), fv_views=stage.VIEWS, fv_diversity=3,
+def test_every_view_is_stored_with_its_shape_and_quality(tmp_path, few_images, config, build_stages):
+    cfg = config(tmp_path, few_images, layers=("conv2", "block"), fv_views=VIEWS, fv_diversity=3,
                  fv_batch=12)
-    _, path = build(cfg, stages=("featurevis", "dataset"))
+    _, path = build_stages(cfg, stages=("featurevis", "dataset"))
     with h5py.File(path) as f:
         g = f["layers/block/featurevis"]
         assert g["channel"].shape == g["negative"].shape == g["neuron"].shape == (16, 32, 32, 3)
@@ -32,7 +32,8 @@ def test_every_view_is_stored_with_its_shape_and_quality(tmp_path, images):
             "channel block:")
 
 
-def test_non_finite_images_are_rendered_again_then_flagged(tmp_path, images, monkeypatch):
+def test_non_finite_images_are_rendered_again_then_flagged(tmp_path, few_images, monkeypatch, config,
+                                                           build_stages):
     calls = []
     real = stage.render
 
@@ -46,14 +47,14 @@ def test_non_finite_images_are_rendered_again_then_flagged(tmp_path, images, mon
             result.finite[:] = False  # and so does its retry
         return result
     monkeypatch.setattr(stage, "render", flaky)
-    _, path = build(config(tmp_path, images, layers=("conv1",), fv_batch=8), stages=("featurevis",))
+    _, path = build_stages(config(tmp_path, few_images, layers=("conv1",), fv_batch=8), stages=("featurevis",))
     assert calls == [8, 1]
     with h5py.File(path) as f:
         done = f["layers/conv1/featurevis/channel_done"][...]
         assert done.tolist() == [True, False] + [True] * 6
 
 
-def test_out_of_memory_halves_the_batch(tmp_path, images, monkeypatch):
+def test_out_of_memory_halves_the_batch(tmp_path, few_images, monkeypatch, config):
     sizes = []
     real = stage.render
 
@@ -63,10 +64,29 @@ def test_out_of_memory_halves_the_batch(tmp_path, images, monkeypatch):
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
         return real(model, pre, objective, seeds, settings, device)
     monkeypatch.setattr(stage, "render", small_gpu)
-    cfg = config(tmp_path, images, layers=("conv1",), fv_batch=8)
+    cfg = config(tmp_path, few_images, layers=("conv1",), fv_batch=8)
     ctx = pipeline.prepare(cfg, progress=False)
     path = pipeline.run_stages(ctx, ["featurevis"])
     assert sizes[:4] == [8, 4, 2, 2]
     assert sorted(ctx.store.done("featurevis")) == [f"channel/conv1/{a:05d}-{a + 2:05d}" for a in (0, 2, 4, 6)]
     with h5py.File(path) as f:
         assert f["layers/conv1/featurevis/channel_done"][...].all()
+
+
+def test_the_stage_alone_fills_every_channel_and_renders(tmp_path, images, config):
+    """`pipeline.build` of the stage alone: every channel of every default layer, and the site's report."""
+    cfg = config(tmp_path, images, fv_batch=5)
+    built = pipeline.build(cfg, stages=("featurevis",), progress=False)
+    path = built.store
+    assert path == cfg.store_dir / "atlas-tiny_convnet.h5"
+    assert built.site["folder"] == str(cfg.site_dir / "atlas-2Dtiny_convnet") and built.site["pages"] > 72
+    assert not built.site["over_budget"] and built.site["views_note"] is None
+    assert (cfg.site_dir / "index.html").is_file()
+    with h5py.File(path) as f:
+        assert len(f["layers"]) == 5  # the default selection
+        for layer in f["layers"]:
+            g = f[f"layers/{layer}/featurevis"]
+            assert g["channel_done"][...].all()
+            assert g["channel"].shape == (f[f"layers/{layer}"].attrs["channels"], 32, 32, 3)
+            assert g["channel"].attrs["steps"] == 4
+            assert np.isfinite(g["channel_objective"][...]).all()

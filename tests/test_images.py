@@ -6,34 +6,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from atlas.errors import AtlasError
 from atlas.dataset.images import ImageDataset, decode, list_images, sample_images
+from atlas.errors import AtlasError
 from atlas.models import Preprocess
 
 PRE = Preprocess(size=16, crop_pct=1.0, mean=(0.5,) * 3, std=(0.5,) * 3)
 
 
-def hostile_folder(root: Path) -> Path:
-    rgb = np.random.default_rng(0).integers(0, 256, (20, 24, 3), dtype=np.uint8)
-    Image.fromarray(rgb).save(root / "rgb.png")
-    Image.fromarray(rgb).convert("L").save(root / "gray.png")
-    Image.fromarray(rgb).convert("P", palette=Image.ADAPTIVE).save(root / "palette.gif")
-    rgba = Image.fromarray(np.dstack([rgb, np.full((20, 24), 128, np.uint8)]), "RGBA")
-    rgba.save(root / "rgba.png")
-    Image.fromarray(rgb).convert("CMYK").save(root / "cmyk.jpg")
-    Image.fromarray((np.arange(20 * 24).reshape(20, 24) * 100).astype(np.uint16)).save(root / "deep16.png")
-    Image.fromarray(rgb).save(root / "good.jpg", quality=90)
-    data = (root / "good.jpg").read_bytes()
-    (root / "truncated.jpg").write_bytes(data[: len(data) // 2])
-    (root / "zero.jpg").write_bytes(b"")
-    (root / "text.jpg").write_text("<html>not an image</html>")
-    Image.new("1", (9000, 9000)).save(root / "bomb.png")  # 81 Mpixel, a few kB on disk
-    (root / 'name "<img src=x onerror=alert(1)>".png').write_bytes((root / "rgb.png").read_bytes())
-    (root / "notes.txt").write_text("ignored: not an image suffix")
-    return root
-
-
-def test_every_mode_converts_and_every_bad_file_is_skipped_with_a_reason(tmp_path):
+def test_every_mode_converts_and_every_bad_file_is_skipped_with_a_reason(tmp_path, hostile_folder):
     folder = hostile_folder(tmp_path)
     records = list_images(folder, [])
     assert len(records) == 12 and all(r.label == -1 for r in records)
@@ -51,7 +31,7 @@ def test_every_mode_converts_and_every_bad_file_is_skipped_with_a_reason(tmp_pat
     assert all("\n" not in reason for _, reason in results.values())
 
 
-def test_dataset_yields_a_reason_instead_of_raising(tmp_path):
+def test_dataset_yields_a_reason_instead_of_raising(tmp_path, hostile_folder):
     folder = hostile_folder(tmp_path)
     records = list_images(folder, [])
     data = ImageDataset(records, PRE, range(len(records)))

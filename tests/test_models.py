@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from atlas import models
-from atlas.errors import AtlasError
 from atlas.dataset.images import decode, sample_images
+from atlas.errors import AtlasError
 
 
 def test_embedded_default_is_trained():

@@ -12,9 +12,16 @@ import json
 import h5py
 import numpy as np
 
-from atlas.store.schema import METHODS, RANDOM_CONTROL
+from atlas.store.schema import METHODS, RANDOM_CONTROL, Method
 
 _CHUNK = 256  # channels generated at a time, to bound memory for big layers
+
+
+def _method(name: str) -> Method:
+    """The schema's description of a method; a method it does not know is signed, of no family."""
+    return METHODS.get(name) or Method(name, "Other")
+
+
 CHECKS = ("randomization", "random_logit", "deletion", "insertion", "mass_centre")  # keys of `caveats`
 
 
@@ -60,7 +67,7 @@ def write_attribution(f: h5py.File, method: str, n: int, size: int, incomplete: 
         m = min(64, n - start)
         factor = rng.lognormal(-6, 1, (m, 1, 1)).astype(np.float32)  # attributions are small numbers
         top, other = _blobs(m, size, rng, MAP_NOISE) * factor, _blobs(m, size, rng, MAP_NOISE) * factor
-        if not METHODS[method].signed:
+        if not _method(method).signed:
             top, other = np.abs(top), np.abs(other)
         label = labels[start:start + m]
         other[label == target[start:start + m]] = top[label == target[start:start + m]]
@@ -70,7 +77,7 @@ def write_attribution(f: h5py.File, method: str, n: int, size: int, incomplete: 
             peak = np.abs(values).max(axis=(1, 2))
             out[start:start + m] = peak
             g[name][start:start + m] = (values / peak[:, None, None]).astype(np.float16)
-    maps.attrs.update({"method": method, "signed": METHODS[method].signed,
+    maps.attrs.update({"method": method, "signed": _method(method).signed,
                        "target_rule": "top-1 prediction", "reduction": "sum over colour",
                        "stored_as": "map / scale: multiply each image's map by `scale` for the attribution",
                        **_PARAMS.get(method, {})})
@@ -79,7 +86,7 @@ def write_attribution(f: h5py.File, method: str, n: int, size: int, incomplete: 
     g.create_dataset("target", data=target.astype(np.int64))
     g.create_dataset("score", data=rng.gamma(3.0, 2.0, n).astype(np.float32))
     g.create_dataset("label_target", data=labels.astype(np.int64))
-    path = METHODS[method].path
+    path = _method(method).path
     error = rng.uniform(0.02, 0.8, n) * tolerance if path else np.full(n, np.nan)
     if path and incomplete:
         error[::2] = rng.uniform(1.5, 12, len(error[::2])) * tolerance
@@ -221,7 +228,7 @@ def write_checks(f: h5py.File, methods: list[str], settings: dict[str, int], ins
         r = g.create_group("randomization")
         cascading = 0.9 - 0.1 * steps if bad else 0.55 * np.exp(-4 * steps) + 0.05
         independent = 0.9 - 0.05 * steps if bad else 0.3 + 0.5 * steps
-        strips = _strips(len(groups), settings["strip"], bad, METHODS[method].signed, rng)
+        strips = _strips(len(groups), settings["strip"], bad, _method(method).signed, rng)
         for name, level in (("cascading", cascading), ("independent", independent)):
             sub = r.create_group(name)
             for key, value in _similarity(np.broadcast_to(level, (len(groups), n)), rng).items():

@@ -1,52 +1,28 @@
-"""End to end on the tiny model: dataset top-k, attribution, store consolidation."""
+"""The dataset stage on the tiny models: top and bottom examples, statistics and boxes against a
+brute-force pass, bad files skipped with a reason, and work units that merge to one pass."""
 
-from pathlib import Path
+import json
 
 import h5py
 import numpy as np
-import pytest
 import torch
 from PIL import Image
 
-from atlas import pipeline
 from atlas.config import preset
-from atlas.dataset import box_of
+from atlas.dataset.reader import DatasetImages, box_of
 from atlas.layers import Capture
 
 
-def make_images(folder: Path, n: int = 14) -> Path:
-    gen = np.random.default_rng(0)
-    for i in range(n):
-        sub = folder / ("class 3" if i % 2 else "unlabelled")
-        sub.mkdir(parents=True, exist_ok=True)
-        pixels = gen.integers(0, 256, (40 + i, 48, 3), dtype=np.uint8)
-        Image.fromarray(pixels).save(sub / f"img{i:02d}.png")
-    (folder / "empty.jpg").write_bytes(b"")
-    (folder / "text.jpg").write_text("not an image")
-    return folder
+def json_values(d: dict) -> dict:
+    """`d` as JSON gives it back (tuples become lists)."""
+    return json.loads(json.dumps(d))
 
 
-def config(tmp_path: Path, data: Path, **kw):
-    # one attribution method and no checks: tests/test_attribution_stage.py covers the rest
-    kw = {"attr_methods": ("gradient",), "attr_check_images": 0, "attr_unit_topk": 0, **kw}
-    return preset("quick").replace(model="atlas:tiny_convnet", data=str(data), store_dir=tmp_path / "store",
-                                   site_dir=tmp_path / "site", fv_steps=4, fv_size=32, workers=0, topk=4,
-                                   device="cpu", **kw)
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    return make_images(tmp_path_factory.mktemp("images"))
-
-
-def build(cfg, stages=("dataset", "attribution")):
-    ctx = pipeline.prepare(cfg, progress=False)
-    return ctx, pipeline.run_stages(ctx, stages)
-
-
-def test_topk_equals_brute_force_and_skips_bad_files(tmp_path, images):
-    ctx, path = build(config(tmp_path, images, data_unit=5, data_batch=3))
+def test_topk_equals_brute_force_and_skips_bad_files(tmp_path, images, config, build_stages):
+    cfg = config(tmp_path, images, data_unit=5, data_batch=3)
+    ctx, path = build_stages(cfg)
     with h5py.File(path) as f:
+        assert json.loads(f.attrs["config"]) == json_values(cfg.to_dict())  # encoded once, with every field
         skipped = dict(zip(f["dataset/skipped_paths"].asstr()[...], f["dataset/skipped_reasons"].asstr()[...]))
         assert skipped["empty.jpg"] == "empty file"
         assert skipped["text.jpg"].startswith("unreadable: UnidentifiedImageError")
@@ -84,44 +60,26 @@ def test_topk_equals_brute_force_and_skips_bad_files(tmp_path, images):
             assert box.min() >= 0 and box.max() <= 32
 
 
-def test_units_merge_to_the_single_pass_result(tmp_path, images):
-    _, small = build(config(tmp_path / "a", images, data_unit=3))
-    _, whole = build(config(tmp_path / "b", images, data_unit=1000))
+def test_units_merge_to_the_single_pass_result(tmp_path, images, config, build_stages):
+    ctx, small = build_stages(config(tmp_path / "a", images, data_unit=3))
+    _, whole = build_stages(config(tmp_path / "b", images, data_unit=1000))
+    assert len(DatasetImages.units(ctx.store)) == 6  # 16 files (2 bad) in units of 3
     with h5py.File(small) as a, h5py.File(whole) as b:
         for layer in a["layers"]:
             for k in ("topk/index", "topk/value", "topk/box", "bottomk/index", "stats/mean", "stats/std"):
                 np.testing.assert_allclose(a[f"layers/{layer}/{k}"][...], b[f"layers/{layer}/{k}"][...],
                                            rtol=1e-5, err_msg=f"{layer}/{k}")
         np.testing.assert_array_equal(a["dataset/images"][...], b["dataset/images"][...])
+        # what the other stages read straight from the parts: the consolidated rows, by source index
+        stored, source = a["dataset/images"][...], a["dataset/source_index"][...]
+        reader = DatasetImages(ctx.store, ctx.loaded.preprocess, torch.device("cpu"))
+        np.testing.assert_array_equal(reader.order, np.sort(source))
+        rows = np.array([13, 0, 7, 3, 7])  # scattered over several parts, one twice
+        np.testing.assert_array_equal(reader.pixels(source[rows]), stored[rows])
+        assert [reader.labels[int(i)] for i in source] == a["dataset/labels"][...].tolist()
 
 
-def test_gradient_attribution_matches_autograd(tmp_path, images):
-    ctx, path = build(config(tmp_path, images))
-    with h5py.File(path) as f:
-        g = f["attribution/gradient"]
-        maps = g["maps"][...].astype(np.float32) * g["scale"][...][:, None, None]
-        target = g["target"][...]
-        x = ctx.loaded.preprocess.from_uint8(f["dataset/images"][...]).requires_grad_(True)
-        logits = ctx.loaded.model(x)
-        np.testing.assert_array_equal(target, logits.argmax(1).numpy())
-        logits.gather(1, torch.from_numpy(target)[:, None]).sum().backward()
-        expected = x.grad.sum(1).numpy()
-        np.testing.assert_allclose(maps, expected, rtol=2e-3, atol=1e-3 * np.abs(expected).max())
-        assert f["attribution/gradient/maps"].attrs["method"] == "gradient"
-
-
-def test_featurevis_stage_fills_every_channel(tmp_path, images):
-    _, path = build(config(tmp_path, images, fv_batch=5), stages=("featurevis",))
-    with h5py.File(path) as f:
-        for layer in f["layers"]:
-            g = f[f"layers/{layer}/featurevis"]
-            assert g["channel_done"][...].all()
-            assert g["channel"].shape == (f[f"layers/{layer}"].attrs["channels"], 32, 32, 3)
-            assert g["channel"].attrs["steps"] == 4
-            assert np.isfinite(g["channel_objective"][...]).all()
-
-
-def test_topk_of_a_hand_set_channel_is_known_by_construction(tmp_path):
+def test_topk_of_a_hand_set_channel_is_known_by_construction(tmp_path, build_stages):
     """Image i is grey 20 with one pixel of red 10 * i at (x=i, y=15 - i): channel 0 of the
     colour probe peaks there at exactly 10 * i / 255."""
     folder = tmp_path / "images"
@@ -132,7 +90,7 @@ def test_topk_of_a_hand_set_channel_is_known_by_construction(tmp_path):
         Image.fromarray(pixels).save(folder / f"{i:02d}.png")
     cfg = preset("quick").replace(model="atlas:color_probe", data=str(folder), store_dir=tmp_path / "store",
                                   workers=0, topk=3, data_unit=5, data_batch=2, device="cpu", layers=("probe",))
-    _, path = build(cfg, stages=("dataset",))
+    _, path = build_stages(cfg, stages=("dataset",))
     with h5py.File(path) as f:
         top, bottom = f["layers/probe/topk"], f["layers/probe/bottomk"]
         assert top["index"][0].tolist() == [11, 10, 9]
