@@ -63,7 +63,7 @@ def test_topk_equals_brute_force_and_skips_bad_files(tmp_path, images, config, b
 def test_units_merge_to_the_single_pass_result(tmp_path, images, config, build_stages):
     ctx, small = build_stages(config(tmp_path / "a", images, data_unit=3))
     _, whole = build_stages(config(tmp_path / "b", images, data_unit=1000))
-    assert len(DatasetImages.units(ctx.store)) == 6  # 16 files (2 bad) in units of 3
+    assert len(DatasetImages(ctx.store, ctx.loaded.preprocess, ctx.device).by_unit) == 6  # 16 files (2 bad) in units of 3
     with h5py.File(small) as a, h5py.File(whole) as b:
         for layer in a["layers"]:
             for k in ("topk/index", "topk/value", "topk/box", "bottomk/index", "stats/mean", "stats/std"):

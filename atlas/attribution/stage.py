@@ -35,12 +35,12 @@ def run(ctx) -> None:
     """Computes every map, unit attribution and check the store does not have yet."""
     cfg = ctx.config
     done = ctx.begin(STAGE, cfg.stage_params(STAGE))
-    data_units = DatasetImages.units(ctx.store)
-    if not data_units:
-        raise AtlasError("attribution needs dataset images: run `atlas dataset` (or `atlas build`) first")
     for name in cfg.attr_methods:
         check(name)  # an unknown name fails before any work
     images = DatasetImages(ctx.store, ctx.loaded.preprocess, ctx.device)
+    data_units = list(images.by_unit)  # in image order
+    if not data_units:
+        raise AtlasError("attribution needs dataset images: run `atlas dataset` (or `atlas build`) first")
     # a rank takes whole data units, so the SmoothGrad variants of a unit share their samples
     run_maps(ctx, images, [(m, d) for d in ctx.ranks.shard(data_units) for m in cfg.attr_methods
                            if f"{m}/{d}" not in done and f"skipped/{m}" not in done], make_method)

@@ -30,18 +30,13 @@ class DatasetImages:
         self.labels: dict[int, int] = {}
         self.top1: dict[int, int] = {}
         self.by_unit: dict[str, np.ndarray] = {}  # dataset unit -> source indices of its images, in order
-        for key, part in store.units(STAGE):
+        for key, part in store.units(STAGE):  # in key order: image order
             self.by_unit[key] = part["index"][...]
-            for row, (i, label, top) in enumerate(zip(part["index"][...], part["labels"][...], part["top5"][:, 0])):
+            for row, (i, label, top) in enumerate(zip(self.by_unit[key], part["labels"][...], part["top5"][:, 0])):
                 self.where[int(i)] = (key, row)
                 self.labels[int(i)], self.top1[int(i)] = int(label), int(top)
         self.order = np.array(sorted(self.where), np.int64)
         self._references: torch.Tensor | None = None
-
-    @staticmethod
-    def units(store: Store) -> list[str]:
-        """The keys of the dataset stage's finished units, in image order (empty before the pass)."""
-        return sorted(store.done(STAGE))
 
     def pixels(self, index: np.ndarray) -> np.ndarray:
         """uint8 [n, S, S, 3] of the images with these source indices.
