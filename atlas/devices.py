@@ -46,7 +46,8 @@ def is_oom(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and ("out of memory" in str(exc) or "can't allocate memory" in str(exc))
 
 
-def fit(fn: Callable[[int], T], size: int, on_halve: Callable[[int], None] | None = None) -> tuple[T, int]:
+def fit(fn: Callable[[int], T], size: int, on_halve: Callable[[int], None] | None = None,
+        too_big: str | None = None) -> tuple[T, int]:
     """Calls `fn(size)`, halving `size` after each out-of-memory error until it fits.
 
     `fn` must change nothing before its last step that can run out of memory,
@@ -56,20 +57,26 @@ def fit(fn: Callable[[int], T], size: int, on_halve: Callable[[int], None] | Non
         fn: the work, given the number of rows it may take at once.
         size: the number to try first.
         on_halve: called with the new size after each halving (to log it, rewind a progress bar).
+        too_big: what to tell the user when even one row does not fit.
 
     Returns:
         `fn`'s result and the size that fitted.
 
     Raises:
-        The out-of-memory error itself when even one row does not fit (callers say what to do).
+        AtlasError(too_big) when even one row does not fit; the out-of-memory error itself if
+        `too_big` is None.
     """
     size = max(1, size)
     while True:
         try:
             return fn(size), size
         except (torch.OutOfMemoryError, RuntimeError) as exc:
-            if not is_oom(exc) or size == 1:
+            if not is_oom(exc):
                 raise
+            if size == 1:
+                if too_big is None:
+                    raise
+                raise AtlasError(too_big) from None
         size = max(1, size // 2)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -77,10 +84,12 @@ def fit(fn: Callable[[int], T], size: int, on_halve: Callable[[int], None] | Non
             on_halve(size)
 
 
-def chunked(fn: Callable[[int, int], T], total: int, batch: int) -> tuple[list[T], int]:
+def chunked(fn: Callable[[int, int], T], total: int, batch: int,
+            too_big: str | None = None) -> tuple[list[T], int]:
     """Calls `fn(a, b)` over [0, total) in chunks of at most `batch` rows, each chunk through `fit`.
 
     A chunk that runs out of memory is retried in halves; later chunks keep the smaller size.
+    `too_big` is what to tell the user when one row does not fit (see `fit`).
 
     Returns:
         The results in order, and the chunk size that fitted.
@@ -88,7 +97,7 @@ def chunked(fn: Callable[[int, int], T], total: int, batch: int) -> tuple[list[T
     size, out, a = max(1, batch), [], 0
     while a < total:
         first = min(size, total - a)
-        result, fitted = fit(lambda n: fn(a, a + n), first)
+        result, fitted = fit(lambda n: fn(a, a + n), first, too_big=too_big)
         out.append(result)
         a += fitted
         if fitted < first:

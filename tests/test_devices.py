@@ -120,3 +120,14 @@ def test_chunked_raises_when_one_row_does_not_fit_and_passes_other_errors_on():
     with pytest.raises(KeyError):
         chunked(broken, 8, 4)
     assert calls == [(0, 4)]
+
+
+def test_one_row_that_does_not_fit_becomes_the_message_the_caller_gives():
+    def never_fits(n):
+        raise torch.OutOfMemoryError(f"out of memory: {n} rows")
+    with pytest.raises(AtlasError, match="^one image does not fit; use --device cpu$"):
+        fit(never_fits, 4, too_big="one image does not fit; use --device cpu")
+    with pytest.raises(AtlasError, match="^one unit does not fit$"):
+        chunked(lambda a, b: never_fits(b - a), 3, 2, too_big="one unit does not fit")
+    with pytest.raises(torch.OutOfMemoryError):  # without a message the error itself
+        fit(never_fits, 4)

@@ -17,7 +17,6 @@ from tqdm import tqdm
 from atlas import devices
 from atlas.dataset.images import ImageDataset, list_images
 from atlas.dataset.topk import LayerSummary
-from atlas.errors import AtlasError
 from atlas.layers import Capture, receptive_field
 from atlas.store.schema import DATASET
 
@@ -58,14 +57,10 @@ def _fitting_unit(ctx, records, first: int, end: int, bar, batch: int) -> tuple[
     def attempt(size: int) -> dict[str, np.ndarray]:
         bar.update(start - bar.n)  # a unit that ran out of memory starts over
         return _run_unit(ctx, records, first, end, bar, size)
-    try:
-        return devices.fit(attempt, batch, lambda size: tqdm.write(
-            f"atlas: out of GPU memory; dataset batch halved to {size}"))
-    except (torch.OutOfMemoryError, RuntimeError) as exc:
-        if not devices.is_oom(exc):
-            raise
-        raise AtlasError(f"one image of {ctx.loaded.name} does not fit in GPU memory with every "
-                         f"selected layer hooked; select fewer layers (--layers) or use --device cpu") from None
+    return devices.fit(attempt, batch,
+                       lambda size: tqdm.write(f"atlas: out of GPU memory; dataset batch halved to {size}"),
+                       too_big=f"one image of {ctx.loaded.name} does not fit in GPU memory with every selected "
+                               f"layer hooked; select fewer layers (--layers) or use --device cpu")
 
 
 def _run_unit(ctx, records, first: int, end: int, bar, batch_size: int) -> dict[str, np.ndarray]:

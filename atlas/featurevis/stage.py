@@ -140,13 +140,10 @@ class _Renderer:
         """
         def piece(a: int, b: int) -> tuple[list[int], dict]:
             return channels[a:b], self._render(view, layer, channels[a:b])
-        try:
-            parts, fitted = devices.chunked(piece, len(channels), min(len(channels), self.fitting))
-        except (torch.OutOfMemoryError, RuntimeError) as exc:
-            if not devices.is_oom(exc):
-                raise
-            raise AtlasError(f"one unit of {layer} does not fit in GPU memory at {self.settings.size} px; "
-                             f"use --size smaller or --device cpu") from None
+        parts, fitted = devices.chunked(
+            piece, len(channels), min(len(channels), self.fitting),
+            too_big=f"one unit of {layer} does not fit in GPU memory at {self.settings.size} px; "
+                    f"use --size smaller or --device cpu")
         self.fitting = min(self.fitting, fitted)
         return parts
 
