@@ -49,6 +49,11 @@ def build_options(f):
                      "or repeated (default: the model family's significant layers)"),
         click.option("--data", "-d", type=click.Path(), help="image folder or list file "
                      "(default: the embedded sample photos)"),
+        click.option("--labels", type=click.Path(), help="ground truth of a flat folder: ImageNet's devkit file "
+                     "(one class number per line, in file-name order) or lines of 'file label'"),
+        click.option("--explain", type=int, help="images that get attributions, checks and a page of their own "
+                     "(default: the preset's; every image when the source has fewer)"),
+        click.option("--crop-size", type=int, help="side in pixels of each stored dataset-example crop"),
         click.option("--preset", "-p", type=click.Choice(sorted(PRESETS)), default=Config.preset,
                      show_default=True),
         click.option("--device", default=Config.device, show_default=True, help="auto, cpu, cuda, cuda:N or mps"),
@@ -62,7 +67,8 @@ def build_options(f):
         click.option("--max-images", type=int, help="use only the first N images"),
         click.option("--data-unit", type=int, help="images per dataset work unit (the grain of resume and of "
                      "sharing the images among torchrun ranks)"),
-        click.option("--workers", type=int, help="image-decoding processes"),
+        click.option("--workers", type=int, help="image-decoding processes (default: the machine's cores; "
+                     "0: decode in the main process)"),
         click.option("--methods", multiple=True, help="attribution methods, comma-separated"),
         click.option("--quiet", "-q", is_flag=True, help="no progress bars"),
     ]
@@ -74,10 +80,11 @@ def build_options(f):
 def make_config(o: dict) -> Config:
     """One Config from the preset and the options the user set."""
     changes = {"model": o["model"], "weights": o["weights"], "layers": _split(o["layers"]),
-               "data": o["data"], "device": o["device"], "store_dir": Path(o["store_dir"]),
+               "data": o["data"], "labels": o["labels"], "device": o["device"], "store_dir": Path(o["store_dir"]),
                "site_dir": Path(o["out"])}
     for option, field in (("steps", "fv_steps"), ("size", "fv_size"), ("fv_batch", "fv_batch"), ("topk", "topk"),
-                          ("max_images", "max_images"), ("data_unit", "data_unit"), ("workers", "workers")):
+                          ("max_images", "max_images"), ("data_unit", "data_unit"), ("workers", "workers"),
+                          ("explain", "explain"), ("crop_size", "crop_size")):
         if o[option] is not None:
             changes[field] = o[option]
     if o["methods"]:

@@ -27,6 +27,7 @@ class Config:
     weights: str | None = None  # local state dict replacing the spec's default weights
     layers: tuple[str, ...] = ()  # glob patterns over layer names; empty = the family's default selection
     data: str | None = None  # image folder or list file; None = the embedded sample photos
+    labels: str | None = None  # ground-truth file for a flat folder (ImageNet's devkit file, or "name label" lines)
     preset: str = "quick"  # name of the preset these values started from (recorded, not used)
 
     # --- where ---
@@ -50,9 +51,11 @@ class Config:
     topk: int = 10  # top and bottom images kept per channel (Microscope, NetDissect: about 10)
     data_batch: int = 32  # images per forward pass
     data_unit: int = 256  # images per work unit (the grain of resume and sharding)
-    workers: int = 2  # DataLoader decoding processes (0 = decode in the main process)
+    workers: int | None = None  # DataLoader decoding processes; None: the machine's cores; 0: the main process
     max_images: int | None = None  # use only the first N images of the source
     fuse: bool = True  # fuse the pass's per-layer reductions with torch.compile (eager fallback)
+    explain: int = 1000  # images of the search set that get attributions, checks and a page (all if fewer)
+    crop_size: int = 96  # side of a stored example crop, pixels (the site shows them at 96 CSS px)
 
     # --- attribution ---
     attr_methods: tuple[str, ...] = ALL_METHODS  # methods computed for every dataset image
@@ -90,8 +93,9 @@ class Config:
         prefix = {"featurevis": "fv_", "attribution": "attr_"}.get(stage)
         common = {"model": self.model, "weights": self.weights, "seed": self.seed}
         if stage == "dataset":
-            return {**common, "data": self.data, "topk": self.topk,
-                    "data_unit": self.data_unit, "max_images": self.max_images}
+            return {**common, "data": self.data, "labels": self.labels, "topk": self.topk,
+                    "data_unit": self.data_unit, "max_images": self.max_images, "explain": self.explain,
+                    "crop_size": self.crop_size}
         picked = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
                   if prefix and f.name.startswith(prefix) and f.name not in _UNIT_GRAIN}
         return {**common, **picked}
@@ -105,7 +109,7 @@ _UNIT_GRAIN = ("fv_batch", "attr_batch", "attr_chunk", "attr_methods", "fv_views
 # and far fewer optimizer steps, so its visualizations are rougher.
 PRESETS: dict[str, Config] = {
     "full": Config(preset="full"),
-    "quick": Config(preset="quick", fv_size=64, fv_steps=48, fv_lr=0.08, fv_batch=64,
+    "quick": Config(preset="quick", explain=32, crop_size=64, fv_size=64, fv_steps=48, fv_lr=0.08, fv_batch=64,
                     fv_loss_points=16, fv_views=("channel",), fv_redirect_steps=8,
                     attr_methods=QUICK_METHODS, attr_steps=32, attr_max_steps=64, attr_samples=16,
                     attr_draws=2, attr_occlusion_stride=1.0, attr_unit_topk=1, attr_check_images=2,
