@@ -284,3 +284,20 @@ def bench_site(n_images: int, max_layers: int | None) -> None:
     from atlas.bench import site
     _summary("site", site.run(n_images=n_images, max_layers=max_layers),
              {"resnet50_site_mb": "", "largest_page_kb": "", "layer_grid_requests": ""})
+
+
+@bench.command("imagenet")
+@click.option("--images", type=click.IntRange(min=1), default=250, show_default=True,
+              help="search images of the smaller build (the larger one searches 4x)")
+@click.option("--explain", type=click.IntRange(min=1), default=16, show_default=True,
+              help="images of each search set that get attributions")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True,
+              help="image-decoding processes (they also write the synthetic photos)")
+@click.option("--keep", type=click.Path(file_okay=False), help="build in this new folder and keep the photos, "
+              "stores and sites (default: a temporary folder)")
+@click.option("--layers", multiple=True, hidden=True, help="glob patterns of the layers to hook (quick trials)")
+def bench_imagenet(**o) -> None:
+    """Search N and 4N synthetic photos, explain a fixed set; time, store and site growth."""
+    from atlas.bench import imagenet
+    _summary("imagenet", imagenet.run(**{**o, "layers": _split(o["layers"])}), imagenet.SUMMARY)

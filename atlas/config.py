@@ -84,9 +84,17 @@ class Config:
             raise AtlasError(f"unknown config field(s): {', '.join(sorted(unknown))}")
         return dataclasses.replace(self, **changes)
 
-    def to_dict(self) -> dict:
-        """The config as JSON-able values (paths as text), the form stored with every store."""
-        return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self).items()}
+    def to_dict(self, public: bool = False) -> dict:
+        """The config as JSON-able values (paths as text).
+
+        Args:
+            public: paths reduced to their last part, the form stored with every store
+                (which the site publishes): no folder of the user's machine is named.
+        """
+        out = {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self).items()}
+        if public:
+            out.update({k: Path(out[k]).name for k in _PATH_FIELDS if out[k] is not None})
+        return out
 
     def stage_params(self, stage: str) -> dict:
         """The fields that change a stage's results (resume must match them)."""
@@ -100,6 +108,8 @@ class Config:
                   if prefix and f.name.startswith(prefix) and f.name not in _UNIT_GRAIN}
         return {**common, **picked}
 
+
+_PATH_FIELDS = ("weights", "data", "labels", "store_dir", "site_dir")  # what `to_dict(public=True)` shortens
 
 # Fields that decide how work is cut or which units exist, not what a unit holds.
 _UNIT_GRAIN = ("fv_batch", "attr_batch", "attr_chunk", "attr_methods", "fv_views")

@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 import atlas
-from atlas import attribution, dataset, distributed, featurevis, models
+from atlas import attribution, dataset, distributed, featurevis, models, preflight
 from atlas.config import Config
 from atlas.devices import resolve_device
 from atlas.errors import AtlasError
@@ -68,6 +68,7 @@ def versions(device: torch.device) -> dict:
 
 def prepare(config: Config, progress: bool = True) -> Context:
     """Loads the model, discovers and selects layers, opens the store (rank 0; the others wait)."""
+    preflight.check(config)  # bad input fails here, before the model loads or any stage runs
     ranks = distributed.from_env()
     device = resolve_device(config.device, ranks.local)
     distributed.start(ranks, device)
@@ -83,7 +84,7 @@ def prepare(config: Config, progress: bool = True) -> Context:
         "spec": loaded.spec, "name": loaded.name, "weights_id": loaded.weights_id,
         "input_size": loaded.input_size, "classes": loaded.class_names,
         "preprocess": {"size": p.size, "crop_pct": p.crop_pct, "mean": p.mean, "std": p.std},
-        "layers": [l.__dict__ for l in layers], "config": config.to_dict(),
+        "layers": [l.__dict__ for l in layers], "config": config.to_dict(public=True),
         "versions": versions(device), "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
     }
     distributed.on_main(lambda: store.open(meta))

@@ -57,7 +57,7 @@ def test_root_files(site):
     assert (root / ".nojekyll").is_file()
     assert "not found" in (root / "404.html").read_text().lower()
     assert (root / "static" / "atlas.css").is_file() and (root / "static" / "atlas.js").is_file()
-    assert set(report["bytes"]) == {"html", "featurevis", "sprites", "dataset", "attributions", "search"}
+    assert set(report["bytes"]) == {"html", "featurevis", "sprites", "dataset", "examples", "attributions", "search"}
     assert set(report["site_bytes"]) == set(report["bytes"]) | {"static"}
     assert all(v > 0 for v in report["bytes"].values())
 
@@ -101,7 +101,7 @@ def test_layer_grid_uses_sprites(site, refs):
     assert len(list(page.parent.glob("sprite-*"))) == 2
 
 
-def test_crops_reuse_the_stored_images(site, spec):
+def test_crops_come_from_one_strip_per_unit(site, spec):
     root, _ = site
     images = root / "tiny" / "images"
     assert len(list(images.glob("*.jpg"))) == spec.N_IMAGES
@@ -109,14 +109,15 @@ def test_crops_reuse_the_stored_images(site, spec):
     unit = (root / "tiny" / "conv1" / "0.html").read_text()
     crops = re.findall(r'class="crop(?: hu)?" role="img" aria-label="[^"]+" style="([^"]+)"', unit)
     assert len(crops) == 8 + 3  # k=4 highest and 4 lowest, and the 3 that unit attributions explain
-    assert all(re.search(r"url\(\.\./images/\d+\.jpg\) -?\d+px -?\d+px/\d+px", c) for c in crops)
+    assert all(f"url(0-examples.{EXT}) " in c and "/800% 100%" in c for c in crops)  # tiles of 8
+    assert (root / "tiny" / "conv1" / f"0-examples.{EXT}").is_file()
 
 
 def test_missing_featurevis_is_explained(site):
     root, _ = site
     for page in (root / "tiny" / "fc" / "index.html", root / "tiny" / "fc" / "0.html"):
         assert "Feature visualization has not run for this layer" in page.read_text()
-    assert not [p for p in (root / "tiny" / "fc").glob(f"*.{EXT}") if not p.stem.endswith("-attribution")]
+    assert not [p for p in (root / "tiny" / "fc").glob(f"*.{EXT}") if not p.stem.endswith(("-attribution", "-examples"))]
     assert "Feature visualization has not run" not in (root / "tiny" / "conv1" / "0.html").read_text()
 
 

@@ -12,6 +12,7 @@ from PIL import Image
 
 from atlas.cli import main
 from atlas.site import render, report_lines
+from atlas.site.budget import CANDIDATES
 from atlas.site.pictures import PICTURE_EXT as EXT
 from atlas.store.schema import VIEWS
 from atlas.testing.synthetic import write_synthetic_store
@@ -32,17 +33,17 @@ def test_secondary_views_shrink_to_fit_the_budget(tmp_path, crawl, site_store):
     store = site_store(tmp_path, name="big", views=VIEWS, fv_size=64)
     report = render(store, tmp_path / "roomy", progress=False)
     estimates = report["estimates"]
-    assert report["view_scale"] == 1.0 and set(estimates) == {1.0, 0.75, 0.5}
-    assert estimates[1.0] > estimates[0.75] > estimates[0.5]
+    assert report["view_scale"] == 1.0 and report["crop_side"] is None and set(estimates) == set(CANDIDATES)
+    assert estimates[1.0, 1.0] > estimates[0.75, 1.0] > estimates[0.5, 1.0] > estimates[0.5, 0.75]
     actual = sum(report["site_bytes"].values())
-    assert 0.5 < estimates[1.0] / actual < 2.0  # the estimate is of the right size
+    assert 0.5 < estimates[1.0, 1.0] / actual < 2.0  # the estimate is of the right size
     unit = tmp_path / "roomy" / "big" / "block.0.relu-401" / "7.html"
     assert Image.open(unit.parent / f"7-views.{EXT}").size == (6 * 64, 64)
     assert "shown at" not in unit.read_text() and report["views_note"] is None
 
-    budget = (estimates[0.75] + estimates[0.5]) / 2  # only half size fits
+    budget = (estimates[0.75, 1.0] + estimates[0.5, 1.0]) / 2  # only half size fits
     report = render(store, tmp_path / "tight", progress=False, max_site_mb=budget / 1e6)
-    assert report["view_scale"] == 0.5
+    assert report["view_scale"] == 0.5 and report["crop_side"] is None
     unit = tmp_path / "tight" / "big" / "block.0.relu-401" / "7.html"
     assert Image.open(unit.parent / f"7-views.{EXT}").size == (6 * 32, 32)
     assert Image.open(unit.parent / f"7.{EXT}").size == (64, 64)  # the channel view keeps its side
@@ -50,6 +51,13 @@ def test_secondary_views_shrink_to_fit_the_budget(tmp_path, crawl, site_store):
     assert note in unit.read_text() and note in (unit.parent.parent / "about.html").read_text()
     assert note in report["views_note"] and f"  {report['views_note']}" in report_lines(report, tmp_path)[0]
     crawl(tmp_path / "tight" / "index.html")
+
+    budget = (estimates[0.5, 0.75] + estimates[0.5, 0.5]) / 2  # then the example crops give too
+    report = render(store, tmp_path / "tighter", progress=False, max_site_mb=budget / 1e6)
+    assert report["view_scale"] == 0.5 and report["crop_side"] == 48
+    unit = tmp_path / "tighter" / "big" / "block.0.relu-401" / "7.html"
+    assert Image.open(unit.parent / f"7-examples.{EXT}").size == (2 * 4 * 48, 48)  # 4 top and 4 bottom crops
+    assert "example crops at 48 px of the stored 96" in report["views_note"]
 
 
 def test_size_report_and_budget(tmp_path, capsys, site_store):
@@ -62,7 +70,8 @@ def test_size_report_and_budget(tmp_path, capsys, site_store):
     assert report["over_budget"] is True and report["max_site_mb"] == 0.001
     assert sum(report["site_bytes"].values()) == sum(p.stat().st_size for p in out_dir.rglob("*") if p.is_file())
     lines, warning = report_lines(report, out_dir)
-    assert lines[0] == "site size:" and any("featurevis" in line for line in lines) and "total" in lines[-1]
+    assert lines[0] == "site size:" and any("featurevis" in line for line in lines)
+    assert any(line.strip().startswith("total") for line in lines)
     assert "over its budget of 0.001 MB" in warning and str(out_dir) in warning
 
     loud = CliRunner().invoke(main, ["render", str(store), "--out", str(out_dir), "--max-site-mb", "0.001"])

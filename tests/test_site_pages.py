@@ -40,7 +40,7 @@ def test_quick_store_shows_channel_only(site):
     unit = (root / "tiny" / "conv1" / "0.html").read_text()
     assert "not rendered: negative, neuron, diversity" in unit
     assert "-views." not in unit and "More views" not in unit
-    assert not [p for p in (root / "tiny" / "conv1").glob(f"[0-9]*-*.{EXT}") if not p.stem.endswith("-attribution")]
+    assert not [p for p in (root / "tiny" / "conv1").glob(f"[0-9]*-*.{EXT}") if not p.stem.endswith(("-attribution", "-examples"))]
 
 
 def test_quality_flag(full):
@@ -199,7 +199,7 @@ def test_unit_page_shows_what_made_it_fire(site):
     assert len(overlays) == 3
     for k, (label, style) in enumerate(overlays):
         assert label.startswith("what made unit 7 fire on image ")
-        assert f"url(7-attribution.{EXT})" in style and re.search(r"url\(\.\./images/\d+\.jpg\)", style)
+        assert f"url(7-attribution.{EXT})" in style and f"url(7-examples.{EXT})" in style  # over its example crop
         assert f"{k * 50}% 0/" in style  # its tile of the strip
     assert Image.open(unit.parent / f"7-attribution.{EXT}").size == (3 * 16, 16)
 

@@ -1,7 +1,7 @@
 """Writes the attribution stage's sections of the consolidated store from its parts.
 
-/attribution/<method>/ (rows aligned with /dataset), /layers/<layer>/unit_attribution/
-and /checks/ — the layout docs/store.md documents.
+/attribution/<method>/ (rows aligned with /dataset/explained), /layers/<layer>/unit_attribution/
+and /checks/ (images as /dataset rows) — the layout docs/store.md documents.
 """
 
 from __future__ import annotations
@@ -20,12 +20,18 @@ _PER_IMAGE = {"target": (np.int64, -1), "score": (np.float32, np.nan), "label_ta
               "scale": (np.float32, np.nan), "label_scale": (np.float32, np.nan), "finite": (np.bool_, True)}
 
 
-def consolidate(store: Store, f: h5py.File) -> None:
-    """Writes every attribution section the parts have."""
-    if DATASET not in f:
-        return
-    source = f[DATASET]["source_index"][...]
+def consolidate(store: Store, f: h5py.File) -> dict:
+    """Writes every attribution section the parts have.
+
+    Returns:
+        Where the map parts' maps went (`Moves`): those parts hand them over to the store.
+    """
+    if DATASET not in f or "explained" not in f[DATASET]:
+        return {}
+    search = f[DATASET]["source_index"][...]
+    source = search[f[DATASET]["explained"][...]]  # of each explained row
     groups: dict[str, h5py.Group] = {}
+    moves = {}
     for key, part in store.units(STAGE):
         kind, _, rest = key.partition("/")
         if kind == "skipped":
@@ -33,17 +39,18 @@ def consolidate(store: Store, f: h5py.File) -> None:
             skipped[rest] = str(part.attrs["reason"])
             f[ATTRIBUTION].attrs["skipped"] = json.dumps(skipped)
         elif kind == "checks":
-            _write_check(f, rest, part, source)
+            _write_check(f, rest, part, search)
         elif kind == "unit":
-            _write_unit_part(f, part)
+            moves[key] = _write_unit_part(f, part)
         else:
             if kind not in groups:
                 groups[kind] = _create(f, kind, source.size, part)
-            _write_maps(groups[kind], part, source)
+            moves[key] = _write_maps(groups[kind], part, source)
     for name, g in groups.items():
         done = g["target"][...] >= 0
         g.attrs["completeness_failures"] = int(np.sum(g["completeness"][...][done] > g.attrs["tolerance"]))
         g.attrs["non_finite"] = int(np.sum(~g["finite"][...][done]))
+    return {key: m for key, m in moves.items() if m}
 
 
 def _create(f: h5py.File, name: str, n: int, part: h5py.File) -> h5py.Group:
@@ -60,9 +67,10 @@ def _create(f: h5py.File, name: str, n: int, part: h5py.File) -> h5py.Group:
     return g
 
 
-def _write_maps(g: h5py.Group, part: h5py.File, source: np.ndarray) -> None:
+def _write_maps(g: h5py.Group, part, source: np.ndarray) -> dict:
+    """Copies one part's rows; returns where its maps went when they are one run of rows."""
     rows = np.searchsorted(source, part["index"][...])
-    block = rows.size and rows[-1] - rows[0] + 1 == rows.size  # a unit's images are one run of rows
+    block = bool(rows.size) and rows[-1] - rows[0] + 1 == rows.size  # a chunk's images are one run of rows
     for k in ("maps", "label_maps", *_PER_IMAGE):
         if k not in part:
             continue
@@ -71,13 +79,16 @@ def _write_maps(g: h5py.Group, part: h5py.File, source: np.ndarray) -> None:
         else:
             for j, row in enumerate(rows):
                 g[k][row] = part[k][j]
+    if not block:
+        return {}
+    return {k: (g[k].name, int(rows[0]), int(rows.size)) for k in ("maps", "label_maps") if k in part}
 
 
-def _write_unit_part(f: h5py.File, part: h5py.File) -> None:
+def _write_unit_part(f: h5py.File, part) -> dict:
     a = read_attrs(part)
     layer = f[LAYERS].get(a["layer"])
     if layer is None:
-        return
+        return {}
     maps = part["maps"]
     if UNIT_ATTRIBUTION not in layer:
         g = layer.create_group(UNIT_ATTRIBUTION)
@@ -88,9 +99,10 @@ def _write_unit_part(f: h5py.File, part: h5py.File) -> None:
     layer[UNIT_ATTRIBUTION]["maps"][a["first"]:a["end"]] = maps[...]
     if "scale" in part:
         layer[UNIT_ATTRIBUTION]["scale"][a["first"]:a["end"]] = part["scale"][...]
+    return {"maps": (layer[UNIT_ATTRIBUTION]["maps"].name, int(a["first"]), int(a["end"]) - int(a["first"]))}
 
 
-def _write_check(f: h5py.File, name: str, part: h5py.File, source: np.ndarray) -> None:
+def _write_check(f: h5py.File, name: str, part, source: np.ndarray) -> None:
     checks = f.require_group(CHECKS)
     if "images" not in checks:
         checks["images"] = np.searchsorted(source, part["images"][...])

@@ -1,6 +1,6 @@
-"""Maps of every dataset image: each method, for the top-1 class and for the true class.
+"""Maps of every explained image: each method, for the top-1 class and for the true class.
 
-Used by the attribution stage; a work unit is one method on one dataset unit.
+Used by the attribution stage; a work unit is one method on one chunk of explained images.
 The SmoothGrad variants share their noisy gradients, so pending units of the
 three are computed together.
 """
@@ -30,7 +30,7 @@ def run_maps(ctx, images, todo: list[tuple[str, str]], make_method) -> None:
     methods: dict[str, Attribution] = {}
     skipped: set[str] = set()
     scores: dict[str, np.ndarray] = {}  # the target logits of a data unit, shared by every method
-    with ctx.bar(sum(len(images.by_unit[d]) for _, d in todo), "attribution", "img") as bar:
+    with ctx.bar(sum(len(images.chunks[d]) for _, d in todo), "attribution", "img") as bar:
         for data_key, names in _groups(todo):
             if skipped & set(names):
                 continue
@@ -38,7 +38,7 @@ def run_maps(ctx, images, todo: list[tuple[str, str]], make_method) -> None:
             for name in names:
                 if name not in methods:
                     methods[name] = make_method(ctx, name, images)
-            index = images.by_unit[data_key]
+            index = images.chunks[data_key]
             if data_key not in scores:
                 scores = {data_key: _scores(ctx, images, index)}
             group = {name: methods[name] for name in names}

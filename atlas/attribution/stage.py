@@ -1,10 +1,13 @@
-"""The attribution stage: every method on every dataset image, unit attributions, and the checks.
+"""The attribution stage: every method on every explained image, unit attributions, and the checks.
 
-It reads the images the dataset stage stored (the model's exact view of each
-photo), so no file is decoded twice. Work units, each written atomically:
+It reads the explained images the dataset stage stored (the model's exact view
+of each photo); a unit's top example outside the explained set is decoded
+from the source again for its unit attribution. Work units, each written
+atomically:
 
-  * `<method>/<dataset unit>`: one method's maps of one dataset unit's images,
-    for the top-1 class and for the true class where the label is known;
+  * `<method>/<chunk>`: one method's maps of one chunk of explained images
+    (a pixel part of the dataset stage), for the top-1 class and for the true
+    class where the label is known;
   * `unit/<layer>/<first channel>`: unit attributions of a range of channels;
   * `skipped/<method>`: a method that does not apply to the model, and why;
   * `checks/<method>` and `checks/random`: the sanity checks of one method on
@@ -23,7 +26,7 @@ from atlas.attribution.checks.ablation import fractions
 from atlas.attribution.maps import run_maps
 from atlas.attribution.methods import check, get, settings
 from atlas.attribution.units import UnitAttribution, unit_maps
-from atlas.dataset.reader import DatasetImages, top_examples
+from atlas.dataset.reader import DatasetImages, source_records, top_examples
 from atlas.errors import AtlasError
 from atlas.store.schema import ATTRIBUTION, RANDOM_CONTROL
 
@@ -37,10 +40,12 @@ def run(ctx) -> None:
     done = ctx.begin(STAGE, cfg.stage_params(STAGE))
     for name in cfg.attr_methods:
         check(name)  # an unknown name fails before any work
-    images = DatasetImages(ctx.store, ctx.loaded.preprocess, ctx.device)
-    data_units = list(images.by_unit)  # in image order
+    images = DatasetImages(ctx.store, ctx.loaded.preprocess, ctx.device,
+                           source_records(cfg, ctx.loaded.class_names))
+    data_units = list(images.chunks)  # in image order
     if not data_units:
-        raise AtlasError("attribution needs dataset images: run `atlas dataset` (or `atlas build`) first")
+        raise AtlasError("attribution needs the explained dataset images: run `atlas dataset` "
+                         "(or `atlas build`) first")
     # a rank takes whole data units, so the SmoothGrad variants of a unit share their samples
     run_maps(ctx, images, [(m, d) for d in ctx.ranks.shard(data_units) for m in cfg.attr_methods
                            if f"{m}/{d}" not in done and f"skipped/{m}" not in done], make_method)
@@ -48,7 +53,7 @@ def run(ctx) -> None:
         _run_units(ctx, images, done)
     distributed.barrier()  # every rank's skipped methods are known before the checks
     skipped = {key.split("/", 1)[1] for key in ctx.store.done(STAGE) if key.startswith("skipped/")}
-    if cfg.attr_check_images and len(images.order):
+    if cfg.attr_check_images and len(images.explained):
         todo = [m for m in (*cfg.attr_methods, RANDOM_CONTROL) if f"checks/{m}" not in done and m not in skipped]
         _run_checks(ctx, images, ctx.ranks.shard(todo))
 
@@ -83,7 +88,8 @@ def _run_units(ctx, images: DatasetImages, done: set[str]) -> None:
                             for a in range(0, layer.channels, UNIT_CHANNELS) if _unit_key(layer.name, a) not in done])
     if not todo:
         return
-    examples = top_examples(ctx.store, [layer for layer in ctx.layers if any(t[0] is layer for t in todo)])
+    examples = top_examples(ctx.store, [layer for layer in ctx.layers if any(t[0] is layer for t in todo)],
+                            ctx.loaded.input_size)
     todo = [t for t in todo if t[0].name in examples]  # a layer added after the dataset pass has none yet
     with ctx.bar(sum(e - a for _, a, e in todo), "unit attributions", "ch") as bar:
         for layer, first, end in todo:

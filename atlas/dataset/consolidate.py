@@ -1,6 +1,9 @@
 """The dataset stage's section of the consolidated store: /dataset and each layer's examples.
 
-Parts are folded in key order (image order), so the merged top-k equals a
+/dataset holds one row per search image (name, label, predictions: a few
+bytes each) and the explained set's rows and pixels; each layer gets its
+merged top-k and bottom-k (rows into /dataset, values, boxes, crop strips)
+and its statistics. Every rank's summary is merged, so the lists equal a
 single pass's, ties broken by image index.
 """
 
@@ -8,108 +11,131 @@ from __future__ import annotations
 
 import h5py
 import numpy as np
-import torch
 
-from atlas.dataset.reader import box_of
-from atlas.dataset.topk import HIST_EDGES, STATS, TopK
+from atlas.dataset.reader import CROPS, EXPLAINED, PIXELS, STAGE, done_spans, examples, merged_summaries
+from atlas.dataset.topk import HIST_EDGES, LayerSummary
 from atlas.store import Store, read_attrs
+from atlas.store.files import write_bytes
 from atlas.store.schema import BOTTOMK, DATASET, LAYERS, TOPK
 from atlas.store.schema import STATS as STATS_GROUP
 
-STAGE = DATASET
 GROUP_OF = {"top": TOPK, "bottom": BOTTOMK}  # the merged lists' groups in /layers/<layer>/
 
 
-def consolidate(store: Store, f: h5py.File) -> None:
-    """Writes /dataset and, per layer, the merged top-k, bottom-k and statistics.
+def consolidate(store: Store, f: h5py.File) -> dict:
+    """Writes /dataset and, per layer, the merged top-k, bottom-k, crops and statistics.
 
-    One pass over the parts folds every layer at once, so each part is opened
-    once and memory holds one summary per layer, whatever the number of parts.
+    Returns:
+        Where the pixel and crop parts' arrays went (`Moves`): those parts hand them over.
     """
-    compact, attrs = _write_images(store, f)
+    spans = sorted(done_spans(store, store.done(STAGE)))
+    if not spans:
+        return {}
+    source, attrs = _write_search(store, f, spans)
+    moves = _write_explained(store, f, source)
+    layers = [_Layer(name, g) for name, g in f[LAYERS].items()]
+    summaries, summary_attrs = merged_summaries(store, layers)
+    attrs = {**summary_attrs, **attrs}
     k = int(attrs.get("k", 10))
-    merged = {name: _Merged(int(g.attrs["channels"]), k) for name, g in f[LAYERS].items()}
-    for _, part in store.units(STAGE):
-        for name in list(merged):
-            if f"{name}/top_value" not in part:
-                del merged[name]  # the layer was added after this pass: no dataset examples for it yet
-            else:
-                merged[name].add(part, name)
-    for name, m in merged.items():
-        _write_layer(f, name, m, compact, attrs["rf"][name], k)
+    done = store.done(STAGE)
+    for layer in layers:
+        if layer.name not in summaries:
+            continue  # a layer added after this pass: no dataset examples for it yet
+        crops = f"{CROPS}{layer.name}"
+        moves.update(_write_layer(f, layer, summaries[layer.name], source, attrs["rf"][layer.name], k,
+                                  store if crops in done else None))
+    return moves
 
 
-class _Merged:
-    """The running merge of one layer's top-k, bottom-k and statistics over the parts."""
+class _Layer:
+    """What the readers need of a store layer: its name, channels and map size."""
 
-    def __init__(self, channels: int, k: int):
-        self.lists = {"top": TopK(channels, k, True), "bottom": TopK(channels, k, False)}
-        self.stats: dict[str, np.ndarray] = {}
-
-    def add(self, part: h5py.File, name: str) -> None:
-        for prefix, t in self.lists.items():
-            t.update(*(torch.from_numpy(part[f"{name}/{prefix}_{x}"][...]) for x in ("value", "index", "pos")))
-        for key in STATS:
-            value = part[f"{name}/{key}"][...]
-            old = self.stats.get(key)
-            self.stats[key] = value if old is None else np.maximum(old, value) if key == "max" else old + value
+    def __init__(self, name: str, g: h5py.Group):
+        self.name, self.channels = name, int(g.attrs["channels"])
+        self.height, self.width = int(g.attrs["height"]), int(g.attrs["width"])
 
 
-def _write_images(store: Store, f: h5py.File) -> tuple[np.ndarray, dict]:
-    index, sizes, attrs = [], [], {}
-    for _, part in store.units(STAGE):
-        index.append(part["index"][...])
-        sizes.append(part["images"].shape[1])
-        attrs = read_attrs(part)
-    index = np.concatenate(index)
-    compact = np.full(int(index.max()) + 1 if index.size else 0, -1, np.int64)
-    compact[index] = np.arange(index.size)
-    size = sizes[0] if sizes else 0
-    g = f.create_group(DATASET)
-    images = g.create_dataset("images", (index.size, size, size, 3), np.uint8, chunks=(1, size, size, 3))
+def _write_search(store: Store, f: h5py.File, spans: list[str]) -> tuple[np.ndarray, dict]:
+    """One row per search image, in source order: names, labels, predictions, and the skipped files."""
     text = {k: [] for k in ("paths", "skipped_paths", "skipped_reasons")}
-    other = {k: [] for k in ("labels", "top5", "top5_prob")}
-    row = 0
-    for _, part in store.units(STAGE):
-        n = part["images"].shape[0]
-        images[row:row + n] = part["images"][...]
-        row += n
-        for k in text:
-            text[k] += [s.decode() if isinstance(s, bytes) else s for s in part[k][...]]
-        for k in other:
-            other[k].append(part[k][...])
+    other = {k: [] for k in ("source_index", "labels", "top5", "top5_prob")}
+    attrs: dict = {}
+    for key in spans:
+        with store.read_unit(STAGE, key) as part:
+            attrs = read_attrs(part)
+            for k in text:
+                text[k] += [s.decode() if isinstance(s, bytes) else s for s in part[k][...]]
+            other["source_index"].append(part["index"][...])
+            for k in ("labels", "top5", "top5_prob"):
+                other[k].append(part[k][...])
+    g = f.create_group(DATASET)
     for k, v in text.items():
         g.create_dataset(k, data=np.array(v, dtype=object), dtype=h5py.string_dtype())
     for k, v in other.items():
         g.create_dataset(k, data=np.concatenate(v))
-    g.create_dataset("source_index", data=index)
-    images.attrs.update({"source": attrs.get("source", ""), "count": index.size,
-                         "skipped": len(text["skipped_paths"])})
-    return compact, attrs
+    source = g["source_index"][...]
+    g.attrs.update({"search": int(source.size), "skipped": len(text["skipped_paths"]),
+                    "total": int(attrs.get("total", source.size))})
+    return source, attrs
 
 
-def _write_layer(f: h5py.File, name: str, m: _Merged, compact: np.ndarray, rf: int, k: int) -> None:
-    layer = f[LAYERS][name]
-    height, width = int(layer.attrs["height"]), int(layer.attrs["width"])
-    size = f[DATASET]["images"].shape[1]
-    for prefix, t in m.lists.items():
-        g = layer.create_group(GROUP_OF[prefix])
-        value, index, pos = (_pad(a, k, fill) for a, fill in
-                             ((t.value.numpy(), np.nan), (t.index.numpy(), -1), (t.pos.numpy(), 0)))
-        valid = np.isfinite(value) & (index >= 0)
-        g["index"] = np.where(valid, compact[np.maximum(index, 0)], -1)
+def _write_explained(store: Store, f: h5py.File, source: np.ndarray) -> dict:
+    """/dataset/explained (rows, ascending) and /dataset/images (their pixels, in that order)."""
+    g = f[DATASET]
+    done = store.done(STAGE)
+    if EXPLAINED not in done:
+        return {}
+    with store.read_unit(STAGE, EXPLAINED) as part:
+        chosen = part["index"][...]
+        g["explained"] = np.searchsorted(source, chosen)
+        g["explained"].attrs.update(read_attrs(part))
+        g["explained_top_counts"] = part["top_counts"][...]
+    moves = {}
+    images = None
+    for key, part in store.units(STAGE, PIXELS):
+        pixels = part["images"]
+        if images is None:
+            size = pixels.shape[1]
+            images = g.create_dataset("images", (len(chosen), size, size, 3), np.uint8, chunks=(1, size, size, 3))
+            images.attrs.update({"source": read_attrs(part).get("source", ""), "rows": "/dataset/explained"})
+        first = int(part.attrs["first"])
+        images[first:first + len(pixels)] = pixels[...]
+        moves[key] = {"images": (images.name, first, len(pixels))}
+    return moves
+
+
+def _write_layer(f: h5py.File, layer: _Layer, summary: LayerSummary, source: np.ndarray, rf: int, k: int,
+                 crops: Store | None) -> dict:
+    group = f[LAYERS][layer.name]
+    size = int(f.attrs.get("input_size", 224))
+    moves = {}
+    for which, name in GROUP_OF.items():
+        index, box = examples(summary, layer, rf, size, which)
+        value = (summary.top if which == "top" else summary.bottom).value.numpy()
+        index, value, box = _pad(index, k, -1), _pad(value, k, np.nan), _pad(box, k, 0)
+        g = group.create_group(name)
+        valid = index >= 0
+        g["index"] = np.where(valid, np.searchsorted(source, np.maximum(index, 0)), -1)
         g["value"] = np.where(valid, value, np.nan).astype(np.float32)
-        g["box"] = box_of(pos, height, width, rf, size)
-        g.attrs.update({"k": k, "score": "spatial max", "images": int(f[DATASET]["images"].shape[0]),
-                        "receptive_field": rf})
-    _write_stats(layer.create_group(STATS_GROUP), m.stats)
+        g["box"] = box
+        g.attrs.update({"k": k, "score": "spatial max", "images": int(source.size), "receptive_field": rf})
+    if crops is not None:
+        key = f"{CROPS}{layer.name}"
+        with crops.read_unit(STAGE, key) as part:
+            for which, name in GROUP_OF.items():
+                ds = group[name].create_dataset("crops", (layer.channels,), h5py.vlen_dtype(np.uint8))
+                write_bytes(ds, part[which][...])
+                ds.attrs.update(read_attrs(part))
+        moves[key] = {w: (group[n]["crops"].name, 0, layer.channels) for w, n in GROUP_OF.items()}
+    _write_stats(group.create_group(STATS_GROUP), summary.arrays())
+    return moves
 
 
 def _pad(a: np.ndarray, k: int, fill) -> np.ndarray:
-    """Pads [C, n] to [C, k] when fewer than k images were seen."""
+    """Pads [C, n, ...] to [C, k, ...] when fewer than k images were seen."""
     if a.shape[1] >= k:
         return a
-    return np.concatenate([a, np.full((a.shape[0], k - a.shape[1]), fill, a.dtype)], 1)
+    return np.concatenate([a, np.full((a.shape[0], k - a.shape[1], *a.shape[2:]), fill, a.dtype)], 1)
 
 
 def _write_stats(g: h5py.Group, totals: dict[str, np.ndarray]) -> None:

@@ -1,80 +1,93 @@
-"""How the other stages read the dataset stage's results: its stored images and top examples.
+"""How the dataset stage's parts are named and read: the one face it shows the other stages.
 
-This module is the dataset stage's one public face besides its image sources:
-the attribution stage looks images up here, by source index, straight from
-the dataset parts (before any consolidation), and never opens those parts
-itself.
+The stage's parts, by key:
+
+    images/<first>-<end>   bookkeeping of a range of source images: source index, name,
+                           label, top-5 predictions, skipped files (a few bytes per image)
+    summary/<rank>         one rank's running top-k, bottom-k and statistics of every layer,
+                           over the ranges it lists in its `spans` attribute
+    explained              the explained set: source indices of the images that get
+                           attributions, checks and a page, and how they were chosen
+    pixels/<first>         the model's view of explained images [first, first + n)
+    crops/<layer>          each unit's top and bottom example crops, one JPEG strip per unit
+
+The attribution stage reads images and top examples here, straight from the
+parts (before any consolidation), and never opens those parts itself.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
+import os
+from collections import OrderedDict
 
 import numpy as np
 import torch
 
-from atlas.dataset.topk import TopK
+from atlas.dataset.images import ImageRecord, decode, list_images
+from atlas.dataset.topk import LayerSummary
+from atlas.errors import AtlasError
 from atlas.store import Store, read_attrs
 from atlas.store.schema import DATASET
 
 STAGE = DATASET
-REFERENCES = 64  # dataset images Expected Gradients draws its baselines from
+BOOK, SUMMARY, EXPLAINED, PIXELS, CROPS = "images/", "summary/", "explained", "pixels/", "crops/"
+REFERENCES = 64  # explained images Expected Gradients draws its baselines from
+CACHE = 256  # decoded images kept for unit attributions, which revisit a layer's top images
 
 
-class DatasetImages:
-    """The dataset stage's stored images, looked up by source index, as model inputs."""
+def source_records(cfg, class_names: list[str]) -> list[ImageRecord]:
+    """The images of the configured source, in the order every stage numbers them."""
+    return list_images(cfg.data, class_names, cfg.labels)[:cfg.max_images]
 
-    def __init__(self, store: Store, preprocess, device: torch.device):
-        self.store, self.preprocess, self.device = store, preprocess, device
-        self.where: dict[int, tuple[str, int]] = {}
-        self.labels: dict[int, int] = {}
-        self.top1: dict[int, int] = {}
-        self.by_unit: dict[str, np.ndarray] = {}  # dataset unit -> source indices of its images, in order
-        for key, part in store.units(STAGE):  # in key order: image order
-            self.by_unit[key] = part["index"][...]
-            for row, (i, label, top) in enumerate(zip(self.by_unit[key], part["labels"][...], part["top5"][:, 0])):
-                self.where[int(i)] = (key, row)
-                self.labels[int(i)], self.top1[int(i)] = int(label), int(top)
-        self.order = np.array(sorted(self.where), np.int64)
-        self._references: torch.Tensor | None = None
 
-    def pixels(self, index: np.ndarray) -> np.ndarray:
-        """uint8 [n, S, S, 3] of the images with these source indices.
+def decoding_workers(cfg) -> int:
+    """Decoding processes: the configured number, else one per core this process may use."""
+    if cfg.workers is not None:
+        return cfg.workers
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
-        Each part holding some of them is opened once and only their rows are read, so
-        scattered requests (a layer's top images) cost no more than the images themselves.
-        """
-        index = np.asarray(index).reshape(-1)
-        wanted: dict[str, list[tuple[int, int]]] = defaultdict(list)
-        for j, i in enumerate(index):
-            key, row = self.where[int(i)]
-            wanted[key].append((row, j))
-        out: np.ndarray | None = None
-        for key, pairs in wanted.items():
-            rows = sorted({row for row, _ in pairs})
-            with self.store.read_unit(STAGE, key) as part:
-                block = part["images"][rows]  # h5py reads increasing rows
-            if out is None:
-                out = np.empty((len(index), *block.shape[1:]), block.dtype)
-            at = {row: k for k, row in enumerate(rows)}
-            for row, j in pairs:
-                out[j] = block[at[row]]
-        return out
 
-    def inputs(self, index: np.ndarray) -> torch.Tensor:
-        """The model's inputs [n, 3, S, S] of the images with these source indices."""
-        return self.preprocess.from_uint8(self.pixels(index)).to(self.device)
+def span_key(first: int, end: int) -> str:
+    return f"{BOOK}{first:08d}-{end:08d}"
 
-    def references(self) -> torch.Tensor:
-        """The images Expected Gradients draws baselines from (computed once)."""
-        if self._references is None:
-            self._references = self.inputs(self.spread(REFERENCES))
-        return self._references
 
-    def spread(self, count: int) -> np.ndarray:
-        """`count` source indices spread evenly over the dataset."""
-        pick = np.unique(np.linspace(0, len(self.order) - 1, min(count, len(self.order))).round().astype(int))
-        return self.order[pick] if len(self.order) else self.order
+def pixel_key(first: int) -> str:
+    return f"{PIXELS}{first:06d}"
+
+
+def done_spans(store: Store, done: set[str]) -> set[str]:
+    """The bookkeeping keys of the ranges some summary covers: the finished part of the pass."""
+    covered = set()
+    for key in sorted(k for k in done if k.startswith(SUMMARY)):
+        with store.read_unit(STAGE, key) as part:
+            covered.update(read_attrs(part).get("spans", []))
+    return {k for k in covered if k in done}
+
+
+def merged_summaries(store: Store, layers: list, device: torch.device | str = "cpu",
+                     fuse: bool = True) -> tuple[dict[str, LayerSummary], dict]:
+    """Every rank's summary folded into one per layer: the single pass's top-k, bottom-k and statistics.
+
+    Args:
+        layers: LayerInfo of the layers wanted; a layer no summary holds is left out.
+
+    Returns:
+        (layer name -> summary, the attributes of the last summary part: rf, k, source, total).
+    """
+    out: dict[str, LayerSummary] = {}
+    attrs: dict = {}
+    for _, part in store.units(STAGE, SUMMARY):
+        attrs = read_attrs(part)
+        for layer in layers:
+            if f"{layer.name}/top_value" not in part:
+                continue
+            s = out.setdefault(layer.name, LayerSummary(layer.channels, int(attrs["k"]), device, fuse))
+            s.merge({key: part[f"{layer.name}/{key}"][...] for key in _SUMMARY_ARRAYS})
+    return out, attrs
+
+
+_SUMMARY_ARRAYS = ("top_value", "top_index", "top_pos", "bottom_value", "bottom_index", "bottom_pos",
+                   "sum", "sumsq", "count", "max", "zeros", "hist")
 
 
 def box_of(pos: np.ndarray, height: int, width: int, rf: int, size: int) -> np.ndarray:
@@ -87,35 +100,116 @@ def box_of(pos: np.ndarray, height: int, width: int, rf: int, size: int) -> np.n
     return np.stack([x0, y0, x0 + rf, y0 + rf], -1).astype(np.int32)
 
 
-def top_examples(store: Store, layers: list) -> dict[str, tuple[np.ndarray, np.ndarray, int]]:
+def examples(summary: LayerSummary, layer, rf: int, size: int, which: str = "top") -> tuple[np.ndarray, np.ndarray]:
+    """A layer's top (or bottom) examples: source index [C, K] (-1: none) and crop boxes [C, K, 4]."""
+    t = summary.top if which == "top" else summary.bottom
+    valid = torch.isfinite(t.value) & (t.index >= 0)
+    index = torch.where(valid, t.index, -1).cpu().numpy()
+    return index, box_of(t.pos.cpu().numpy(), layer.height, layer.width, rf, size)
+
+
+def top_examples(store: Store, layers: list, size: int) -> dict[str, tuple[np.ndarray, np.ndarray, int]]:
     """Each layer's merged top-k straight from the dataset parts, before consolidation.
 
     Args:
         store: the store holding the dataset stage's parts.
         layers: LayerInfo of the layers wanted.
+        size: the model's input side (the boxes are in its pixels).
 
     Returns:
         name -> (source index [C, K] of the k-th image, -1 if none; crop boxes
         [C, K, 4] in input pixels; receptive field in pixels), for every layer
         the parts have examples of.
     """
-    merged: dict[str, TopK] = {}
-    rf: dict[str, int] = {}
-    size = 0
-    for _, part in store.units(STAGE):
-        size = part["images"].shape[1] if part["images"].ndim == 4 else size
-        rf = read_attrs(part).get("rf", rf)
-        for layer in layers:
-            if f"{layer.name}/top_value" not in part:
-                continue
-            t = merged.setdefault(layer.name, TopK(layer.channels, int(part.attrs["k"]), True))
-            t.update(*(torch.from_numpy(part[f"{layer.name}/top_{x}"][...]) for x in ("value", "index", "pos")))
+    summaries, attrs = merged_summaries(store, layers)
     out = {}
     for layer in layers:
-        if layer.name in merged:
-            t = merged[layer.name]
-            valid = torch.isfinite(t.value) & (t.index >= 0)
-            index = torch.where(valid, t.index, -1).numpy()
-            out[layer.name] = (index, box_of(t.pos.numpy(), layer.height, layer.width, rf[layer.name], size),
-                               rf[layer.name])
+        if layer.name in summaries:
+            rf = int(attrs["rf"][layer.name])
+            out[layer.name] = (*examples(summaries[layer.name], layer, rf, size), rf)
     return out
+
+
+class DatasetImages:
+    """The search set's bookkeeping and the explained set's pixels, looked up by source index.
+
+    Explained images come from the stage's pixel parts (the model's exact view);
+    any other image (a unit's top example, for its unit attribution) is decoded
+    from the source again, if `records` is given.
+    """
+
+    def __init__(self, store: Store, preprocess, device: torch.device, records: list[ImageRecord] | None = None):
+        self.store, self.preprocess, self.device, self.records = store, preprocess, device, records
+        self.labels: dict[int, int] = {}
+        self.top1: dict[int, int] = {}
+        done = store.done(STAGE)
+        for key in sorted(done_spans(store, done)):
+            with store.read_unit(STAGE, key) as part:
+                for i, label, top in zip(part["index"][...], part["labels"][...], part["top5"][:, 0]):
+                    self.labels[int(i)], self.top1[int(i)] = int(label), int(top)
+        self.order = np.array(sorted(self.labels), np.int64)  # the search set, ascending
+        self.where: dict[int, tuple[str, int]] = {}  # explained image -> (pixel part, row)
+        self.chunks: dict[str, np.ndarray] = {}  # pixel part (without its prefix) -> its source indices
+        for key, part in store.units(STAGE, PIXELS):
+            self.chunks[key[len(PIXELS):]] = part["index"][...]
+            for row, i in enumerate(self.chunks[key[len(PIXELS):]]):
+                self.where[int(i)] = (key, row)
+        self.explained = np.array(sorted(self.where), np.int64)
+        self._references: torch.Tensor | None = None
+        self._decoded: OrderedDict[int, np.ndarray] = OrderedDict()
+
+    def pixels(self, index: np.ndarray) -> np.ndarray:
+        """uint8 [n, S, S, 3] of the images with these source indices.
+
+        Each pixel part holding some of them is opened once and only their rows are read;
+        images outside the explained set are decoded from the source (the last CACHE kept).
+        """
+        index = np.asarray(index).reshape(-1)
+        size = self.preprocess.size
+        out = np.empty((len(index), size, size, 3), np.uint8)
+        wanted: dict[str, list[tuple[int, int]]] = {}
+        for j, i in enumerate(index):
+            if int(i) in self.where:
+                key, row = self.where[int(i)]
+                wanted.setdefault(key, []).append((row, j))
+            else:
+                out[j] = self._decode(int(i))
+        for key, pairs in wanted.items():
+            rows = sorted({row for row, _ in pairs})
+            with self.store.read_unit(STAGE, key) as part:
+                block = part["images"][rows]  # h5py reads increasing rows
+            at = {row: k for k, row in enumerate(rows)}
+            for row, j in pairs:
+                out[j] = block[at[row]]
+        return out
+
+    def _decode(self, i: int) -> np.ndarray:
+        if i in self._decoded:
+            self._decoded.move_to_end(i)
+            return self._decoded[i]
+        if self.records is None or not 0 <= i < len(self.records):
+            raise AtlasError(f"image {i} of the dataset is not among the stored ones and its source is unknown")
+        pixels, reason = decode(self.records[i].path, self.preprocess)
+        if pixels is None:
+            raise AtlasError(f"{self.records[i].name} can no longer be read ({reason}); it was read by the "
+                             f"dataset pass: restore the source, or delete the store's parts to start over")
+        self._decoded[i] = pixels
+        if len(self._decoded) > CACHE:
+            self._decoded.popitem(last=False)
+        return pixels
+
+    def inputs(self, index: np.ndarray) -> torch.Tensor:
+        """The model's inputs [n, 3, S, S] of the images with these source indices."""
+        return self.preprocess.from_uint8(self.pixels(index)).to(self.device)
+
+    def references(self) -> torch.Tensor:
+        """The images Expected Gradients draws baselines from (computed once)."""
+        if self._references is None:
+            self._references = self.inputs(self.spread(REFERENCES))
+        return self._references
+
+    def spread(self, count: int) -> np.ndarray:
+        """`count` source indices spread evenly over the explained set."""
+        pool = self.explained
+        pick = np.unique(np.linspace(0, len(pool) - 1, min(count, len(pool))).round().astype(int))
+        return pool[pick] if len(pool) else pool

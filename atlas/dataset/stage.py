@@ -1,76 +1,127 @@
-"""The dataset stage: one streaming pass that finds every channel's top and bottom images.
+"""The dataset stage: one streaming pass over the search set, then one read of the example images.
 
-Every selected layer is hooked at once. Inside each hook the activation is
-folded into per-channel summaries (topk.py) the moment the layer
-produces it, so memory never holds more than one batch of feature maps and
-does not grow with the number of images. A work unit is a range of images; it
-keeps its own top-k, and units merge into the same top-k a single pass gives
-(ties broken by image index).
+The pass hooks every selected layer at once. Inside each hook the activation
+is folded into per-channel summaries (topk.py) the moment the layer produces
+it, so memory never holds more than one batch of feature maps and does not
+grow with the number of images. Each rank keeps one running summary over all
+the image ranges it streams and writes it as one part (`summary/<rank>`),
+rewritten as ranges finish, so the parts hold one summary per rank, not one
+per range; each range leaves only its bookkeeping (`images/<range>`: names,
+labels, predictions; a few bytes per image). Summaries of any ranks, merged
+in any order, equal a single pass's (ties broken by image index).
+
+After the pass, examples.py chooses the explained set and reads just the
+images it needs again: every unit's top and bottom examples, cut to crops,
+and the explained images' pixels.
 """
 
 from __future__ import annotations
+
+import time
+from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from atlas import devices
-from atlas.dataset.images import ImageDataset, list_images
+from atlas import devices, distributed
+from atlas.dataset import examples
+from atlas.dataset.images import ImageDataset
+from atlas.dataset.reader import STAGE, SUMMARY, decoding_workers, done_spans, source_records, span_key
 from atlas.dataset.topk import LayerSummary
 from atlas.layers import Capture, receptive_field
-from atlas.store.schema import DATASET
+from atlas.store import read_attrs
 
-STAGE = DATASET
+CHECKPOINT_SHARE = 0.1  # at most this share of the pass's time goes to rewriting the running summary
 
 
 def run(ctx) -> None:
-    """Streams the images the store has not seen through the model, unit by unit."""
+    """Streams the images the store has not seen through the model, then cuts the examples."""
     cfg = ctx.config
-    records = list_images(cfg.data, ctx.loaded.class_names)[:cfg.max_images]
-    # the layers are part of the settings: each unit holds top-k for exactly these layers
+    records = source_records(cfg, ctx.loaded.class_names)
+    # the layers are part of the settings: each summary holds exactly these layers
     done = ctx.begin(STAGE, {**cfg.stage_params(STAGE), "layers": [l.name for l in ctx.layers]})
     spans = [(a, min(a + cfg.data_unit, len(records))) for a in range(0, len(records), cfg.data_unit)]
-    todo = ctx.ranks.shard([s for s in spans if unit_key(*s) not in done])
-    if not todo:
-        return
+    finished = distributed.on_main(lambda: done_spans(ctx.store, done))
+    todo = ctx.ranks.shard([s for s in spans if span_key(*s) not in finished])
     size = ctx.loaded.input_size
     rf = {l.name: receptive_field(ctx.loaded.model, l, size, ctx.device) for l in ctx.layers}
-    source = "embedded sample photos" if cfg.data is None else str(cfg.data)
-    batch = cfg.data_batch
-    with ctx.bar(sum(b - a for a, b in todo), "dataset examples", "img") as bar:
+    attrs = {"rf": rf, "k": cfg.topk, "source": "embedded sample photos" if cfg.data is None else Path(cfg.data).name,
+             "total": len(records), "layers": [l.name for l in ctx.layers]}
+    if todo:
+        _stream(ctx, records, todo, attrs)
+    distributed.barrier()  # every rank's summary is written before the examples are chosen
+    examples.run(ctx, records, attrs)
+
+
+class _Running:
+    """This rank's running summary of every layer, and the ranges it covers; saved as one part."""
+
+    def __init__(self, ctx, attrs: dict):
+        self.ctx, self.attrs = ctx, attrs
+        self.key = f"{SUMMARY}{ctx.ranks.rank:04d}"
+        cfg = ctx.config
+        self.layers = {l.name: LayerSummary(l.channels, cfg.topk, ctx.device, cfg.fuse) for l in ctx.layers}
+        self.spans: list[str] = []
+        if self.key in ctx.store.done(STAGE):  # resume: go on from what this rank had written
+            with ctx.store.read_unit(STAGE, self.key) as part:
+                self.spans = list(read_attrs(part).get("spans", []))
+                for name, s in self.layers.items():
+                    s.merge({k: part[f"{name}/{k}"][...] for k in s.arrays()})
+        self.saved, self.cost = time.perf_counter(), 0.0
+
+    def save(self, force: bool = False) -> None:
+        """Writes the summary, unless the last write was so recent that writing again would cost
+        more than CHECKPOINT_SHARE of the time (a kill then loses only the ranges since)."""
+        now = time.perf_counter()
+        if not force and (now - self.saved) * CHECKPOINT_SHARE < self.cost:
+            return
+        arrays = {f"{name}/{k}": v for name, s in self.layers.items() for k, v in s.arrays().items()}
+        self.ctx.store.write_unit(STAGE, self.key, arrays, {**self.attrs, "spans": self.spans})
+        self.saved = time.perf_counter()
+        self.cost = self.saved - now
+
+
+def _stream(ctx, records, todo: list[tuple[int, int]], attrs: dict) -> None:
+    running = _Running(ctx, attrs)
+    batch = ctx.config.data_batch
+    with ctx.bar(sum(b - a for a, b in todo), "dataset pass", "img") as bar:
         for first, end in todo:
-            arrays, batch = _fitting_unit(ctx, records, first, end, bar, batch)
-            ctx.store.write_unit(STAGE, unit_key(first, end), arrays, {
-                "rf": rf, "k": cfg.topk, "source": source, "total": len(records),
-                "layers": [l.name for l in ctx.layers]})
+            book, batch = _fitting_range(ctx, records, running, first, end, bar, batch)
+            ctx.store.write_unit(STAGE, span_key(first, end), book, {"total": len(records)})
+            running.spans.append(span_key(first, end))
+            running.save(force=(first, end) == todo[-1])
 
 
-def unit_key(first: int, end: int) -> str:
-    return f"{first:08d}-{end:08d}"
-
-
-def _fitting_unit(ctx, records, first: int, end: int, bar, batch: int) -> tuple[dict[str, np.ndarray], int]:
-    """Runs one unit; on out-of-memory, again with half the batch. Returns its arrays and the batch
-    that fitted, which the next units start from. A unit's result does not depend on the batch."""
+def _fitting_range(ctx, records, running: _Running, first: int, end: int, bar, batch: int):
+    """Streams one range; on out-of-memory, again with half the batch, from the summary as it was
+    before the range. Returns its bookkeeping and the batch that fitted."""
     start = bar.n
+    before = {name: s.arrays() for name, s in running.layers.items()} if ctx.device.type != "cpu" else None
+    tries = []
 
     def attempt(size: int) -> dict[str, np.ndarray]:
-        bar.update(start - bar.n)  # a unit that ran out of memory starts over
-        return _run_unit(ctx, records, first, end, bar, size)
+        if tries and before is not None:  # a range that ran out of memory starts over
+            for name, s in running.layers.items():
+                running.layers[name] = LayerSummary(s.top.value.shape[0], s.top.k, ctx.device, s.fuse)
+                running.layers[name].merge(before[name])
+        tries.append(size)
+        bar.update(start - bar.n)
+        return _run_range(ctx, records, running.layers, first, end, bar, size)
     return devices.fit(attempt, batch,
                        lambda size: tqdm.write(f"atlas: out of GPU memory; dataset batch halved to {size}"),
                        too_big=f"one image of {ctx.loaded.name} does not fit in GPU memory with every selected "
                                f"layer hooked; select fewer layers (--layers) or use --device cpu")
 
 
-def _run_unit(ctx, records, first: int, end: int, bar, batch_size: int) -> dict[str, np.ndarray]:
-    cfg, loaded = ctx.config, ctx.loaded
+def _run_range(ctx, records, summaries: dict[str, LayerSummary], first: int, end: int, bar,
+               batch_size: int) -> dict[str, np.ndarray]:
+    loaded = ctx.loaded
     loader = torch.utils.data.DataLoader(ImageDataset(records, loaded.preprocess, range(first, end)),
-                                         batch_size=batch_size, num_workers=cfg.workers)
-    summaries = {l.name: LayerSummary(l.channels, cfg.topk, ctx.device, cfg.fuse) for l in ctx.layers}
-    batch = {"index": torch.zeros(0, dtype=torch.long)}  # global ids of the images in flight
-    hooks = {name: (lambda act, s=s: s.add(act, batch["index"])) for name, s in summaries.items()}
-    kept, images, top5, prob5, skipped = [], [], [], [], []
+                                         batch_size=batch_size, num_workers=decoding_workers(ctx.config))
+    batch: dict = {"index": torch.zeros(0, dtype=torch.long), "span": None}  # the images in flight
+    hooks = {name: (lambda act, s=s: s.add(act, batch["index"], batch["span"])) for name, s in summaries.items()}
+    kept, top5, prob5, skipped = [], [], [], []
     with torch.no_grad(), Capture(loaded.model, list(summaries), fn=hooks) as capture:
         for pixels, index, reasons in loader:
             ok = torch.tensor([not r for r in reasons], dtype=torch.bool)
@@ -79,21 +130,17 @@ def _run_unit(ctx, records, first: int, end: int, bar, batch_size: int) -> dict[
             if not ok.any():
                 continue
             batch["index"] = index[ok].to(ctx.device)  # ascending, as LayerSummary.add needs
+            batch["span"] = (int(index[ok][0]), int(index[ok][-1]))
             capture.run(loaded.preprocess.from_uint8(pixels[ok]).to(ctx.device))
             p5, c5 = torch.softmax(capture.returned.float(), dim=1).topk(min(5, capture.returned.shape[1]), dim=1)
-            kept.append(index[ok]); images.append(pixels[ok].numpy())
-            top5.append(c5.cpu()); prob5.append(p5.cpu())
-    arrays = _image_arrays(records, kept, images, top5, prob5, skipped, loaded.input_size)
-    for name, summary in summaries.items():
-        arrays.update({f"{name}/{k}": v for k, v in summary.arrays().items()})
-    return arrays
+            kept.append(index[ok]); top5.append(c5.cpu()); prob5.append(p5.cpu())
+    return _bookkeeping(records, kept, top5, prob5, skipped)
 
 
-def _image_arrays(records, kept, images, top5, prob5, skipped, size) -> dict[str, np.ndarray]:
+def _bookkeeping(records, kept, top5, prob5, skipped) -> dict[str, np.ndarray]:
     idx = torch.cat(kept).numpy() if kept else np.zeros(0, np.int64)
     return {
-        "index": idx, "images": np.concatenate(images) if images else np.zeros((0, size, size, 3), np.uint8),
-        "paths": np.array([records[i].name for i in idx], dtype=str),
+        "index": idx, "paths": np.array([records[i].name for i in idx], dtype=str),
         "labels": np.array([records[i].label for i in idx], np.int64),
         "top5": torch.cat(top5).numpy() if top5 else np.zeros((0, 5), np.int64),
         "top5_prob": torch.cat(prob5).numpy() if prob5 else np.zeros((0, 5), np.float32),

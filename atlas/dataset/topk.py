@@ -87,10 +87,11 @@ def reduce_positions(act: torch.Tensor, fuse: bool = True) -> dict[str, torch.Te
 class TopK:
     """Running k best (largest or smallest) values per channel with their image and position.
 
-    Updates must come in ascending image order (each batch's images after all
-    earlier ones, as a stream or shards merged in order produce them). Then one
-    stable sort breaks ties in favour of the lower image index, and merged
-    shards equal the single-pass result.
+    Ties are broken in favour of the lower image index, so any order of
+    updates, and any split of the images into shards merged in any order,
+    gives the single-pass result. While updates come in ascending image order
+    (a stream) one stable sort does it; otherwise the candidates are first
+    ordered by image index.
     """
 
     def __init__(self, channels: int, k: int, largest: bool, device: torch.device | str = "cpu"):
@@ -98,16 +99,28 @@ class TopK:
         self.value = torch.zeros((channels, 0), device=device)
         self.index = torch.zeros((channels, 0), dtype=torch.long, device=device)
         self.pos = torch.zeros((channels, 0), dtype=torch.long, device=device)
+        self.last = -1  # the largest image index held (-1: none yet)
 
-    def update(self, value: torch.Tensor, index: torch.Tensor, pos: torch.Tensor) -> None:
-        """Merges candidates shaped [C, n]; index may be [n]; pos -1 means 'not computed yet'."""
+    def update(self, value: torch.Tensor, index: torch.Tensor, pos: torch.Tensor,
+               span: tuple[int, int] | None = None) -> None:
+        """Merges candidates shaped [C, n]; index may be [n].
+
+        Args:
+            span: the smallest and largest image index among the candidates, when the
+                caller knows them: candidates all after the held ones need only one sort.
+        """
         if index.dim() == 1:
             index = index.expand(value.shape[0], -1)
         value = torch.cat([self.value, value.float()], 1)
         index = torch.cat([self.index, index], 1)
         pos = torch.cat([self.pos, pos], 1)
+        streaming = span is not None and span[0] > self.last
+        if not streaming:  # ties must favour the lower image index wherever it sits
+            by_index = torch.argsort(index, dim=1, stable=True)
+            value, index, pos = value.gather(1, by_index), index.gather(1, by_index), pos.gather(1, by_index)
         order = torch.argsort(value, dim=1, descending=self.largest, stable=True)[:, :self.k]
         self.value, self.index, self.pos = value.gather(1, order), index.gather(1, order), pos.gather(1, order)
+        self.last = max(self.last, span[1]) if streaming else int(self.index.max()) if self.index.numel() else -1
 
 
 class LayerSummary:
@@ -121,8 +134,9 @@ class LayerSummary:
         self.stats["max"].fill_(-np.inf)
         self.stats["hist"] = torch.zeros((channels, HIST_BINS), dtype=torch.float64, device=device)
 
-    def add(self, act: torch.Tensor, index: torch.Tensor) -> None:
-        """Folds in one batch: activation [B, C, H, W] of the images with global ids `index` [B]."""
+    def add(self, act: torch.Tensor, index: torch.Tensor, span: tuple[int, int] | None = None) -> None:
+        """Folds in one batch: activation [B, C, H, W] of the images with global ids `index` [B]
+        (ascending), whose smallest and largest are `span`."""
         b, c, h, w = act.shape
         r = reduce_positions(act.detach(), self.fuse)
         peak = r["max"]
@@ -132,8 +146,17 @@ class LayerSummary:
         self.stats["max"] = torch.maximum(self.stats["max"], peak.amax(0).double())
         self.stats["hist"] += histogram(peak)
         index = index.to(peak.device)
-        self.top.update(peak.T, index, r["pos"].T)
-        self.bottom.update(peak.T, index, r["pos"].T)
+        self.top.update(peak.T, index, r["pos"].T, span)
+        self.bottom.update(peak.T, index, r["pos"].T, span)
+
+    def merge(self, arrays: dict[str, np.ndarray]) -> None:
+        """Folds in another summary's `arrays()` (another shard of the images, in any order)."""
+        for prefix, t in (("top", self.top), ("bottom", self.bottom)):
+            t.update(*(torch.from_numpy(np.asarray(arrays[f"{prefix}_{x}"])).to(t.value.device)
+                       for x in ("value", "index", "pos")))
+        for key in STATS:
+            other = torch.from_numpy(np.asarray(arrays[key], np.float64)).to(self.stats[key].device)
+            self.stats[key] = torch.maximum(self.stats[key], other) if key == "max" else self.stats[key] + other
 
     def arrays(self) -> dict[str, np.ndarray]:
         out = {f"{p}_{k}": getattr(t, k).cpu().numpy() for p, t in (("top", self.top), ("bottom", self.bottom))

@@ -187,8 +187,13 @@ def _arrays(result: Rendered, seeds: list[int], channels: list[int], k: int, lay
             "finite": result.finite.reshape(n, k).all(1)}
 
 
-def consolidate(store: Store, f: h5py.File) -> None:
-    """Gathers the parts into /layers/<layer>/featurevis/<view>*, unit by unit."""
+def consolidate(store: Store, f: h5py.File) -> dict:
+    """Gathers the parts into /layers/<layer>/featurevis/<view>*, unit by unit.
+
+    Returns:
+        Where each part's pictures went (`Moves`): the parts hand them over to the store.
+    """
+    moves = {}
     for key, part in store.units(STAGE):
         view, layer, first, end = parse_key(key)
         if layer not in f[LAYERS]:
@@ -198,6 +203,8 @@ def consolidate(store: Store, f: h5py.File) -> None:
             _create(group, view, int(f[LAYERS][layer].attrs["channels"]), part)
         for name in VIEW_ARRAYS:
             group[view_dataset(view, name)][first:end] = part[name][...]
+        moves[key] = {"images": (group[view].name, first, end - first)}
+    return moves
 
 
 def _create(group: h5py.Group, view: str, channels: int, part: h5py.File) -> None:

@@ -57,7 +57,7 @@ def summary(model: Model, extra: dict[str, dict]) -> dict:
     preview = previews[len(previews) // 2] if previews else None
     return {"name": model.name, "slug": model.slug, "spec": model.attrs.get("spec", ""),
             "weights_id": model.attrs.get("weights_id", ""), "layers": len(model.layers),
-            "units": sum(l.channels for l in model.layers), "images": model.n_images,
+            "units": sum(l.channels for l in model.layers), "images": model.n_images, "explained": len(model.explained),
             "preview": f"{model.slug}/{preview}" if preview else None}
 
 
@@ -71,10 +71,12 @@ def search_script(model: Model, dataset: dict | None) -> bytes:
     """
     n = len(model.classes)
     logits = next((l for l in reversed(model.layers) if n and l.channels == n), None)
-    labels = [int(x) for x in dataset["labels"]] if dataset is not None else []
+    rows = model.explained if dataset is not None else []  # only the explained images have pages
+    labels = [int(dataset["labels"][i]) for i in rows] if dataset is not None else []
     index = {"name": model.name, "slug": model.slug,
              "layers": [[l.name, l.slug, l.channels] for l in model.layers],
-             "classes": list(model.classes), "logits": logits.slug if logits else None, "labels": labels}
+             "classes": list(model.classes), "logits": logits.slug if logits else None, "labels": labels,
+             "images": list(rows)}
     # ASCII only, and no "<", so no store string can end the script early
     text = json.dumps(index, ensure_ascii=True, separators=(",", ":")).replace("<", "\\u003c")
     return f"(window.atlasModels = window.atlasModels || []).push({text});\n".encode()

@@ -1,12 +1,13 @@
-"""The site's size budget: how large the secondary views can be shown and still fit.
+"""The site's size budget: how large the secondary views and the example crops can be shown and still fit.
 
 GitHub Pages publishes sites of at most 1 GB. A full ResNet-50 atlas has 41,664
 units, and each unit's page, channel picture, grid thumbnail and attribution
 strip are fixed costs; the views beyond `channel` (negative, neuron and the
-diversity set: six images per unit in the full preset) are what can give. Before
-any unit is written, `plan_views` encodes the pictures of a sample of units
-exactly as the site will, at each candidate side, extrapolates to every unit,
-and picks the largest side whose estimate fits the budget.
+diversity set: six images per unit in the full preset) give first, then the
+example crops (20 per unit). Before any unit is written, `plan_views` encodes
+the pictures of a sample of units exactly as the site will, at each candidate
+size, extrapolates to every unit, and picks the first candidate whose estimate
+fits the budget.
 """
 
 from __future__ import annotations
@@ -17,33 +18,48 @@ import h5py
 import numpy as np
 
 from atlas.site import pictures as img
-from atlas.site.data import Model, pictures, unit_attribution
+from atlas.site.data import Model, crops, pictures, unit_attribution
 from atlas.store.schema import FEATUREVIS, LAYERS, SECONDARY_VIEWS, view_dataset
 
-VIEW_SCALES = (1.0, 0.75, 0.5)  # sides of the secondary views tried, as fractions of the stored side
+# (side of the secondary views, side of the example crops) tried in turn, as fractions of the stored sides
+CANDIDATES = ((1.0, 1.0), (0.75, 1.0), (0.5, 1.0), (0.5, 0.75), (0.5, 0.5), (0.375, 0.5))
+VIEW_SCALES = tuple(dict.fromkeys(v for v, _ in CANDIDATES))
 SAMPLE_UNITS = 48  # units encoded to estimate the bytes of every unit
 # HTML of one unit page, as `atlas bench site` measures it for ResNet-50: with its 10
-# top and 10 bottom examples and 3 attribution overlays 10.3 KB, without examples 4 KB.
-UNIT_PAGE_BYTES = {True: 10_300, False: 4_000}
+# top and 10 bottom examples and 3 attribution overlays 7 KB, without examples 4 KB.
+UNIT_PAGE_BYTES = {True: 7_000, False: 4_000}
 LAYER_BYTES = 60_000  # a layer's grid page, preview and the rest of its sheet overhead
 
 
 @dataclass
 class Plan:
-    """The side of the secondary views, and the site's estimated bytes at each candidate side."""
+    """The sides of the secondary views and the example crops, and the site's estimated bytes at each
+    candidate (view scale, crop scale)."""
 
     scale: float = 1.0
-    estimates: dict[float, int] = field(default_factory=dict)
+    estimates: dict[tuple[float, float], int] = field(default_factory=dict)
     budget: int = 0
+    crop_scale: float = 1.0
+    crop_stored: int | None = None  # the stored side of the crops, when the store has crops
+
+    @property
+    def crop_side(self) -> int | None:
+        """Pixels of one example crop in the site; None: as stored."""
+        return None if self.crop_stored is None or self.crop_scale == 1.0 else round(self.crop_stored * self.crop_scale)
 
     def describe(self, stored: int | None = None) -> str | None:
-        """One line for the report and the about page; None when the views keep their stored side."""
-        if self.scale == 1.0 or not self.estimates:
+        """One line for the report and the about page; None when everything keeps its stored side."""
+        if (self.scale, self.crop_scale) == (1.0, 1.0) or not self.estimates:
             return None
-        side = f"{round(stored * self.scale)} px of the stored {stored}" if stored else f"{self.scale:g} of their side"
-        return (f"views other than channel shown at {side} to keep the site within {self.budget / 1e6:,.0f} MB "
-                f"(estimated {self.estimates[self.scale] / 1e6:,.0f} MB; "
-                f"{self.estimates[1.0] / 1e6:,.0f} MB at full size)")
+        shrunk = []
+        if self.scale != 1.0:
+            side = f"{round(stored * self.scale)} px of the stored {stored}" if stored else f"{self.scale:g} of their side"
+            shrunk.append(f"views other than channel shown at {side}")
+        if self.crop_side is not None:
+            shrunk.append(f"example crops at {self.crop_side} px of the stored {self.crop_stored}")
+        return (f"{' and '.join(shrunk)} to keep the site within {self.budget / 1e6:,.0f} MB "
+                f"(estimated {self.estimates[self.scale, self.crop_scale] / 1e6:,.0f} MB; "
+                f"{self.estimates[1.0, 1.0] / 1e6:,.0f} MB at full size)")
 
 
 def _sample(model: Model) -> list[tuple[int, int]]:
@@ -63,10 +79,14 @@ def _done(group: h5py.Group, view: str, c: int) -> bool:
     return bool(done[c]) if isinstance(done, h5py.Dataset) else True
 
 
-def _unit_bytes(f: h5py.File, model: Model, sample: list[tuple[int, int]]) -> tuple[float, dict[float, float]]:
-    """Mean bytes per unit of the fixed pictures (channel, thumbnail, attribution strip), and of the
-    secondary views at each scale, over the sampled units."""
-    fixed, views = 0.0, dict.fromkeys(VIEW_SCALES, 0.0)
+def _unit_bytes(f: h5py.File, model: Model, sample: list[tuple[int, int]]) -> tuple[float, dict, dict, int | None]:
+    """Mean bytes per unit over the sampled units: of the fixed pictures (channel, thumbnail, attribution
+    strip), of the secondary views at each view scale, and of the example strip at each crop scale;
+    and the stored side of the crops."""
+    fixed = 0.0
+    views = dict.fromkeys(VIEW_SCALES, 0.0)
+    examples = dict.fromkeys({c for _, c in CANDIDATES}, 0.0)
+    crop_stored = None
     channels: dict[int, list[np.ndarray]] = {}  # by side
     for i, c in sample:
         layer = model.layers[i]
@@ -84,15 +104,21 @@ def _unit_bytes(f: h5py.File, model: Model, sample: list[tuple[int, int]]) -> tu
         if maps is not None:
             strip, _ = img.unit_strip(maps[c].astype(np.float32), min(img.UNIT_HEAT_SIDE, maps.shape[-1]))
             fixed += len(img.encode(strip, "heat")) if strip is not None else 0
+        lists = [img.decode_crops(ds[c], int(group[name]["index"].shape[1])) for name, ds in crops(group).items()]
+        if lists and model.n_images:
+            crop_stored = lists[0].shape[1]
+            for scale in examples:
+                side = max(16, round(crop_stored * scale))
+                examples[scale] += len(img.encode(img.examples_strip(lists, side), "crops"))
     for same in channels.values():  # thumbnails share sprite sheets: a sheet of the sample's
         sheet, _ = img.sprite_sheet(np.stack(same), np.ones(len(same), bool))
         fixed += len(img.encode(sheet, "sprite"))
     n = max(len(sample), 1)
-    return fixed / n, {s: v / n for s, v in views.items()}
+    return fixed / n, {s: v / n for s, v in views.items()}, {s: v / n for s, v in examples.items()}, crop_stored
 
 
 def plan_views(f: h5py.File, model: Model, spent: int, budget: int) -> Plan:
-    """The largest side of the secondary views whose estimated site fits `budget` bytes.
+    """The largest sides of the secondary views and the example crops whose estimated site fits `budget` bytes.
 
     Args:
         f: the open store.
@@ -102,16 +128,21 @@ def plan_views(f: h5py.File, model: Model, spent: int, budget: int) -> Plan:
         budget: bytes the whole site may take.
 
     Returns:
-        The plan: scale 1 when the store has no secondary views or they fit at
-        full size, else the largest scale that fits, else the smallest scale.
+        The plan: the first of CANDIDATES whose estimate fits, else the last (the
+        sides of what the store lacks stay as they are); stored sides when the
+        store has neither secondary views nor crops.
     """
-    if not any(v in layer.views for layer in model.layers for v in SECONDARY_VIEWS):
+    has_views = any(v in layer.views for layer in model.layers for v in SECONDARY_VIEWS)
+    has_crops = model.n_images and any(crops(f[LAYERS][layer.name]) for layer in model.layers)
+    if not has_views and not has_crops:
         return Plan(budget=budget)
     sample = _sample(model)
-    fixed, views = _unit_bytes(f, model, sample)
+    fixed, views, examples, crop_stored = _unit_bytes(f, model, sample)
     units = sum(layer.channels for layer in model.layers)
     pages = UNIT_PAGE_BYTES[model.n_images > 0]
     base = spent + units * (pages + fixed) + len(model.layers) * LAYER_BYTES
-    estimates = {s: int(base + units * v) for s, v in views.items()}
-    scale = next((s for s in VIEW_SCALES if estimates[s] <= budget), VIEW_SCALES[-1])
-    return Plan(scale, estimates, budget)
+    # only what the store has can give
+    candidates = list(dict.fromkeys((v if has_views else 1.0, c if has_crops else 1.0) for v, c in CANDIDATES))
+    estimates = {(v, c): int(base + units * (views[v] + examples[c])) for v, c in candidates}
+    view, crop = next((key for key in candidates if estimates[key] <= budget), candidates[-1])
+    return Plan(view, estimates, budget, crop, crop_stored)

@@ -70,8 +70,9 @@ class Model:
     attrs: dict
     classes: list[str]
     layers: list[Layer]
-    n_images: int
+    n_images: int  # the search set: every image the dataset pass read
     methods: list[str]
+    explained: list[int] = field(default_factory=list)  # /dataset rows of the explained images, ascending
 
     @property
     def views(self) -> list[str]:
@@ -115,29 +116,37 @@ def read_model(f: h5py.File) -> Model:
     if len({s.lower() for s in slugs}) != len(slugs):
         raise AtlasError(f"{f.filename} has layer names that differ only in case; "
                          f"the site needs names that stay distinct on case-insensitive disks")
-    n_images = len(f[DATASET]["images"]) if DATASET in f and "images" in f[DATASET] else 0
+    d = f.get(DATASET)
+    n_images = len(d["paths"]) if d is not None and "paths" in d else 0
+    explained = [int(i) for i in d["explained"][()]] if n_images and "explained" in d and "images" in d else []
     return Model(
         name=str(attrs["name"]), slug=slug(str(attrs["name"])), attrs=attrs,
         classes=_strings(f[CLASSES]) if CLASSES in f else [],
         layers=[_layer(n, g) for n, g in ordered], n_images=n_images,
         methods=sorted(m for m, g in f[ATTRIBUTION].items() if "maps" in g)
-        if ATTRIBUTION in f and n_images else [],
+        if ATTRIBUTION in f and explained else [], explained=explained,
     )
 
 
 def read_layer_arrays(g: h5py.Group) -> dict[str, np.ndarray]:
     """Every array of one layer but the pictures, each read in one slice; missing stages are absent keys.
 
-    Pictures (`featurevis/<view>`) can be gigabytes for a wide layer: read them
-    in slices with `pictures`.
+    Pictures (`featurevis/<view>`) and example crops can be gigabytes for a wide
+    layer: read them in slices with `pictures` and `crops`.
     """
     out: dict[str, np.ndarray] = {}
     for group in (FEATUREVIS, TOPK, BOTTOMK, STATS):
         if group in g:
             for key, ds in g[group].items():
-                if isinstance(ds, h5py.Dataset) and not (group == FEATUREVIS and key in VIEWS):
+                if isinstance(ds, h5py.Dataset) and not (group == FEATUREVIS and key in VIEWS) and key != "crops":
                     out[f"{group}/{key}"] = ds[()]
     return out
+
+
+def crops(g: h5py.Group) -> dict[str, h5py.Dataset]:
+    """The layer's stored example crops by list ("topk", "bottomk"), unread: one JPEG strip per unit."""
+    return {name: g[name]["crops"] for name in (TOPK, BOTTOMK)
+            if name in g and isinstance(g[name].get("crops"), h5py.Dataset)}
 
 
 def pictures(g: h5py.Group) -> dict[str, h5py.Dataset]:
@@ -147,9 +156,14 @@ def pictures(g: h5py.Group) -> dict[str, h5py.Dataset]:
 
 
 def read_dataset(f: h5py.File) -> dict:
-    """The dataset's per-image metadata (not the pixels)."""
+    """The dataset's per-image metadata (not the pixels): every search image's, and which are explained.
+
+    Per-image vectors of the attribution methods are aligned with the explained
+    set: `position[row]` is a /dataset row's place in it.
+    """
     d = f[DATASET]
-    n = len(d["images"])
+    n = len(d["paths"])
+    explained = d["explained"][()] if "explained" in d and "images" in d else np.zeros(0, np.int64)
 
     def get(key: str, default: np.ndarray) -> np.ndarray:
         return d[key][()] if key in d else default
@@ -160,7 +174,8 @@ def read_dataset(f: h5py.File) -> dict:
         "top5_prob": get("top5_prob", np.zeros((n, 0), np.float32)),
         "skipped": list(zip(_strings(d["skipped_paths"]), _strings(d["skipped_reasons"])))
         if "skipped_paths" in d and "skipped_reasons" in d else [],
-        "attrs": read_attrs(d["images"]),
+        "attrs": {**read_attrs(d), **(read_attrs(d["explained"]) if "explained" in d else {})},
+        "explained": explained, "position": {int(row): pos for pos, row in enumerate(explained)},
         "attribution": {m: _attribution(g) for m, g in f.get(ATTRIBUTION, {}).items() if "maps" in g},
         "skipped_methods": skipped_methods(f),
     }

@@ -1,4 +1,9 @@
-"""The page model of the dataset images: each explained image with its maps, and the image index."""
+"""The page model of the dataset images: each explained image with its maps, and the image index.
+
+An image is named by its /dataset row (its number in the search set) on every
+page; the attribution methods' per-image vectors are read at its place in the
+explained set (`dataset["position"][row]`).
+"""
 
 from __future__ import annotations
 
@@ -15,7 +20,8 @@ IMAGES_PER_INDEX = 500  # thumbnails on one page of the dataset image index
 
 
 def label_methods(dataset: dict, methods: list[str], i: int, label_maps: dict) -> list[str]:
-    """Methods whose true-label map of image i is worth showing: the label is known and is not the top-1."""
+    """Methods whose true-label map of the i-th explained image is worth showing: the label is known
+    and is not the top-1."""
     out = []
     for m in methods:
         info = dataset["attribution"][m]
@@ -50,31 +56,34 @@ def _map_item(dataset: dict, checks: dict | None, i: int, column: int, method: s
 
 def image_context(model: Model, dataset: dict, checks: dict | None, i: int, methods: list[str],
                   sprite: dict | None) -> dict:
-    """A dataset image page: the image, label, top-5 predictions, every attribution map, grouped by family."""
+    """The page of the explained image in /dataset row i: the image, label, top-5 predictions, every
+    attribution map, grouped by family."""
     label = int(dataset["labels"][i])
+    pos = dataset["position"][i]
     predictions = [{"name": class_name(model, int(k)), "prob": float(p), "correct": int(k) == label}
                    for k, p in zip(dataset["top5"][i], dataset["top5_prob"][i])]
     families = []
     target = label_target = None
     if sprite is not None:
-        items = {m: _map_item(dataset, checks, i, k, m, sprite) for k, m in enumerate(methods)}
+        items = {m: _map_item(dataset, checks, pos, k, m, sprite) for k, m in enumerate(methods)}
         families = [(name, [items[m] for m in members]) for name, members in site_checks.families(methods)]
         first = dataset["attribution"][methods[0]]["target"]
-        top1 = first[i] if first is not None else dataset["top5"][i][0] if len(dataset["top5"][i]) else -1
+        top1 = first[pos] if first is not None else dataset["top5"][i][0] if len(dataset["top5"][i]) else -1
         target = class_name(model, int(top1))
         if sprite["rows"] > 1:
             label_target = class_name(model, label)
         sprite = sprite | {"size": f"{len(methods) * 100}% {sprite['rows'] * 100}%"}
-    n = model.n_images
+    rows = model.explained
+    before, after = (rows[pos - 1] if pos > 0 else None), (rows[pos + 1] if pos + 1 < len(rows) else None)
     return {"title": f"image {i}", "index": i, "path": dataset["paths"][i],
             "label": class_name(model, label) if label >= 0 else None, "predictions": predictions,
             "families": families, "sprite": sprite, "target": target, "label_target": label_target,
             "colorbar": img.colorbar_css(True), "colorbar_unsigned": img.colorbar_css(False), "under": img.UNDER,
             "methods_missing": not model.methods, "has_checks": checks is not None,
             "skipped_methods": sorted(dataset["skipped_methods"].items()),
-            "prev": {"href": f"{i - 1}.html", "label": f"image {i - 1}"} if i > 0 else None,
-            "next": {"href": f"{i + 1}.html", "label": f"image {i + 1}"} if i + 1 < n else None,
-            "crumbs": crumbs(model, 1, ("images", image_index_name(i // IMAGES_PER_INDEX)[7:]),
+            "prev": {"href": f"{before}.html", "label": f"image {before}"} if before is not None else None,
+            "next": {"href": f"{after}.html", "label": f"image {after}"} if after is not None else None,
+            "crumbs": crumbs(model, 1, ("images", image_index_name(pos // IMAGES_PER_INDEX)[7:]),
                               (f"image {i}", None))}
 
 
@@ -88,16 +97,19 @@ def image_index_count(n_images: int) -> int:
 
 
 def image_index_contexts(model: Model, dataset: dict) -> list[dict]:
-    """One context per page of the dataset image index."""
-    count = image_index_count(model.n_images)
+    """One context per page of the index of the explained images (the ones with a page)."""
+    rows = model.explained
+    count = max(image_index_count(len(rows)), 1)
+    attrs = dataset["attrs"]
     out = []
     for number in range(count):
         start = number * IMAGES_PER_INDEX
-        stop = min(start + IMAGES_PER_INDEX, model.n_images)
-        images = [{"index": i, "path": dataset["paths"][i]} for i in range(start, stop)]
+        stop = min(start + IMAGES_PER_INDEX, len(rows))
+        images = [{"index": i, "path": dataset["paths"][i]} for i in rows[start:stop]]
         link = lambda k: {"href": image_index_name(k)[7:], "label": f"page {k + 1}"}  # noqa: E731
         out.append({"title": f"{model.name} images", "images": images, "start": start, "stop": stop,
-                    "total": model.n_images, "skipped": dataset["skipped"] if number == 0 else [],
+                    "explained": len(rows), "total": model.n_images, "rule": attrs.get("rule"),
+                    "skipped": dataset["skipped"] if number == 0 else [],
                     "pages": [link(k) | {"current": k == number} for k in range(count)] if count > 1 else [],
                     "crumbs": crumbs(model, 1, ("images", None))})
     return out

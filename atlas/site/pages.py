@@ -148,17 +148,20 @@ def layer_context(model: Model, i: int, arrays: dict, sheets: list[dict]) -> dic
             "crumbs": crumbs(model, 1, (layer.name, None))}
 
 
-def _examples(group: str, c: int, arrays: dict, dataset: dict | None, size: int) -> list[dict] | None:
-    if dataset is None or f"{group}/index" not in arrays:
+def _examples(group: str, c: int, arrays: dict, dataset: dict | None, strip: dict | None) -> list[dict] | None:
+    """A unit's top or bottom examples: each a tile of the unit's example strip, linked to the image's
+    page where it has one (explained images only)."""
+    if dataset is None or f"{group}/index" not in arrays or strip is None:
         return None
     out = []
-    index, value, box = (arrays[f"{group}/{k}"][c] for k in ("index", "value", "box"))
-    for j, v, b in zip(index, value, box):
+    first = strip["first"][group]
+    for slot, (j, v) in enumerate(zip(arrays[f"{group}/index"][c], arrays[f"{group}/value"][c])):
         if not 0 <= j < len(dataset["paths"]):
             continue  # -1: fewer than k images were seen
-        out.append({"href": f"../images/{j}.html", "value": v,
-                    "style": img.crop_style(b, f"../images/{j}.jpg", size),
-                    "label": f"image {j}"})
+        out.append({"href": f"../images/{j}.html" if int(j) in dataset["position"] else None, "value": v,
+                    "style": f"background:url({strip['src']}) {img.tile_position(first + slot, strip['total'])} 0/"
+                             f"{strip['total'] * 100}% 100%",
+                    "label": f"image {j}: {dataset['paths'][j]}"})
     return out
 
 
@@ -235,9 +238,9 @@ def _histogram(c: int, arrays: dict) -> dict | None:
     return plots.histogram_plot(arrays["stats/hist"][c], arrays["stats/hist_edges"], marks)
 
 
-def _fired(c: int, arrays: dict, dataset: dict | None, fired: dict | None, size: int) -> list[dict]:
+def _fired(c: int, arrays: dict, dataset: dict | None, fired: dict | None, strip: dict | None) -> list[dict]:
     """The first Ku top images of unit c: the unit's attribution map over the greyed crop."""
-    if fired is None or dataset is None or "topk/index" not in arrays:
+    if fired is None or dataset is None or strip is None or "topk/index" not in arrays:
         return []
     count = len(fired["finite"])
     out = []
@@ -245,22 +248,22 @@ def _fired(c: int, arrays: dict, dataset: dict | None, fired: dict | None, size:
         index = int(arrays["topk/index"][c, j]) if j < arrays["topk/index"].shape[1] else -1
         if not ok or not 0 <= index < len(dataset["paths"]):
             continue
-        g = img.crop_geometry(arrays["topk/box"][c, j], size)
-        photo = f"../images/{index}.jpg"
+        photo_at = f"{img.tile_position(strip['first']['topk'] + j, strip['total'])} 0"
         overlay = img.overlay_background(fired["src"], f"{img.tile_position(j, count)} 0", f"{count * 100}% 100%",
-                                         photo, g["at"], g["scale"])
-        out.append({"href": f"../images/{index}.html", "index": index, "value": arrays["topk/value"][c, j],
-                    "overlay": g["size"] + overlay})
+                                         strip["src"], photo_at, f"{strip['total'] * 100}% 100%")
+        out.append({"href": f"../images/{index}.html" if index in dataset["position"] else None, "index": index,
+                    "value": arrays["topk/value"][c, j], "overlay": overlay})
     return out
 
 
 def unit_context(model: Model, i: int, c: int, arrays: dict, dataset: dict | None, views_line: str | None,
-                 fired: dict | None = None, has_unit_attribution: bool = False) -> dict:
+                 fired: dict | None = None, has_unit_attribution: bool = False, strip: dict | None = None) -> dict:
     """A unit page: every view, quality, loss curve, dataset examples, statistics, histogram,
     and what made the unit fire on its top images.
 
     Args:
         views_line: which views the atlas renders (`views_line`), the same on every unit page.
+        strip: the unit's example strip: file, tiles in all, first tile of each list ("topk", "bottomk").
     """
     layer = model.layers[i]
     done = arrays.get("featurevis/channel_done")
@@ -271,15 +274,14 @@ def unit_context(model: Model, i: int, c: int, arrays: dict, dataset: dict | Non
               "seed": _at(arrays, "featurevis/channel_seed", c), "text": VIEW_TEXT["channel"],
               "loss": plots.loss_points(loss) if loss is not None else ""}
     stats = [(label, arrays[f"stats/{key}"][c]) for key, label in STATS if f"stats/{key}" in arrays]
-    size = int(model.attrs.get("input_size", 224))
-    top = _examples("topk", c, arrays, dataset, size)
+    top = _examples("topk", c, arrays, dataset, strip)
     return {"title": f"{layer.name}:{c}", "layer": layer, "channel": c, "fv": fv,
             "fv_pending": layer.has_fv and fv is None, "stats": stats,
             "views": _views(layer, c, arrays), "views_line": views_line,
             "quality": _quality(c, arrays), "hist": _histogram(c, arrays),
             "dead": bool(arrays["stats/dead"][c]) if "stats/dead" in arrays else None,
-            "top": top, "bottom": _examples("bottomk", c, arrays, dataset, size),
-            "fired": _fired(c, arrays, dataset, fired, size), "fired_scale": fired["scale"] if fired else None,
+            "top": top, "bottom": _examples("bottomk", c, arrays, dataset, strip),
+            "fired": _fired(c, arrays, dataset, fired, strip), "fired_scale": fired["scale"] if fired else None,
             "fired_params": fired["params"] if fired else {},
             "fired_missing": bool(top) and not has_unit_attribution, "run": site_checks.RUN,
             "prev": _unit_link(model, i, c - 1), "next": _unit_link(model, i, c + 1),

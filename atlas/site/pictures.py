@@ -21,9 +21,9 @@ PICTURE_EXT = "avif" if features.check("avif") else "webp" if features.check("we
 # Quality per kind of picture, on each format's own scale.
 # Heatmaps are encoded at 4:4:4; AVIF 55 errs like WebP 70 on real maps and is 10 % smaller.
 # The randomization strips ("strip") compare maps that differ little, in one file per model.
-QUALITY = {"avif": {"picture": 50, "sprite": 45, "heat": 55, "strip": 80},
-           "webp": {"picture": 85, "sprite": 80, "heat": 70, "strip": 90},
-           "jpg": {"picture": 85, "sprite": 80, "heat": 75, "strip": 90, "photo": 88}}
+QUALITY = {"avif": {"picture": 50, "sprite": 45, "heat": 55, "strip": 80, "crops": 50},
+           "webp": {"picture": 85, "sprite": 80, "heat": 70, "strip": 90, "crops": 80},
+           "jpg": {"picture": 85, "sprite": 80, "heat": 75, "strip": 90, "photo": 88, "crops": 85}}
 AVIF_SPEED = 9  # encoder effort: 2 ms per 128 px image, within 3 % of the size speed 6 reaches in 15 ms
 CELL = 64  # displayed side of one grid cell, CSS pixels
 SHEET_COLUMNS = 16
@@ -44,8 +44,8 @@ def encode(pixels: np.ndarray, kind: str = "picture", ext: str = PICTURE_EXT) ->
 
     `kind` picks the quality (see QUALITY): "picture" for feature
     visualizations, "sprite" for grid thumbnails, "heat" for attribution maps,
-    "strip" for the checks page's randomization strips, "photo" for dataset
-    images (JPEG only).
+    "strip" for the checks page's randomization strips, "crops" for a unit's
+    dataset-example crops, "photo" for dataset images (JPEG only).
     """
     image = Image.fromarray(np.ascontiguousarray(pixels, dtype=np.uint8))
     buf = io.BytesIO()
@@ -135,6 +135,19 @@ def views_strip(views: list[np.ndarray], scale: float = 1.0) -> np.ndarray:
     tiles = [t for v in views for t in (v if v.ndim == 4 else v[None])]
     side = max(16, round(tiles[0].shape[0] * scale))
     return strip(np.stack([shrink(t, side) for t in tiles]))
+
+
+def decode_crops(data: np.ndarray, k: int) -> np.ndarray:
+    """A stored strip of k example crops (JPEG bytes, see atlas/dataset/examples.py) as [k, s, s, 3]."""
+    strip_ = np.asarray(Image.open(io.BytesIO(np.asarray(data, np.uint8).tobytes())).convert("RGB"))
+    side = strip_.shape[0]
+    return strip_[:, :k * side].reshape(side, k, side, 3).transpose(1, 0, 2, 3)
+
+
+def examples_strip(lists: list[np.ndarray], side: int) -> np.ndarray:
+    """A unit's example crops, every list ([k, s, s, 3] each: top, then bottom) in one strip at `side` px."""
+    tiles = np.concatenate(lists)
+    return strip(np.stack([shrink(t, side) for t in tiles]) if side < tiles.shape[1] else tiles)
 
 
 def window(first: int, count: int, total: int) -> str:

@@ -40,8 +40,8 @@ from atlas.site import about, image_pages, pages
 from atlas.site import checks as checks_page
 from atlas.site import pictures as img
 from atlas.site.budget import Plan, plan_views
-from atlas.site.data import (Layer, Model, pictures, read_checks, read_dataset, read_layer_arrays, read_model,
-                             unit_attribution)
+from atlas.site.data import (Layer, Model, crops, pictures, read_checks, read_dataset, read_layer_arrays,
+                             read_model, unit_attribution)
 from atlas.site.writer import SiteWriter, folder_bytes, site_sizes, size_table
 from atlas.store import open_store
 from atlas.store.schema import (ATTRIBUTION, BOTTOMK, DATASET, FEATUREVIS, LAYERS, SECONDARY_VIEWS, TOPK,
@@ -112,7 +112,7 @@ def render(store_path: str | Path, site_dir: str | Path, progress: bool = True,
     return {"model": model.name, "folder": str(final), "pages": writer.pages + root["pages"],
             "changed": writer.changed + root["changed"], "removed": removed,
             "bytes": dict(sorted(writer.bytes.items())), "site_bytes": site_bytes,
-            "view_scale": plan.scale, "estimates": plan.estimates, "views_note": note,
+            "view_scale": plan.scale, "crop_side": plan.crop_side, "estimates": plan.estimates, "views_note": note,
             "max_site_mb": max_site_mb, "over_budget": sum(site_bytes.values()) > max_site_mb * 1e6,
             "seconds": round(time.perf_counter() - start, 2)}
 
@@ -134,7 +134,8 @@ def report_lines(report: dict, site_dir: str | Path) -> tuple[list[str], str | N
 
 def _page_count(model: Model) -> int:
     units = sum(layer.channels for layer in model.layers)
-    return units + len(model.layers) + model.n_images + image_pages.image_index_count(model.n_images) + 3
+    n = len(model.explained)
+    return units + len(model.layers) + n + image_pages.image_index_count(n) + 3
 
 
 def _render_model(f: h5py.File, model: Model, w: SiteWriter, others: int,
@@ -162,7 +163,7 @@ def _render_model(f: h5py.File, model: Model, w: SiteWriter, others: int,
         sheets = _render_pictures(layer, arrays, pictures(group), w, plan.scale)
         preview = f"{layer.slug}/preview.{img.PICTURE_EXT}" if sheets else None
         extra[layer.name] = pages.layer_summary(arrays, preview)
-        _render_layer(model, i, arrays, sheets, dataset, group, w, views_line)
+        _render_layer(model, i, arrays, sheets, dataset, group, w, views_line, plan.crop_side)
     w.page("index.html", "model.html", **pages.model_context(model, extra, checks))
     w.page("about.html", "about.html", **about.about_context(f, model, dataset, checks, note))
     strips = checks_page.strip_sprite(checks, dataset)
@@ -226,10 +227,13 @@ def _render_pictures(layer: Layer, arrays: dict, stored: dict[str, h5py.Dataset]
 
 
 def _render_layer(model: Model, i: int, arrays: dict, sheets: list[dict], dataset: dict | None,
-                  group: h5py.Group, w: SiteWriter, views_line: str | None) -> None:
-    """Writes the layer's grid page, and each unit's page with its attribution strip.
+                  group: h5py.Group, w: SiteWriter, views_line: str | None, crop_side: int | None = None) -> None:
+    """Writes the layer's grid page, and each unit's page with its example and attribution strips.
 
-    Unit-attribution maps are read SHEET_UNITS channels at a time.
+    Unit-attribution maps and example crops are read SHEET_UNITS channels at a time.
+
+    Args:
+        crop_side: pixels of one example crop in the site (None: as stored).
     """
     layer = model.layers[i]
     w.page(f"{layer.slug}/index.html", "layer.html", **pages.layer_context(model, i, arrays, sheets))
@@ -237,16 +241,34 @@ def _render_layer(model: Model, i: int, arrays: dict, sheets: list[dict], datase
     scale = group[UNIT_ATTRIBUTION].get("scale") if maps is not None else None
     if not isinstance(scale, h5py.Dataset) or scale.shape != maps.shape[:2]:
         scale = None  # stores written before scales kept the maps unscaled
+    stored = crops(group) if dataset is not None else {}
     for start in range(0, layer.channels, img.SHEET_UNITS):
         chunk = maps[start:start + img.SHEET_UNITS] if maps is not None else None
         if chunk is not None and scale is not None:  # back to attribution units, so one scale fits the strip
             chunk = chunk.astype(np.float32) * scale[start:start + img.SHEET_UNITS][..., None, None]
+        strips = {name: ds[start:start + img.SHEET_UNITS] for name, ds in stored.items()}
         for c in range(start, min(start + img.SHEET_UNITS, layer.channels)):
             fired = _unit_strip(layer, c, chunk[c - start], w) if chunk is not None else None
             if fired is not None:
                 fired["params"] = params
+            strip = _examples_strip(layer, c, {n: s[c - start] for n, s in strips.items()}, arrays, w, crop_side)
             w.page(f"{layer.slug}/{c}.html", "unit.html",
-                   **pages.unit_context(model, i, c, arrays, dataset, views_line, fired, maps is not None))
+                   **pages.unit_context(model, i, c, arrays, dataset, views_line, fired, maps is not None, strip))
+
+
+def _examples_strip(layer: Layer, c: int, stored: dict[str, np.ndarray], arrays: dict, w: SiteWriter,
+                    side: int | None) -> dict | None:
+    """Writes unit c's example crops (top, then bottom) as one strip; returns its layout, or None."""
+    if not stored:
+        return None
+    lists = {name: img.decode_crops(data, int(arrays[f"{name}/index"].shape[1])) for name, data in stored.items()}
+    first, total = {}, 0
+    for name, tiles in lists.items():
+        first[name], total = total, total + len(tiles)
+    side = min(side or 10**6, next(iter(lists.values())).shape[1])
+    src = f"{c}-examples.{img.PICTURE_EXT}"
+    w.write(f"{layer.slug}/{src}", img.encode(img.examples_strip(list(lists.values()), side), "crops"), "examples")
+    return {"src": src, "total": total, "first": first}
 
 
 def _unit_strip(layer: Layer, c: int, maps: np.ndarray, w: SiteWriter) -> dict | None:
@@ -261,28 +283,33 @@ def _unit_strip(layer: Layer, c: int, maps: np.ndarray, w: SiteWriter) -> dict |
 
 
 def _render_images(f: h5py.File, model: Model, dataset: dict, checks: dict | None, w: SiteWriter) -> None:
-    """Writes each dataset image once (JPEG), one sprite of all its attribution maps, and its page."""
-    images, n = f[DATASET]["images"], model.n_images
+    """Writes each explained image once (JPEG), one sprite of all its attribution maps, and its page.
+
+    Pages are named by the image's /dataset row; the pixels and maps are read by
+    its place in the explained set.
+    """
+    rows = model.explained
     methods = checks_page.ordered(model.methods)
     signed = [checks_page.is_signed(m, dataset["attribution"][m]["params"]) for m in methods]
     groups = {m: f[ATTRIBUTION][m] for m in methods}
-    for start in range(0, n, _CHUNK):
+    images = f[DATASET]["images"] if rows else None
+    for start in range(0, len(rows), _CHUNK):
         pixels = images[start:start + _CHUNK]
         maps = {m: g["maps"][start:start + _CHUNK] for m, g in groups.items()}
         label_maps = {m: g["label_maps"][start:start + _CHUNK] for m, g in groups.items()
                       if dataset["attribution"][m]["has_label_maps"]}
         for j, picture in enumerate(pixels):
-            i = start + j
+            i, pos = rows[start + j], start + j
             w.write(f"images/{i}.jpg", img.encode(picture, "photo", "jpg"), "dataset")
             sprite = None
             if methods:
-                shown = image_pages.label_methods(dataset, methods, i, label_maps)
-                rows = [[maps[m][j] for m in methods]]
+                shown = image_pages.label_methods(dataset, methods, pos, label_maps)
+                cells = [[maps[m][j] for m in methods]]
                 if shown:
-                    rows.append([label_maps[m][j] if m in shown else None for m in methods])
+                    cells.append([label_maps[m][j] if m in shown else None for m in methods])
                 side = min(img.HEAT_SIDE, picture.shape[0])
-                sheet, scales = img.map_sprite(rows, signed, side)
-                sprite = {"src": f"{i}-maps.{img.PICTURE_EXT}", "scales": scales, "rows": len(rows)}
+                sheet, scales = img.map_sprite(cells, signed, side)
+                sprite = {"src": f"{i}-maps.{img.PICTURE_EXT}", "scales": scales, "rows": len(cells)}
                 w.write(f"images/{sprite['src']}", img.encode(sheet, "heat"), "attributions")
             w.page(f"images/{i}.html", "image.html",
                    **image_pages.image_context(model, dataset, checks, i, methods, sprite))

@@ -102,6 +102,8 @@ def site_part(rel: str) -> str:
         return "attributions"  # a unit's attribution maps, the checks page's randomization strips
     if name.startswith(("sprite-", "preview.")):
         return "sprites"
+    if name.split(".")[0].endswith("-examples"):
+        return "examples"  # a unit's dataset-example crops
     return "featurevis"
 
 

@@ -54,8 +54,15 @@ def write_json(path: Path, obj: dict) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=1, sort_keys=True)))
 
 
+def write_bytes(ds: h5py.Dataset, values) -> None:
+    """Fills a 1-D variable-length uint8 dataset element by element (numpy would stack equal lengths)."""
+    for i, v in enumerate(values):
+        ds[i] = np.asarray(v, np.uint8)
+
+
 def write_h5(tmp: Path, arrays: dict[str, np.ndarray], attrs: dict) -> None:
-    """Writes arrays (text as HDF5 strings) and attributes (containers and None as JSON) to a new file."""
+    """Writes arrays (text as HDF5 strings, object arrays of uint8 arrays as variable-length bytes) and
+    attributes (containers and None as JSON) to a new file."""
     with h5py.File(tmp, "w") as f:
         for k, v in attrs.items():
             f.attrs[k] = json.dumps(v) if isinstance(v, (dict, list, tuple)) or v is None else v
@@ -63,5 +70,7 @@ def write_h5(tmp: Path, arrays: dict[str, np.ndarray], attrs: dict) -> None:
             v = np.asarray(v)
             if v.dtype.kind == "U":
                 f.create_dataset(k, data=v.astype(object), dtype=h5py.string_dtype())
+            elif v.dtype == object:  # one byte array per element (encoded pictures)
+                write_bytes(f.create_dataset(k, v.shape, h5py.vlen_dtype(np.uint8)), v)
             else:
                 f.create_dataset(k, data=v)

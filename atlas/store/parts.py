@@ -12,7 +12,9 @@ Each unit is written to a temporary name, flushed to disk and renamed into
 place, so a part either exists whole or not at all: killing the process at any
 instant loses at most the unit in flight. Resume lists the parts. The .h5 is
 rebuilt from the parts the same way (temporary file, fsync, atomic rename), so
-it always opens, and readers never see a half-written file.
+it always opens, and readers never see a half-written file. Once it is in
+place, the parts hand their bulk arrays over to it (moved.py), so the parts
+folder does not hold a second copy of the store.
 """
 
 from __future__ import annotations
@@ -29,8 +31,14 @@ import numpy as np
 import atlas
 from atlas.errors import AtlasError
 from atlas.store.files import atomic_write, write_h5, write_json
+from atlas.store.moved import Part, compact, is_compacted
 from atlas.store.read import write_root
 from atlas.store.schema import STORE_FORMAT
+
+
+# What consolidation did with each part's bulk arrays: unit key -> {array name: (dataset path
+# in the consolidated store, first row, rows)}.
+Moves = dict[str, dict[str, tuple[str, int, int]]]
 
 
 class Store:
@@ -84,6 +92,8 @@ class Store:
         folder.mkdir(parents=True, exist_ok=True)
         for stale in folder.glob(".*.tmp*"):
             stale.unlink(missing_ok=True)
+        if not self.path.is_file():
+            self._drop_compacted(stage)
         params = json.loads(json.dumps(params, default=str))
         path = folder / "params.json"
         if path.exists():
@@ -96,6 +106,15 @@ class Store:
         else:
             write_json(path, params)
         return self.done(stage)
+
+    def _drop_compacted(self, stage: str) -> None:
+        """Removes the parts whose bulk arrays went to a consolidated store that is gone: they are redone."""
+        lost = [p for p in (self.parts / stage).glob("*.h5") if not p.name.startswith(".") and is_compacted(p)]
+        for p in lost:
+            p.unlink()
+        if lost:
+            print(f"atlas: {self.path} is missing; {len(lost)} {stage} unit(s) whose arrays it held "
+                  f"are computed again")
 
     def done(self, stage: str) -> set[str]:
         folder = self.parts / stage
@@ -114,39 +133,44 @@ class Store:
         """Writes one finished work unit atomically."""
         atomic_write(self._unit_path(stage, key), lambda tmp: write_h5(tmp, arrays, attrs or {}))
 
-    def read_unit(self, stage: str, key: str) -> h5py.File:
+    def read_unit(self, stage: str, key: str) -> Part:
         """Opens one finished unit for reading (use as a context manager)."""
-        return h5py.File(self._unit_path(stage, key), "r")
+        return Part(self._unit_path(stage, key), self.path)
 
-    def units(self, stage: str) -> Iterator[tuple[str, h5py.File]]:
-        """Yields (key, open part file) for every finished unit, in key order."""
-        for key in sorted(self.done(stage)):
-            with h5py.File(self._unit_path(stage, key), "r") as f:
-                yield key, f
+    def units(self, stage: str, prefix: str = "") -> Iterator[tuple[str, Part]]:
+        """Yields (key, open part) for every finished unit whose key starts with `prefix`, in key order."""
+        for key in sorted(k for k in self.done(stage) if k.startswith(prefix)):
+            with self.read_unit(stage, key) as part:
+                yield key, part
 
     # --- consolidation ---
-    def consolidate(self, writers: dict[str, Callable[[Store, h5py.File], None]],
+    def consolidate(self, writers: dict[str, Callable[[Store, h5py.File], Moves | None]],
                     finalize: Callable[[h5py.File], None] | None = None) -> Path:
-        """Rebuilds the .h5 from the parts.
+        """Rebuilds the .h5 from the parts, then lets the parts hand their bulk arrays over to it.
 
         Args:
-            writers: `writers[stage]` writes each stage's section, in order.
+            writers: `writers[stage]` writes each stage's section, in order, and returns
+                where it put each part's bulk arrays (`Moves`), or None to keep the parts whole.
             finalize: derives what needs several stages, after all sections are written.
         """
         meta = self.meta()
+        moves: dict[str, Moves] = {}
 
         def write(tmp: Path) -> None:
             with h5py.File(tmp, "w") as f:
                 write_root(f, meta)
                 for stage, writer in writers.items():
                     if self.done(stage):
-                        writer(self, f)
+                        moves[stage] = writer(self, f) or {}
                 if finalize is not None:
                     finalize(f)
         self.directory.mkdir(parents=True, exist_ok=True)
         for stale in self.directory.glob(f".{self.path.name}.tmp*"):  # left by a consolidation that was killed
             stale.unlink(missing_ok=True)
         atomic_write(self.path, write)
+        for stage, plan in moves.items():
+            for key, arrays in plan.items():
+                compact(self._unit_path(stage, key), arrays, atomic_write)
         return self.path
 
 

@@ -18,6 +18,7 @@ import numpy as np
 import atlas
 from atlas.store.schema import STORE_FORMAT, VIEWS, view_dataset
 from atlas.testing.synthetic_attribution import write_attribution, write_checks, write_unit_attribution
+from atlas.testing.synthetic_examples import crop_pool, photo_like, texture, write_examples
 
 LOSS_POINTS = 16  # samples of each synthetic loss curve
 DIVERSITY = 4  # images in a diversity set
@@ -29,6 +30,7 @@ def write_synthetic_store(
     layers: list[tuple[str, int, int]],
     n_images: int,
     k: int = 10,
+    explained: int | None = None,
     fv_size: int = 64,
     image_size: int = 224,
     methods: Sequence[str] = ("gradient",),
@@ -57,9 +59,11 @@ def write_synthetic_store(
     Args:
         path: the .h5 file to write (replaced if it exists).
         layers: (name, channels, spatial side) of each layer, in forward order.
-        n_images: dataset images; 0 leaves out the dataset stage (no /dataset,
-            no topk, bottomk or stats).
+        n_images: dataset images (the search set); 0 leaves out the dataset stage
+            (no /dataset, no topk, bottomk or stats).
         k: dataset examples kept per channel in topk and bottomk.
+        explained: images of the search set that get pixels, attributions and
+            checks, spread evenly over it; None: every image.
         fv_size: side of each feature visualization.
         image_size: side of each dataset image (the model's input size).
         methods: attribution methods; empty leaves out /attribution.
@@ -100,20 +104,22 @@ def write_synthetic_store(
     path.parent.mkdir(parents=True, exist_ok=True)
     with h5py.File(path, "w") as f:
         _write_root(f, name, image_size, fv_size, k, classes)
+        crops = crop_pool(image_size, rng) if n_images else None
         for order, (layer, channels, spatial) in enumerate(layers):
             g = _write_layer(f, layer, channels, spatial, order)
             best = None
             if n_images:
                 peaks = _peaks(channels, n_images, rng)
-                _write_examples(g, peaks, k, image_size, spatial, rng)
+                write_examples(g, peaks, k, image_size, spatial, crops, rng)
                 _write_stats(g, peaks, rng)
                 best = g["topk/value"][:, 0]
             if layer not in no_featurevis and views:
                 _write_featurevis(g, channels, fv_size, views, best, rng)
         if n_images:
-            _write_dataset(f, n_images, image_size, len(classes), paths, rng)
+            shown = n_images if explained is None else min(explained, n_images)
+            _write_dataset(f, n_images, shown, image_size, len(classes), paths, rng)
             for method in methods:
-                write_attribution(f, method, n_images, image_size, method in incomplete, tolerance, rng)
+                write_attribution(f, method, shown, image_size, method in incomplete, tolerance, rng)
             if methods and unit_attribution:
                 for layer, _, _ in layers:
                     write_unit_attribution(f["layers"][layer], min(unit_k, k), unit_size, rng)
@@ -167,19 +173,6 @@ def _write_layer(f: h5py.File, name: str, channels: int, spatial: int, order: in
     return g
 
 
-def _texture(n: int, size: int, rng: np.random.Generator, waves: int, cycles: float, noise: float) -> np.ndarray:
-    """[n, size, size, 3] uint8: `waves` coloured plane waves of up to `cycles` periods per image, plus noise."""
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
-    total = np.zeros((n, size, size, 3), np.float32)
-    for _ in range(waves):
-        freq, angle, shift = (rng.uniform(lo, hi, (n, 1, 1)).astype(np.float32)
-                              for lo, hi in ((1, cycles), (0, np.pi), (0, 2 * np.pi)))
-        wave = np.sin((xx * np.cos(angle) + yy * np.sin(angle)) * freq * 2 * np.pi + shift)
-        total += wave[..., None] * rng.uniform(-1, 1, (n, 1, 1, 3)).astype(np.float32)
-    total = total * (1.2 / np.sqrt(waves)) + rng.normal(0, noise, total.shape).astype(np.float32)
-    return (255 / (1 + np.exp(-2 * total))).astype(np.uint8)
-
-
 _POOL = 256  # distinct textures per picture side; every picture is one of them, shifted and flipped
 
 
@@ -191,7 +184,7 @@ def _texture_pool(size: int) -> np.ndarray:
     take 3.6 KB as AVIF (quality 50) and 8.9 KB as WebP (quality 85), where
     real 128 px renders of EfficientNet-Lite0 take 3.6 KB and 8.6 KB.
     """
-    return _texture(_POOL, size, np.random.default_rng(size), waves=8, cycles=min(32, size / 4), noise=0.1)
+    return texture(_POOL, size, np.random.default_rng(size), waves=8, cycles=min(32, size / 4), noise=0.1)
 
 
 def _patterns(count: int, size: int, rng: np.random.Generator) -> np.ndarray:
@@ -263,39 +256,6 @@ def _peaks(channels: int, n_images: int, rng: np.random.Generator) -> np.ndarray
     return peaks
 
 
-def _ranked(peaks: np.ndarray, k: int, top: bool) -> tuple[np.ndarray, np.ndarray]:
-    """[C, k] rows of the k highest (or lowest) images and their values, padded with -1 and NaN."""
-    channels, n = peaks.shape
-    take = min(k, n)
-    order = np.argsort(-peaks if top else peaks, axis=1, kind="stable")[:, :take]
-    index = np.full((channels, k), -1, np.int64)
-    value = np.full((channels, k), np.nan, np.float32)
-    index[:, :take] = order
-    value[:, :take] = np.take_along_axis(peaks, order, axis=1)
-    return index, value
-
-
-def _boxes(index: np.ndarray, image_size: int, spatial: int, rng: np.random.Generator) -> np.ndarray:
-    """Square crop boxes inside the image, bigger for layers with coarser outputs."""
-    side = int(np.clip(image_size * 2 / max(spatial, 1), 16, image_size))
-    x0 = rng.integers(0, image_size - side + 1, index.shape)
-    y0 = rng.integers(0, image_size - side + 1, index.shape)
-    box = np.stack([x0, y0, x0 + side, y0 + side], axis=-1).astype(np.int32)
-    box[index < 0] = 0
-    return box
-
-
-def _write_examples(g: h5py.Group, peaks: np.ndarray, k: int, image_size: int, spatial: int,
-                    rng: np.random.Generator) -> None:
-    for group, top in (("topk", True), ("bottomk", False)):
-        sub = g.create_group(group)
-        index, value = _ranked(peaks, k, top)
-        sub.create_dataset("index", data=index)
-        sub.create_dataset("value", data=value)
-        sub.create_dataset("box", data=_boxes(index, image_size, spatial, rng))
-        sub.attrs.update({"k": k, "score": "spatial max", "images": peaks.shape[1]})
-
-
 def histogram(peaks: np.ndarray) -> np.ndarray:
     """int64 [C, 48] counts of per-image values [C, N] on HIST_EDGES (as the dataset stage bins them)."""
     bins = len(HIST_EDGES) - 1
@@ -322,37 +282,21 @@ def _write_stats(g: h5py.Group, peaks: np.ndarray, rng: np.random.Generator) -> 
     sub.create_dataset("hist_edges", data=HIST_EDGES)
 
 
-def _images(n: int, size: int, rng: np.random.Generator) -> np.ndarray:
-    """Photo-like images: a colour gradient with a bright disc, under a textured surface.
-
-    At 224 px they take about 16 KB as JPEG (quality 88), as the sample photos do.
-    """
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
-    out = np.empty((n, size, size, 3), np.uint8)
-    for start in range(0, n, _CHUNK):
-        m = min(_CHUNK, n - start)
-        surface = _texture(m, size, rng, waves=6, cycles=min(32, size / 4), noise=0.1).astype(np.float32)
-        for i in range(m):
-            a, b = rng.uniform(0, 1, (2, 3)).astype(np.float32)
-            cx, cy, r = rng.uniform(0.2, 0.8), rng.uniform(0.2, 0.8), rng.uniform(0.08, 0.25)
-            disc = ((xx - cx) ** 2 + (yy - cy) ** 2 < r * r)[..., None]
-            base = xx[..., None] * a + yy[..., None] * b
-            scene = 255 * np.clip(np.where(disc, 1 - base * 0.5, base * 0.8), 0, 1)
-            out[start + i] = np.clip(0.45 * scene + 0.55 * surface[i], 0, 255).astype(np.uint8)
-    return out
-
-
-def _write_dataset(f: h5py.File, n: int, size: int, n_classes: int, paths: Sequence[str] | None,
+def _write_dataset(f: h5py.File, n: int, explained: int, size: int, n_classes: int, paths: Sequence[str] | None,
                    rng: np.random.Generator) -> None:
     d = f.create_group("dataset")
-    images = d.create_dataset("images", shape=(n, size, size, 3), dtype=np.uint8)
-    for start in range(0, n, 64):
-        images[start:start + 64] = _images(min(64, n - start), size, rng)
-    images.attrs.update({"source": "synthetic", "count": n, "skipped": 1})
+    rows = np.unique(np.linspace(0, n - 1, explained).round().astype(np.int64)) if explained else np.zeros(0, int)
+    d.create_dataset("explained", data=rows)
+    d["explained"].attrs.update({"rule": "evenly spread (synthetic)", "requested": explained, "search": n})
+    images = d.create_dataset("images", shape=(len(rows), size, size, 3), dtype=np.uint8)
+    for start in range(0, len(rows), 64):
+        images[start:start + 64] = photo_like(min(64, len(rows) - start), size, rng)
+    images.attrs.update({"source": "synthetic", "rows": "/dataset/explained"})
+    d.attrs.update({"search": n, "skipped": 1, "total": n + 1})
     paths = list(paths) if paths is not None else [f"images/img_{i:05d}.jpg" for i in range(n)]
     d.create_dataset("paths", data=_strings(paths), dtype=h5py.string_dtype())
-    rows = np.arange(n, dtype=np.int64)
-    d.create_dataset("source_index", data=rows + (rows >= n // 2))  # the skipped file leaves a gap
+    search = np.arange(n, dtype=np.int64)
+    d.create_dataset("source_index", data=search + (search >= n // 2))  # the skipped file leaves a gap
     labels = rng.integers(0, n_classes, n)
     top5 = np.argsort(rng.random((n, n_classes), dtype=np.float32), axis=1)[:, :5]
     labels[2::4] = top5[2::4, 0]  # some images are classified correctly

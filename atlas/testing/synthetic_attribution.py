@@ -58,8 +58,9 @@ def write_attribution(f: h5py.File, method: str, n: int, size: int, incomplete: 
                        rng: np.random.Generator) -> None:
     """Maps for the top-1 class and for the true label, and a path method's completeness and steps."""
     g = f.require_group("attribution").create_group(method)
-    target = f["dataset/top5"][:, 0]
-    labels = f["dataset/labels"][()]
+    rows = f["dataset/explained"][()]  # the maps are rows of the explained set
+    target = f["dataset/top5"][()][rows, 0]
+    labels = f["dataset/labels"][()][rows]
     maps = g.create_dataset("maps", shape=(n, size, size), dtype=np.float16)
     g.create_dataset("label_maps", shape=(n, size, size), dtype=np.float16)
     scale, label_scale = np.empty(n, np.float32), np.empty(n, np.float32)
@@ -210,9 +211,9 @@ def _strips(groups: int, size: int, insensitive: bool, signed: bool,
 def write_checks(f: h5py.File, methods: list[str], settings: dict[str, int], insensitive: set[str],
                   layers: list[str], rng: np.random.Generator) -> None:
     """/checks: randomization, random logit, deletion, insertion, mass centre, and the random control."""
-    n_images, n_classes = len(f["dataset/images"]), len(f["classes"])
-    n = min(settings["images"], n_images)
-    rows = np.unique(np.linspace(0, n_images - 1, n).round().astype(np.int64))
+    explained, n_classes = f["dataset/explained"][()], len(f["classes"])
+    n = min(settings["images"], len(explained))
+    rows = explained[np.unique(np.linspace(0, len(explained) - 1, n).round().astype(np.int64))]  # /dataset rows
     n = len(rows)
     fractions = np.linspace(0, 1, settings["points"]).astype(np.float32)
     threshold = 0.5

@@ -123,8 +123,8 @@ function searchHits(models, query, root) {
       if (m.logits) {
         hits.push({ label: `class ${name}: unit ${k} of the output${tag}`, href: `${base}${m.logits}/${k}.html` });
       }
-      const image = m.labels.indexOf(k);
-      if (image >= 0) hits.push({ label: `class ${name}: an image of it${tag}`, href: `${base}images/${image}.html` });
+      const at = m.labels.indexOf(k);  // labels of the explained images, whose rows are m.images
+      if (at >= 0) hits.push({ label: `class ${name}: an image of it${tag}`, href: `${base}images/${m.images[at]}.html` });
     });
   }
   return hits.slice(0, MAX_HITS);
