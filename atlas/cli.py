@@ -297,7 +297,9 @@ def bench_site(n_images: int, max_layers: int | None) -> None:
 @click.option("--keep", type=click.Path(file_okay=False), help="build in this new folder and keep the photos, "
               "stores and sites (default: a temporary folder)")
 @click.option("--layers", multiple=True, hidden=True, help="glob patterns of the layers to hook (quick trials)")
+@click.option("--methods", multiple=True, hidden=True, help="attribution methods (quick trials; default: the preset's)")
 def bench_imagenet(**o) -> None:
     """Search N and 4N synthetic photos, explain a fixed set; time, store and site growth."""
     from atlas.bench import imagenet
-    _summary("imagenet", imagenet.run(**{**o, "layers": _split(o["layers"])}), imagenet.SUMMARY)
+    lists = {"layers": _split(o["layers"]), "methods": _split(o["methods"])}
+    _summary("imagenet", imagenet.run(**{**o, **lists}), imagenet.SUMMARY)

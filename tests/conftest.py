@@ -146,9 +146,17 @@ def build_stages():
 
 
 def _store_arrays(path: Path) -> dict[str, np.ndarray]:
+    """Every dataset of an HDF5 file; variable-length bytes (encoded pictures) as an object array of bytes."""
     out: dict[str, np.ndarray] = {}
+
+    def read(name: str, obj) -> None:
+        if isinstance(obj, h5py.Dataset):
+            value = obj[()]
+            if value.dtype == object and value.size and isinstance(value.flat[0], np.ndarray):
+                value = np.array([v.tobytes() for v in value.flat], dtype=object).reshape(value.shape)
+            out[name] = value
     with h5py.File(path, "r") as f:
-        f.visititems(lambda name, obj: out.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None)
+        f.visititems(read)
     return out
 
 

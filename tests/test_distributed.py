@@ -43,7 +43,8 @@ def test_two_ranks_build_the_single_process_store(tmp_path, make_images, store_a
     for key in a:  # bit for bit: a unit's result does not depend on the rank that computed it
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
     parts = tmp_path / "two" / "atlas-tiny_convnet.parts"
-    assert len(list((parts / "dataset").glob("*.h5"))) == 6
+    assert len(list((parts / "dataset").glob("images%2F*.h5"))) == 6  # the bookkeeping of each range
+    assert len(list((parts / "dataset").glob("summary%2F*.h5"))) == 2  # one running summary per rank
     assert (tmp_path / "site-two" / "index.html").is_file()
 
     # a refused setting stops every rank with the same one-line error, none waits forever

@@ -200,7 +200,7 @@ def test_info_summarizes_a_store(tmp_path, site_store, spec):
     lines = text.splitlines()
     assert lines[0].startswith(f"store      {tmp_path / 'tiny.h5'} (") and f"format {STORE_FORMAT})" in lines[0]
     assert "input      32 px, 20 classes" in lines
-    assert f"dataset    {spec.N_IMAGES} images, 1 skipped (synthetic)" in lines
+    assert f"dataset    {spec.N_IMAGES} images searched, {spec.N_IMAGES} explained, 1 skipped (synthetic)" in lines
     assert f"attribution {', '.join(sorted(spec.METHODS))}" in lines
     assert "above the completeness tolerance: integrated_gradients 3 images" in text  # every other image
     assert f"checks     {len(spec.METHODS)} methods on 3 images; insensitive to the weights: guided_backprop" in lines

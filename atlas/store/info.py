@@ -21,8 +21,10 @@ def summarize(path: Path) -> str:
                  f"input      {root.get('input_size')} px, {len(f['classes'])} classes"]
         if DATASET in f:
             d = f[DATASET]
-            lines.append(f"dataset    {d['images'].shape[0]} images, {len(d['skipped_paths'])} skipped "
-                         f"({read_attrs(d['images']).get('source')})")
+            explained = d["explained"].shape[0] if "explained" in d else 0
+            source = read_attrs(d["images"]).get("source") if "images" in d else None
+            lines.append(f"dataset    {d['paths'].shape[0]} images searched, {explained} explained, "
+                         f"{len(d['skipped_paths'])} skipped" + (f" ({source})" if source else ""))
         if ATTRIBUTION in f:
             lines.append(f"attribution {', '.join(f[ATTRIBUTION])}")
             failures = {m: int(g.attrs.get("completeness_failures", 0)) for m, g in f[ATTRIBUTION].items()}

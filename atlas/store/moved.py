@@ -62,7 +62,7 @@ class Part:
 
     def __init__(self, path: Path, store_path: Path):
         self.file = h5py.File(path, "r")
-        self.attrs = self.file.attrs
+        self.attrs = {k: v for k, v in self.file.attrs.items() if k != MOVED}  # what the unit was written with
         self.filename = self.file.filename
         self.moved: dict[str, list] = json.loads(self.file.attrs.get(MOVED, "{}"))
         self._store_path = store_path

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import urllib.parse
 from pathlib import Path
 from typing import Callable, Iterator
@@ -130,8 +131,9 @@ class Store:
         return self.parts / stage / (urllib.parse.quote(key, safe="") + ".h5")
 
     def write_unit(self, stage: str, key: str, arrays: dict[str, np.ndarray], attrs: dict | None = None) -> None:
-        """Writes one finished work unit atomically."""
-        atomic_write(self._unit_path(stage, key), lambda tmp: write_h5(tmp, arrays, attrs or {}))
+        """Writes one finished work unit atomically, stamped with when it was computed (`written`)."""
+        attrs = {**(attrs or {}), "written": time.time_ns()}
+        atomic_write(self._unit_path(stage, key), lambda tmp: write_h5(tmp, arrays, attrs))
 
     def read_unit(self, stage: str, key: str) -> Part:
         """Opens one finished unit for reading (use as a context manager)."""

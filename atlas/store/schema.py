@@ -8,11 +8,12 @@ changed here changes everywhere. docs/store.md describes the layout they make:
     /classes                    class names
     /layers/<layer>/            attrs: kind, module, call, channels, height, width, order
         featurevis/<view>[_objective|_loss|_seed|_peak|_done], quality
-        topk/, bottomk/         index, value, box
+        topk/, bottomk/         index, value, box, crops
         stats/                  mean, std, max, zero_fraction, dead, hist, hist_edges
         unit_attribution/       maps, scale, index
-    /dataset/                   images, paths, labels, top5, top5_prob, skipped_*, source_index
-    /attribution/<method>/      maps, label_maps, targets, info
+    /dataset/                   paths, labels, top5, top5_prob, skipped_*, source_index (the search set);
+                                explained, images (the explained set)
+    /attribution/<method>/      maps, label_maps, targets, info (rows of the explained set)
     /attribution/skipped        methods that do not apply to the model, and why
     /checks/<method>/           randomization, deletion, insertion, ...
 """
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-STORE_FORMAT = 2  # bumped whenever the store layout or its encoding changes incompatibly
+STORE_FORMAT = 3  # bumped whenever the store layout or its encoding changes incompatibly
 
 # --- groups of the consolidated store ---
 CLASSES = "classes"
