@@ -90,8 +90,10 @@ def make_config(o: dict) -> Config:
     if o["methods"]:
         changes["attr_methods"] = _split(o["methods"])
     for field, value in changes.items():
-        if isinstance(value, int) and not isinstance(value, bool) and value < (0 if field == "workers" else 1):
-            raise AtlasError(f"--{field.removeprefix('fv_').replace('_', '-')} must be positive, got {value}")
+        least = 0 if field == "workers" else 1
+        if isinstance(value, int) and not isinstance(value, bool) and value < least:
+            raise AtlasError(f"--{field.removeprefix('fv_').replace('_', '-')} must be "
+                             f"{'0 or more' if least == 0 else 'positive'}, got {value}")
     return preset(o["preset"]).replace(**changes)
 
 
@@ -277,12 +279,13 @@ def bench_scale() -> None:
 
 
 @bench.command("site")
-@click.option("--images", "n_images", default=1000, show_default=True)
+@click.option("--images", "n_images", default=50_000, show_default=True, help="search-set images (ImageNet val)")
+@click.option("--explain", default=1000, show_default=True, help="explained images: pages, photos, maps")
 @click.option("--max-layers", type=int, default=None, help="only the first N layers plus the widest (quicker)")
-def bench_site(n_images: int, max_layers: int | None) -> None:
-    """Render a synthetic full ResNet-50 atlas; measure its size and its largest page."""
+def bench_site(n_images: int, explain: int, max_layers: int | None) -> None:
+    """Render a synthetic full ResNet-50 atlas over ImageNet; measure its size and its largest page."""
     from atlas.bench import site
-    _summary("site", site.run(n_images=n_images, max_layers=max_layers),
+    _summary("site", site.run(n_images=n_images, explained=explain, max_layers=max_layers),
              {"resnet50_site_mb": "", "largest_page_kb": "", "layer_grid_requests": ""})
 
 

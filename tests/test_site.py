@@ -107,9 +107,12 @@ def test_crops_come_from_one_strip_per_unit(site, spec):
     assert len(list(images.glob("*.jpg"))) == spec.N_IMAGES
     assert len(list(images.glob(f"*.{EXT}"))) == spec.N_IMAGES  # one sprite of every method's maps per image
     unit = (root / "tiny" / "conv1" / "0.html").read_text()
-    crops = re.findall(r'class="crop(?: hu)?" role="img" aria-label="[^"]+" style="([^"]+)"', unit)
-    assert len(crops) == 8 + 3  # k=4 highest and 4 lowest, and the 3 that unit attributions explain
-    assert all(f"url(0-examples.{EXT}) " in c and "/800% 100%" in c for c in crops)  # tiles of 8
+    crops = re.findall(r'class="crop" role="img" aria-label="image \d+" style="--i:(\d+)"', unit)
+    assert sorted(map(int, crops)) == list(range(8))  # k=4 highest and 4 lowest: the strip's 8 tiles
+    assert unit.count('class="crops ex" style="--n:8"') == 2  # both lists index one strip ...
+    assert f"<style>.crops.ex .crop {{ background-image: url(0-examples.{EXT}); }}</style>" in unit  # ... this one
+    fired = re.findall(r'class="crop hu" role="img" aria-label="[^"]+" style="([^"]+)"', unit)
+    assert len(fired) == 3 and all(f"url(0-examples.{EXT}) " in c and "/800% 100%" in c for c in fired)
     assert (root / "tiny" / "conv1" / f"0-examples.{EXT}").is_file()
 
 

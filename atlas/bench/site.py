@@ -3,9 +3,10 @@
 The store has ResNet-50's real default layers (names and channel counts from
 `atlas.layers` on torchvision's `resnet50()` at 224 px: 69 layers, 41,664
 units), synthetic pixels for every view of the full preset, 10 top and 10
-bottom dataset examples per unit, 1,000 dataset images with the maps of every
-attribution method of the full preset, and three unit-attribution maps per
-unit. The site is rendered into a temporary folder and measured against what
+bottom dataset examples per unit (with their crops, as the dataset stage
+stores them) found among 50,000 search images (ImageNet's validation set),
+1,000 explained images with the maps of every attribution method of the full
+preset, and three unit-attribution maps per unit. The site is rendered into a temporary folder and measured against what
 GitHub Pages allows: a published site of at most 1 GB.
 
 The synthetic pixels are made to compress like real ones (see
@@ -54,6 +55,7 @@ KINDS = {  # what each file of a model folder is, by its path relative to the fo
     "unit page": re.compile(r"[^/]+/\d+\.html"), "channel picture": re.compile(r"[^/]+/\d+\.\w+"),
     "other views strip": re.compile(r"[^/]+/\d+-views\.\w+"),
     "unit attribution strip": re.compile(r"[^/]+/\d+-attribution\.\w+"),
+    "example crops strip": re.compile(r"[^/]+/\d+-examples\.\w+"),
     "grid sprite sheet": re.compile(r"[^/]+/sprite-\d+\.\w+"),
 }
 
@@ -76,12 +78,13 @@ def largest_page(site: Path) -> tuple[Path, int]:
     return path, size
 
 
-def run(n_images: int = 1000, k: int = 10, fv_size: int | None = None, views: tuple[str, ...] | None = None,
-        max_layers: int | None = None, keep: Path | None = None) -> dict:
+def run(n_images: int = 50_000, explained: int = 1000, k: int = 10, fv_size: int | None = None,
+        views: tuple[str, ...] | None = None, max_layers: int | None = None, keep: Path | None = None) -> dict:
     """Renders the synthetic ResNet-50 atlas and measures its site.
 
     Args:
-        n_images: dataset images.
+        n_images: search-set images (every unit's examples are among them).
+        explained: explained images (a page, a photo and the maps of every method each).
         k: top and bottom examples per unit.
         fv_size: feature-visualization side; the full preset's by default.
         views: feature-visualization views; the full preset's by default.
@@ -100,7 +103,7 @@ def run(n_images: int = 1000, k: int = 10, fv_size: int | None = None, views: tu
     with tempfile.TemporaryDirectory(prefix="atlas-bench-site-") as tmp:
         folder = Path(keep) if keep else Path(tmp)
         start = time.perf_counter()
-        store = write_synthetic_store(folder / "resnet50.h5", layers, n_images, k=k,
+        store = write_synthetic_store(folder / "resnet50.h5", layers, n_images, k=k, explained=explained,
                                       fv_size=fv_size or full.fv_size, views=views or full.fv_views,
                                       methods=full.attr_methods, name="resnet50")
         store_s = time.perf_counter() - start
@@ -116,8 +119,10 @@ def run(n_images: int = 1000, k: int = 10, fv_size: int | None = None, views: tu
                "layer_grid_requests": grid_requests(grid),
                "parts_mb": {k: round(v / 1e6, 1) for k, v in sizes.items()},
                "layers": len(layers), "units": sum(l[1] for l in layers), "pages": report["pages"],
-               "view_scale": report["view_scale"],
-               "estimated_mb": {str(k): round(v / 1e6, 1) for k, v in report["estimates"].items()},
+               "view_scale": report["view_scale"], "crop_side": report["crop_side"],
+               "search_images": n_images, "explained": explained,
+               "estimated_mb": {"x".join(f"{s:g}" for s in key): round(v / 1e6, 1)
+                                for key, v in report["estimates"].items()},
                "store_s": round(store_s, 1), "render_s": report["seconds"],
                "kinds": {k: {"files": n, "mean_kb": round(b / max(n, 1) / 1e3, 2), "mb": round(b / 1e6, 1)}
                          for k, (n, b) in kinds.items()}}
@@ -126,7 +131,8 @@ def run(n_images: int = 1000, k: int = 10, fv_size: int | None = None, views: tu
     for part, mb in out["parts_mb"].items():
         print(f"  {part:13s} {mb:9.1f} MB")
     if out["estimated_mb"]:
-        print(f"  secondary views at {out['view_scale']:g} of their side; estimated MB by side: {out['estimated_mb']}")
+        print(f"  secondary views at {out['view_scale']:g} of their side, example crops at "
+              f"{out['crop_side'] or 'their stored'} px; estimated MB by (view x crop scale): {out['estimated_mb']}")
     print(f"  {'total':13s} {out['resnet50_site_mb']:9.1f} MB; largest page {out['largest_page']} "
           f"{out['largest_page_kb']} KB; {out['pages']} pages; store {out['store_s']} s, render {out['render_s']} s")
     for key, limit in TARGETS.items():

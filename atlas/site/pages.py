@@ -159,10 +159,14 @@ def _examples(group: str, c: int, arrays: dict, dataset: dict | None, strip: dic
         if not 0 <= j < len(dataset["paths"]):
             continue  # -1: fewer than k images were seen
         out.append({"href": f"../images/{j}.html" if int(j) in dataset["position"] else None, "value": v,
-                    "style": f"background:url({strip['src']}) {img.tile_position(first + slot, strip['total'])} 0/"
-                             f"{strip['total'] * 100}% 100%",
-                    "label": f"image {j}: {dataset['paths'][j]}"})
+                    "style": f"--i:{first + slot}", "label": f"image {j}"})  # its tile: atlas.css .crops.ex
     return out
+
+
+def _strip_style(strip: dict | None) -> dict | None:
+    """The example lists' strip (a URL in the page's own style, so it resolves against the page) and
+    its tile count, which each crop's `--i` indexes."""
+    return {"src": strip["src"], "style": f"--n:{strip['total']}"} if strip else None
 
 
 def _unit_link(model: Model, i: int, c: int) -> dict | None:
@@ -280,7 +284,7 @@ def unit_context(model: Model, i: int, c: int, arrays: dict, dataset: dict | Non
             "views": _views(layer, c, arrays), "views_line": views_line,
             "quality": _quality(c, arrays), "hist": _histogram(c, arrays),
             "dead": bool(arrays["stats/dead"][c]) if "stats/dead" in arrays else None,
-            "top": top, "bottom": _examples("bottomk", c, arrays, dataset, strip),
+            "top": top, "bottom": _examples("bottomk", c, arrays, dataset, strip), "strip": _strip_style(strip),
             "fired": _fired(c, arrays, dataset, fired, strip), "fired_scale": fired["scale"] if fired else None,
             "fired_params": fired["params"] if fired else {},
             "fired_missing": bool(top) and not has_unit_attribution, "run": site_checks.RUN,

@@ -50,7 +50,12 @@ def _ranked(peaks: np.ndarray, k: int, top: bool) -> tuple[np.ndarray, np.ndarra
     """[C, k] rows of the k highest (or lowest) images and their values, padded with -1 and NaN."""
     channels, n = peaks.shape
     take = min(k, n)
-    order = np.argsort(-peaks if top else peaks, axis=1, kind="stable")[:, :take]
+    key = -peaks if top else peaks
+    if n > 4 * k:  # the k best of many: partition first, then sort those few (ties by index)
+        best = np.sort(np.argpartition(key, take - 1, axis=1)[:, :take], axis=1)
+        order = np.take_along_axis(best, np.argsort(np.take_along_axis(key, best, 1), axis=1, kind="stable"), 1)
+    else:
+        order = np.argsort(key, axis=1, kind="stable")[:, :take]
     index = np.full((channels, k), -1, np.int64)
     value = np.full((channels, k), np.nan, np.float32)
     index[:, :take] = order
