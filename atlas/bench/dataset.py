@@ -18,6 +18,7 @@ from atlas.bench.common import best_time, child_peak, repeated_samples
 from atlas.config import preset
 from atlas.dataset import stage as dataset
 from atlas.dataset.images import ImageDataset
+from atlas.dataset.reader import span_key
 from atlas.devices import resolve_device
 from atlas.layers import discover, select
 from atlas.pipeline import Context
@@ -45,8 +46,15 @@ def _plain(ctx: Context, records) -> None:
 
 
 def _atlas(ctx: Context, records) -> None:
-    arrays = dataset._run_unit(ctx, records, 0, len(records), tqdm(disable=True), ctx.config.data_batch)
-    ctx.store.write_unit(dataset.STAGE, dataset.unit_key(0, len(records)), arrays)
+    """One range of the dataset pass as the stage streams it: the hooked pass, its bookkeeping part and
+    the running summary written once."""
+    for old in (ctx.store.parts / dataset.STAGE).glob("summary*.h5"):
+        old.unlink()  # each timed pass starts afresh, as a new build does
+    running = dataset._Running(ctx, {"k": ctx.config.topk})
+    book = dataset._run_range(ctx, records, running.layers, 0, len(records), tqdm(disable=True),
+                              ctx.config.data_batch)
+    ctx.store.write_unit(dataset.STAGE, span_key(0, len(records)), book)
+    running.save(force=True)
 
 
 def peak(model: str, weights: str, images: int, batch: int, workers: int, device: str) -> dict:
