@@ -292,7 +292,7 @@ def bench_site(n_images: int, explain: int, max_layers: int | None) -> None:
 @bench.command("imagenet")
 @click.option("--images", type=click.IntRange(min=1), default=250, show_default=True,
               help="search images of the smaller build (the larger one searches 4x)")
-@click.option("--explain", type=click.IntRange(min=1), default=16, show_default=True,
+@click.option("--explain", type=click.IntRange(min=1), default=8, show_default=True,
               help="images of each search set that get attributions")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True,
