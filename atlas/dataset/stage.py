@@ -63,9 +63,11 @@ class _Running:
         cfg = ctx.config
         self.layers = {l.name: LayerSummary(l.channels, cfg.topk, ctx.device, cfg.fuse) for l in ctx.layers}
         self.spans: list[str] = []
+        self.seconds = 0.0  # of streaming, over the spans: what the pass cost
         if self.key in ctx.store.done(STAGE):  # resume: go on from what this rank had written
             with ctx.store.read_unit(STAGE, self.key) as part:
                 self.spans = list(read_attrs(part).get("spans", []))
+                self.seconds = float(part.attrs.get("pass_seconds", 0.0))
                 for name, s in self.layers.items():
                     s.merge({k: part[f"{name}/{k}"][...] for k in s.arrays()})
         self.saved, self.cost = time.perf_counter(), 0.0
@@ -77,7 +79,8 @@ class _Running:
         if not force and (now - self.saved) * CHECKPOINT_SHARE < self.cost:
             return
         arrays = {f"{name}/{k}": v for name, s in self.layers.items() for k, v in s.arrays().items()}
-        self.ctx.store.write_unit(STAGE, self.key, arrays, {**self.attrs, "spans": self.spans})
+        self.ctx.store.write_unit(STAGE, self.key, arrays, {**self.attrs, "spans": self.spans,
+                                                            "pass_seconds": self.seconds})
         self.saved = time.perf_counter()
         self.cost = self.saved - now
 
@@ -87,10 +90,12 @@ def _stream(ctx, records, todo: list[tuple[int, int]], attrs: dict) -> None:
     batch = ctx.config.data_batch
     with ctx.bar(sum(b - a for a, b in todo), "dataset pass", "img") as bar:
         for first, end in todo:
+            start = time.perf_counter()
             book, batch = _fitting_range(ctx, records, running, first, end, bar, batch)
             ctx.store.write_unit(STAGE, span_key(first, end), book, {"total": len(records)})
             running.spans.append(span_key(first, end))
             running.save(force=(first, end) == todo[-1])
+            running.seconds += time.perf_counter() - start
 
 
 def _fitting_range(ctx, records, running: _Running, first: int, end: int, bar, batch: int):
