@@ -94,8 +94,8 @@ def _stream(ctx, records, todo: list[tuple[int, int]], attrs: dict) -> None:
             book, batch = _fitting_range(ctx, records, running, first, end, bar, batch)
             ctx.store.write_unit(STAGE, span_key(first, end), book, {"total": len(records)})
             running.spans.append(span_key(first, end))
-            running.save(force=(first, end) == todo[-1])
             running.seconds += time.perf_counter() - start
+            running.save(force=(first, end) == todo[-1])
 
 
 def _fitting_range(ctx, records, running: _Running, first: int, end: int, bar, batch: int):

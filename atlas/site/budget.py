@@ -22,12 +22,13 @@ from atlas.site.data import Model, crops, pictures, unit_attribution
 from atlas.store.schema import FEATUREVIS, LAYERS, SECONDARY_VIEWS, view_dataset
 
 # (side of the secondary views, side of the example crops) tried in turn, as fractions of the stored sides
-CANDIDATES = ((1.0, 1.0), (0.75, 1.0), (0.5, 1.0), (0.5, 0.75), (0.5, 0.5), (0.375, 0.5), (0.375, 0.375))
+CANDIDATES = ((1.0, 1.0), (0.75, 1.0), (0.5, 1.0), (0.5, 0.75), (0.5, 0.5), (0.375, 0.5), (0.375, 0.375),
+              (0.25, 0.375))
 VIEW_SCALES = tuple(dict.fromkeys(v for v, _ in CANDIDATES))
 SAMPLE_UNITS = 48  # units encoded to estimate the bytes of every unit
 # HTML of one unit page, as `atlas bench site` measures it for ResNet-50: with its 10
-# top and 10 bottom examples and 3 attribution overlays 8.5 KB, without examples 4 KB.
-UNIT_PAGE_BYTES = {True: 8_500, False: 4_000}
+# top and 10 bottom examples and 3 attribution overlays 9.5 KB, without examples 4 KB.
+UNIT_PAGE_BYTES = {True: 9_500, False: 4_000}
 LAYER_BYTES = 60_000  # a layer's grid page, preview and the rest of its sheet overhead
 
 
