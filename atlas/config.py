@@ -43,7 +43,7 @@ class Config:
     fv_loss_points: int = 32  # loss-curve samples kept per image
     fv_views: tuple[str, ...] = VIEWS  # what to render per unit
     fv_diversity: int = 4  # images in a unit's diversity set
-    fv_diversity_weight: float = 10.0  # weight of the style-difference reward against the channel mean
+    fv_diversity_weight: float = 100.0  # weight of the style-difference reward (Lucid's 1e2)
     fv_redirect_steps: int = 16  # first steps with the redirected ReLU gradient (Lucid: 16)
     fv_param: str = "fourier"  # "fourier" (Lucid) or "phase" (MACO: phase only, natural magnitude; NAdam lr 1)
 

@@ -121,3 +121,78 @@ def test_phase_parameterization_keeps_the_natural_spectrum_and_rises(tiny):
     assert result.objective.mean() > before.mean() and result.finite.all()
     with pytest.raises(ValueError, match="param: expected"):
         render(tiny.model, tiny.preprocess, objective, [5, 6], RenderSettings(size=32, steps=1, param="pixels"))
+
+
+def _lucid_chain(image: torch.Tensor, offsets, angle: int, r) -> torch.Tensor:
+    """Lucid's transforms step by step at scale 1: pad with grey, crop, rotate, crop."""
+    from torchvision.transforms.functional import InterpolationMode, rotate
+    x = torch.nn.functional.pad(image, [r.pad] * 4, value=0.5)
+    for (dx, dy), j in zip(offsets, r.jitter):
+        if j == r.jitter[-1] and angle:
+            x = rotate(x, angle, InterpolationMode.BILINEAR, fill=[0.5] * 3)
+        side = x.shape[-1] - j
+        x = x[..., dy:dy + side, dx:dx + side]
+    return x
+
+
+@pytest.mark.parametrize("offsets, angle", [([(4, 4), (2, 2)], 0), ([(0, 8), (4, 0)], 0), ([(3, 5), (1, 3)], 7),
+                                            ([(8, 1), (0, 4)], -10)])
+def test_the_view_is_lucids_transform_chain(monkeypatch, offsets, angle):
+    from atlas.featurevis import transforms as T
+    r = T.Robustness()
+    image = torch.rand(1, 3, 32, 32)
+    monkeypatch.setattr(T, "draw", lambda gen, rob: (offsets, 1.0, angle))
+    view = T.random_affine(image, [torch.Generator()], r)
+    expected = _lucid_chain(image, offsets, angle, r)
+    assert view.shape == expected.shape == (1, 3, r.frame(32), r.frame(32))  # the grey pad reaches the model
+    # torchvision blends its fill into the rotated frame's edge (a darker seam); compare inside it
+    edge = 5 if angle else 0
+    inner = (slice(None), slice(None), slice(edge, view.shape[-1] - edge), slice(edge, view.shape[-1] - edge))
+    assert torch.allclose(view[inner], expected[inner], atol=1e-4)
+
+
+def test_transform_draws_follow_lucids_lists():
+    from atlas.featurevis.transforms import LUCID_ANGLES, Robustness, draw
+    r, gen = Robustness(), torch.Generator().manual_seed(0)
+    draws = [draw(gen, r) for _ in range(4000)]
+    assert {d[0][0][0] for d in draws} == set(range(9)) and {d[0][1][1] for d in draws} == set(range(5))
+    assert {d[1] for d in draws} == set(r.scales) and {d[2] for d in draws} == set(range(-10, 11))
+    assert abs(np.mean([d[2] == 0 for d in draws]) - 6 / 26) < 0.03 and len(LUCID_ANGLES) == 26
+
+
+def test_scale_zooms_the_content_about_the_centre(monkeypatch):
+    from atlas.featurevis import transforms as T
+    image = torch.zeros(1, 3, 64, 64)
+    image[..., 22:42, 22:42] = 1.0  # a centred 20 px square
+    for scale in (0.9, 1.1):
+        monkeypatch.setattr(T, "draw", lambda gen, rob: ([(4, 4), (2, 2)], scale, 0))
+        view = T.random_affine(image, [torch.Generator()], T.Robustness())
+        width = float((view[0, 0, view.shape[-1] // 2] - 0.5).clamp(min=0).sum() * 2)
+        assert abs(width - 20 * scale) < 1.0, (scale, width)
+
+
+def test_the_diversity_view_is_lucids_objective_at_lucids_weight():
+    from atlas.config import Config
+    from atlas.featurevis.stage import objective_of
+    cfg = Config()
+    acts = {"l": torch.rand(2 * cfg.fv_diversity, 6, 5, 5)}
+    k = cfg.fv_diversity
+    ours = objective_of("diversity", "l", [1, 4], cfg)(acts)
+    for unit, channel_index in enumerate((1, 4)):  # Lucid: mean channel - 1e2 * sum_{i != j} <g_i, g_j> / n
+        a = acts["l"][unit * k:(unit + 1) * k]
+        g = torch.nn.functional.normalize(torch.einsum("bchw,bdhw->bcd", a, a).flatten(1), dim=1)
+        pairs = (g @ g.T).sum() - (g @ g.T).diag().sum()
+        lucid = a[:, channel_index].mean() - 1e2 * pairs / k
+        assert torch.allclose(ours[unit * k:(unit + 1) * k].sum() / k, lucid, rtol=1e-5)
+
+
+def test_a_diversity_set_differs_in_style(tiny):
+    def gram_similarity(a: torch.Tensor) -> float:
+        g = torch.nn.functional.normalize(torch.einsum("bchw,bdhw->bcd", a, a).flatten(1), dim=1)
+        s = g @ g.T
+        return float((s.sum() - s.diag().sum()) / (len(a) * (len(a) - 1)))
+    settings, seeds = RenderSettings(size=32, steps=48), [1, 2, 3, 4]
+    alone = render(tiny.model, tiny.preprocess, O.channel("block", [1] * 4), seeds, settings)
+    mixed = render(tiny.model, tiny.preprocess, O.channel("block", [1] * 4) + 100 * O.diversity("block"), seeds,
+                   settings)
+    assert gram_similarity(alone.acts["block"]) > 0.9 > 0.6 > gram_similarity(mixed.acts["block"])

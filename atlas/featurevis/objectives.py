@@ -95,11 +95,14 @@ def direction(layer: str, vectors: torch.Tensor) -> Objective:
 
 
 def diversity(layer: str, groups: Sequence[int] | None = None) -> Objective:
-    """Minus each image's mean cosine similarity of its Gram matrix with the others' in its group.
+    """Minus the summed cosine similarity of each image's Gram matrix with the others' in its group.
 
-    Rewards images that differ in style. `groups` gives each image of the batch
-    a group id (default: one group), so several units' diversity sets can share
-    a batch without pulling on each other. An image alone in its group scores 0.
+    Rewards images that differ in style. Summed over a batch this is Lucid's
+    diversity term times the batch size, so `channel + 100 * diversity` is
+    Lucid's recipe (`channel - 1e2 * diversity`, whose channel term is the mean
+    over the batch). `groups` gives each image of the batch a group id
+    (default: one group), so several units' diversity sets can share a batch
+    without pulling on each other. An image alone in its group scores 0.
     """
     def fn(a: Acts) -> torch.Tensor:
         x = a[layer].flatten(2)
@@ -108,5 +111,5 @@ def diversity(layer: str, groups: Sequence[int] | None = None) -> Objective:
         b = sim.shape[0]
         ids = torch.zeros(b, device=x.device) if groups is None else torch.as_tensor(list(groups), device=x.device)
         same = (ids[:, None] == ids[None, :]) & ~torch.eye(b, dtype=torch.bool, device=x.device)
-        return -(sim * same).sum(1) / same.sum(1).clamp(min=1)
+        return -(sim * same).sum(1)
     return Objective(fn, f"diversity {layer}", frozenset({layer}))
