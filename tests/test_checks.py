@@ -96,6 +96,7 @@ def test_randomized_copy_changes_only_the_chosen_groups():
     torch.manual_seed(0)
     model = Small().eval()
     model.block[1].running_mean.fill_(0.5)
+    model.block[1].running_var.fill_(4.0)
     model.block[1].weight.data.fill_(2.0)  # as if trained, so BatchNorm's reset to (1, 0) changes it
     model.block[1].bias.data.fill_(0.1)
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -104,8 +105,12 @@ def test_randomized_copy_changes_only_the_chosen_groups():
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # original untouched
     after = copy.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
-    assert changed == {"head.weight", "head.bias", "conv2.weight", "conv2.bias", "block.1.weight", "block.1.bias"}
-    assert torch.equal(after["block.1.running_mean"], before["block.1.running_mean"])
+    assert changed == {"head.weight", "head.bias", "conv2.weight", "conv2.bias", "block.1.weight", "block.1.bias",
+                       "block.1.running_mean", "block.1.running_var"}
+    # BatchNorm is reset whole, as freshly built (and as Quantus resets it): no trained statistics around new weights
+    assert torch.equal(after["block.1.running_mean"], torch.zeros(4)) and torch.equal(after["block.1.running_var"],
+                                                                                       torch.ones(4))
+    assert torch.equal(after["block.1.num_batches_tracked"], before["block.1.num_batches_tracked"])  # was 0
     assert not copy.training
     again = checks.randomized(model, groups[1:2], seed=1)  # the same new weights, alone or cascaded
     assert torch.equal(again.state_dict()["conv2.weight"], after["conv2.weight"])

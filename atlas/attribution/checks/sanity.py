@@ -115,9 +115,12 @@ def randomized(model: nn.Module, groups: Iterable[Group], seed: int = 0) -> nn.M
     whichever other groups are randomized with it. Parameters of a module
     without `reset_parameters` are re-drawn from a zero-mean normal with their
     own standard deviation (constant ones, e.g. a layer scale of ones, stay).
-    BatchNorm's reset sets its scale to 1 and shift to 0, its initial values.
-    Buffers such as BatchNorm running statistics are left as they are: only
-    learned parameters are re-initialized. The copy keeps the model's mode (eval).
+    A normalization layer with running statistics (BatchNorm) is reset whole,
+    as a freshly built network has it and as Quantus's randomization does:
+    scale 1, shift 0, running mean 0, running variance 1. Keeping the trained
+    statistics around re-drawn weights would rescale activations by numbers
+    that no longer belong to them, which can collapse them and make the check
+    too easy to pass. Other buffers stay. The copy keeps the model's mode (eval).
 
     Args:
         model: the classifier; it is not modified.
@@ -141,7 +144,9 @@ def _seed(seed: int, name: str) -> int:
 
 def _reinit(module: nn.Module, seed: int) -> None:
     devices = sorted({p.device.index or 0 for p in module.parameters(recurse=False) if p.is_cuda})
-    buffers = {k: b.detach().clone() for k, b in module.named_buffers(recurse=False)}
+    # running statistics reset with their layer; every other buffer (fixed tables, masks) is kept
+    keep = not isinstance(module, nn.modules.batchnorm._NormBase)
+    buffers = {k: b.detach().clone() for k, b in module.named_buffers(recurse=False)} if keep else {}
     with torch.random.fork_rng(devices=devices), torch.no_grad():
         torch.manual_seed(seed)
         if hasattr(module, "reset_parameters"):
@@ -151,7 +156,7 @@ def _reinit(module: nn.Module, seed: int) -> None:
                 std = float(p.float().std()) if p.numel() > 1 else 0.0
                 if std > 0:
                     p.normal_(0.0, std)
-        for k, b in buffers.items():  # reset_parameters also resets BatchNorm running stats
+        for k, b in buffers.items():
             getattr(module, k).copy_(b)
 
 
