@@ -24,6 +24,9 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q $(TORCH_SPEC)
 	$(PY) -m pip install -q -e '.[test]'
+	# torchray, the reference the Extremal Perturbations tests hold Atlas against; without its
+	# dependencies (pycocotools, pymongo), which serve its own benchmarks, not the method
+	$(PY) -m pip install -q --no-deps 'torchray==1.0.0.2'
 	touch $@
 
 atlas: install

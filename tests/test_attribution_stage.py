@@ -13,9 +13,10 @@ from atlas.attribution.base import InputSpace
 from atlas.attribution.gradients import SmoothGrad
 from atlas.layers import Capture
 
-METHODS = ("gradient", "smoothgrad", "smoothgrad_sq", "vargrad", "integrated_gradients", "grad_cam")
+METHODS = ("gradient", "smoothgrad", "smoothgrad_sq", "vargrad", "integrated_gradients", "grad_cam",
+           "extremal_perturbation")
 # every method above with few steps, the checks and the unit attributions, small
-SETTINGS = dict(topk=3, attr_methods=METHODS, attr_steps=8, attr_samples=6, attr_check_images=2,
+SETTINGS = dict(topk=3, attr_methods=METHODS, attr_steps=8, attr_samples=6, attr_check_images=2, attr_extremal_steps=4,
                 attr_check_groups=3, attr_check_points=5, attr_unit_topk=2, attr_unit_size=8, data_unit=8)
 
 
@@ -45,6 +46,8 @@ def test_every_method_has_a_map_per_image(built):
             path_method = name == "integrated_gradients"
             assert np.isfinite(g["completeness"][...]).all() == path_method
             assert (g["steps"][...] >= 8).all() == path_method
+            extremal = name == "extremal_perturbation"  # its achieved area and preserved logit are kept
+            assert np.isfinite(g["area"][...]).all() == np.isfinite(g["preserved"][...]).all() == extremal
         ig = f["attribution/integrated_gradients"]
         failures = int((ig["completeness"][...] > 0.01).sum())
         assert ig.attrs["completeness_failures"] == failures

@@ -11,13 +11,14 @@ import json
 import h5py
 import numpy as np
 
+from atlas.attribution.maps import DIAGNOSTICS
 from atlas.store import Store, read_attrs
 from atlas.store.schema import ATTRIBUTION, CHECKS, DATASET, LAYERS, UNIT_ATTRIBUTION
 
 STAGE = ATTRIBUTION
 _PER_IMAGE = {"target": (np.int64, -1), "score": (np.float32, np.nan), "label_target": (np.int64, -1),
-              "completeness": (np.float32, np.nan), "steps": (np.int32, 0),
-              "scale": (np.float32, np.nan), "label_scale": (np.float32, np.nan), "finite": (np.bool_, True)}
+              **DIAGNOSTICS, "scale": (np.float32, np.nan), "label_scale": (np.float32, np.nan),
+              "finite": (np.bool_, True)}
 
 
 def consolidate(store: Store, f: h5py.File) -> dict:

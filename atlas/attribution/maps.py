@@ -17,6 +17,9 @@ from atlas.errors import AtlasError
 from atlas.store.schema import ATTRIBUTION
 
 STAGE = ATTRIBUTION
+# per-image diagnostics a method may report (`Explanation.info`), with the value of an image it did not report
+DIAGNOSTICS = {"completeness": (np.float32, np.nan), "steps": (np.int32, 0), "area": (np.float32, np.nan),
+               "preserved": (np.float32, np.nan)}
 
 
 def run_maps(ctx, images, todo: list[tuple[str, str]], make_method) -> None:
@@ -79,7 +82,7 @@ RETRY_SEED = 7_919  # added to an image's seed when its map came out NaN or infi
 
 def _explain(ctx, group: dict[str, Attribution], images, index: np.ndarray, target: np.ndarray,
              retry: int = 0) -> dict:
-    """name -> (maps [n, S, S] summed over colour, completeness [n], steps [n]).
+    """name -> (maps [n, S, S] summed over colour, {diagnostic: [n]} for every one of DIAGNOSTICS).
 
     `retry` > 0 draws the random methods' noise from another seed.
     """
@@ -91,7 +94,8 @@ def _explain(ctx, group: dict[str, Attribution], images, index: np.ndarray, targ
             for method in group.values():
                 method.seed = ctx.config.seed + int(index[i]) + retry * RETRY_SEED
             parts.append(_explain_rows(group, x[i:i + 1], t[i:i + 1]))
-        return {name: tuple(np.concatenate([p[name][j] for p in parts]) for j in range(3)) for name in group}
+        return {name: (np.concatenate([p[name][0] for p in parts]),
+                       {k: np.concatenate([p[name][1][k] for p in parts]) for k in DIAGNOSTICS}) for name in group}
     return _explain_rows(group, x, t)
 
 
@@ -104,10 +108,9 @@ def _explain_rows(group: dict[str, Attribution], x: torch.Tensor, t: torch.Tenso
         results = {name: (e.maps, e.info) for name, m in group.items() for e in [m.explain(x, t)]}
     out = {}
     for name, (maps, info) in results.items():
-        completeness = info.get("completeness", torch.full((n,), float("nan")))
-        steps = info.get("steps", torch.zeros(n))
-        out[name] = (maps.sum(1).float().cpu().numpy(), completeness.float().cpu().numpy(),
-                     steps.cpu().numpy().astype(np.int32))
+        out[name] = (maps.sum(1).float().cpu().numpy(),
+                     {k: info[k].cpu().numpy().astype(dtype) if k in info else np.full(n, fill, dtype)
+                      for k, (dtype, fill) in DIAGNOSTICS.items()})
     return out
 
 
@@ -131,14 +134,15 @@ def _maps_of(ctx, group: dict[str, Attribution], images, index: np.ndarray, scor
     label = np.array([images.labels[int(i)] for i in index], np.int64)
     out = {name: {"maps": np.zeros((n, size, size), np.float32),
                   "label_maps": np.full((n, size, size), np.nan, np.float32),
-                  "completeness": np.full(n, np.nan, np.float32), "steps": np.zeros(n, np.int32)}
+                  **{k: np.full(n, fill, dtype) for k, (dtype, fill) in DIAGNOSTICS.items()}}
            for name in group}
     batch = ctx.config.attr_batch
     for a in range(0, n, batch):
         rows = slice(a, min(n, a + batch))
-        for name, (maps, completeness, steps) in _explain(ctx, group, images, index[rows], target[rows]).items():
-            out[name]["maps"][rows], out[name]["completeness"][rows], out[name]["steps"][rows] = \
-                maps, completeness, steps
+        for name, (maps, info) in _explain(ctx, group, images, index[rows], target[rows]).items():
+            out[name]["maps"][rows] = maps
+            for k, values in info.items():
+                out[name][k][rows] = values
         bar.update(rows.stop - rows.start)
     _retry_non_finite(ctx, group, images, index, target, out)
     same = label == target
@@ -147,10 +151,10 @@ def _maps_of(ctx, group: dict[str, Attribution], images, index: np.ndarray, scor
         arrays["label_maps"][same] = arrays["maps"][same]
     for a in range(0, other.size, batch):
         rows = other[a:a + batch]
-        for name, (maps, _, _) in _explain(ctx, group, images, index[rows], label[rows]).items():
+        for name, (maps, _) in _explain(ctx, group, images, index[rows], label[rows]).items():
             out[name]["label_maps"][rows] = maps
     common = {"index": index, "target": target, "score": score, "label_target": label}
-    return {name: {**common, "completeness": a["completeness"], "steps": a["steps"], "finite": _finite(a["maps"]),
+    return {name: {**common, **{k: a[k] for k in DIAGNOSTICS}, "finite": _finite(a["maps"]),
                    **_scaled("maps", a["maps"]), **_scaled("label_maps", a["label_maps"])}
             for name, a in out.items()}
 
@@ -169,11 +173,12 @@ def _retry_non_finite(ctx, group: dict[str, Attribution], images, index: np.ndar
     rows = np.flatnonzero(np.any(list(bad.values()), axis=0))
     if not rows.size:
         return
-    for name, (maps, completeness, steps) in _explain(ctx, group, images, index[rows], target[rows], retry=1).items():
+    for name, (maps, info) in _explain(ctx, group, images, index[rows], target[rows], retry=1).items():
         redo = rows[bad[name][rows]]
         keep = bad[name][rows]
-        out[name]["maps"][redo], out[name]["completeness"][redo], out[name]["steps"][redo] = \
-            maps[keep], completeness[keep], steps[keep]
+        out[name]["maps"][redo] = maps[keep]
+        for k, values in info.items():
+            out[name][k][redo] = values[keep]
         still = int((~_finite(out[name]["maps"][redo])).sum())
         if still:
             tqdm.write(f"atlas: {name}: {still} map(s) stay NaN or infinite after a retry; flagged in the store")

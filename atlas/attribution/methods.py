@@ -16,7 +16,8 @@ from atlas.attribution.base import Attribution, InputSpace
 from atlas.attribution.cam import GradCAM, GuidedGradCAM
 from atlas.attribution.gradients import Gradient, GradientXInput, GuidedBackprop, SmoothGrad
 from atlas.attribution.paths import ExpectedGradients, IntegratedGradients
-from atlas.attribution.perturbation import ExtremalPerturbation, Occlusion
+from atlas.attribution.extremal import ExtremalPerturbation
+from atlas.attribution.perturbation import Occlusion
 from atlas.config import Config
 from atlas.errors import AtlasError
 from atlas.store.schema import ALL_METHODS
