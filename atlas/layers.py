@@ -5,7 +5,10 @@ trace. Two traps are handled here: a module whose output a later in-place op
 overwrites (a conv followed by `ReLU(inplace=True)`), and a module called more
 than once per forward pass (torchvision's Bottleneck calls one `relu` three
 times). A layer is one call of one module: `layer1.0.relu@2` is the third call
-of `layer1.0.relu`; modules called once keep their plain dotted name.
+of `layer1.0.relu`; modules called once keep their plain dotted name. A name
+ending in `:in` is that call's input instead of its output: a layer's
+pre-activation, `layer1.0.relu@2:in`, is what the ReLU that produced the
+layer's output received.
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ class LayerInfo:
     channels: int
     height: int
     width: int
+    pre: str | None = None  # `<activation call>:in`, when the output is an activation's: its pre-activation
+    then: str | None = None  # the normalization or activation layer that takes this output as it is
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -56,6 +61,11 @@ def as_bchw(t: torch.Tensor) -> torch.Tensor | None:
     return None
 
 
+INPUT = ":in"  # suffix of a name that means a call's input
+ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SiLU, nn.GELU, nn.Hardswish, nn.Mish, nn.Hardtanh,
+               nn.PReLU, nn.Softplus)
+
+
 class _StopForward(Exception):
     pass
 
@@ -77,21 +87,33 @@ class Capture:
                  fn: Callable[[torch.Tensor], object] | dict[str, Callable] = torch.clone,
                  stop: bool = False):
         self.model, self.fn, self.stop = model, fn, stop
-        self.names = {parse_layer_name(n): n for n in layers}
+        self.names: dict[tuple[str, int], str] = {}
+        self.inputs: dict[tuple[str, int], str] = {}  # the `:in` names: a call's input
+        for n in layers:
+            base, is_input = (n[:-3], True) if n.endswith(INPUT) else (n, False)
+            (self.inputs if is_input else self.names)[parse_layer_name(base)] = n
         self.wanted: dict[str, set[int]] = defaultdict(set)
+        self.wanted_in: dict[str, set[int]] = defaultdict(set)
         for module, call in self.names:
             self.wanted[module].add(call)
+        for module, call in self.inputs:
+            self.wanted_in[module].add(call)
         modules = dict(model.named_modules())
-        unknown = [m for m in self.wanted if m not in modules]
+        unknown = [m for m in [*self.wanted, *self.wanted_in] if m not in modules]
         if unknown:
             raise AtlasError(f"no module named {unknown[0]!r} in {type(model).__name__}")
         self._modules = {m: modules[m] for m in self.wanted}
+        self._in_modules = {m: modules[m] for m in self.wanted_in}
         self._handles: list = []
         self._calls: dict[str, int] = {}
+        self._in_calls: dict[str, int] = {}
+        self.total = len(self.names) + len(self.inputs)
         self.outputs: dict[str, object] = {}
         self.returned = None
 
     def __enter__(self) -> Capture:
+        for name, module in self._in_modules.items():
+            self._handles.append(module.register_forward_pre_hook(self._pre_hook(name)))
         for name, module in self._modules.items():
             self._handles.append(module.register_forward_hook(self._hook(name)))
         return self
@@ -110,22 +132,37 @@ class Capture:
             act = as_bchw(output)
             if act is None:
                 raise AtlasError(f"layer {module_name} returns {type(output).__name__}, not a feature map")
-            name = self.names[(module_name, call)]
-            self.outputs[name] = (self.fn[name] if isinstance(self.fn, dict) else self.fn)(act)
-            if self.stop and len(self.outputs) == len(self.names):
-                raise _StopForward
+            self._keep(self.names[(module_name, call)], act)
         return hook
+
+    def _pre_hook(self, module_name: str):
+        def hook(_module, inputs):
+            call = self._in_calls.get(module_name, 0)
+            self._in_calls[module_name] = call + 1
+            if call not in self.wanted_in[module_name]:
+                return
+            act = as_bchw(inputs[0]) if inputs else None
+            if act is None:
+                raise AtlasError(f"layer {module_name} takes {type(inputs[0]).__name__}, not a feature map")
+            self._keep(self.inputs[(module_name, call)], act)
+        return hook
+
+    def _keep(self, name: str, act: torch.Tensor) -> None:
+        self.outputs[name] = (self.fn[name] if isinstance(self.fn, dict) else self.fn)(act)
+        if self.stop and len(self.outputs) == self.total:
+            raise _StopForward
 
     def run(self, x: torch.Tensor) -> dict[str, object]:
         """Runs the model on `x`; returns the captured value of every chosen layer."""
         self._calls.clear()
+        self._in_calls.clear()
         self.outputs = {}
         self.returned = None
         try:
             self.returned = self.model(x)
         except _StopForward:
             pass
-        missing = set(self.names.values()) - set(self.outputs)
+        missing = {*self.names.values(), *self.inputs.values()} - set(self.outputs)
         if missing:
             raise AtlasError(f"layer(s) never called in the forward pass: {', '.join(sorted(missing))}")
         return self.outputs
@@ -140,6 +177,13 @@ def parse_layer_name(name: str) -> tuple[str, int]:
 def discover(model: nn.Module, input_size: int, device: torch.device | str = "cpu") -> list[LayerInfo]:
     """Lists every hookable layer in execution order, with its output shape.
 
+    It also finds, by following tensors through one forward pass, each
+    layer's pre-activation (the input of the activation call that produced
+    its output) and the normalization or activation its output goes straight
+    into (`then`), which `default_selection` follows. A tensor is followed by
+    identity and version, so an in-place operation in between (a residual
+    `out += identity`) ends the chain.
+
     Args:
         model: the model, on `device`.
         input_size: side of the square input.
@@ -148,18 +192,34 @@ def discover(model: nn.Module, input_size: int, device: torch.device | str = "cp
     Returns:
         One LayerInfo per call of every module whose output is a feature map.
     """
-    seen: list[tuple[str, int, str, torch.Size]] = []
     calls: dict[str, int] = defaultdict(int)
+    started: dict[str, list] = defaultdict(list)  # module -> input keys of its calls, in order
+    ended: list[dict] = []  # one record per finished call, in the order calls end
+    alive: list[torch.Tensor] = []  # every tensor seen, so that no id is reused during the pass
+
+    def key(t) -> tuple[int, int] | None:
+        if not isinstance(t, torch.Tensor):
+            return None
+        alive.append(t)
+        return id(t), t._version
+
+    def make_pre_hook(name: str):
+        def hook(_module, inputs):
+            started[name].append(key(inputs[0]) if inputs else None)
+        return hook
 
     def make_hook(name: str):
         def hook(module, _inputs, output):
-            act = as_bchw(output)
-            if act is not None:
-                seen.append((name, calls[name], type(module).__name__, act.shape))
+            call = calls[name]
             calls[name] += 1
+            ended.append({"module": name, "call": call, "kind": type(module).__name__, "obj": module,
+                          "in": started[name][call] if call < len(started[name]) else None, "out": key(output),
+                          "shape": None if (act := as_bchw(output)) is None else act.shape})
         return hook
 
-    handles = [m.register_forward_hook(make_hook(n)) for n, m in model.named_modules() if n]
+    named = [(n, m) for n, m in model.named_modules() if n]
+    handles = [m.register_forward_pre_hook(make_pre_hook(n)) for n, m in named]
+    handles += [m.register_forward_hook(make_hook(n)) for n, m in named]
     try:
         with torch.no_grad():
             dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
@@ -167,30 +227,57 @@ def discover(model: nn.Module, input_size: int, device: torch.device | str = "cp
     finally:
         for h in handles:
             h.remove()
-    return [LayerInfo(name=f"{n}@{c}" if calls[n] > 1 else n, module=n, call=c, kind=kind,
-                      channels=s[1], height=s[2], width=s[3]) for n, c, kind, s in seen]
+    for r in ended:
+        r["name"] = f"{r['module']}@{r['call']}" if calls[r["module"]] > 1 else r["module"]
+    layers = []
+    for i, r in enumerate(ended):
+        if r["shape"] is None:
+            continue
+        producer = next((a for a in reversed(ended[:i + 1]) if isinstance(a["obj"], ACTIVATIONS)
+                         and a["out"] == r["out"] and a["in"] is not None), None)
+        pre = f"{producer['name']}{INPUT}" if producer else None
+        if pre is None and r["out"] is not None:  # a functional in-place activation (F.relu(x, inplace=True))
+            inner = next((a for a in reversed(ended[:i]) if a["out"] is not None and a["out"][0] == r["out"][0]
+                          and a["out"][1] < r["out"][1] and a["module"].startswith(r["module"] + ".")
+                          and a["shape"] == r["shape"]), None)
+            pre = inner["name"] if inner else None
+        taker = next((t for t in ended if t["in"] == r["out"] and t is not r and t["shape"] is not None
+                      and isinstance(t["obj"], (*ACTIVATIONS, nn.modules.batchnorm._NormBase))), None)
+        layers.append(LayerInfo(name=r["name"], module=r["module"], call=r["call"], kind=r["kind"],
+                                channels=r["shape"][1], height=r["shape"][2], width=r["shape"][3],
+                                pre=pre,
+                                then=taker["name"] if taker else None))
+    return layers
 
 
 def default_selection(model: nn.Module, layers: list[LayerInfo]) -> list[LayerInfo]:
-    """The layers a user of OpenAI Microscope would expect to browse.
+    """The layers a user of OpenAI Microscope would expect to browse, as the network passes them on.
 
-    * timm EfficientNet / MobileNet style (a `blocks` stack): the stem
-      convolution, every block output, and the head convolution. The
-      convolutions, not the ReLU6 after them: a capped activation ties many
-      images at its ceiling, and its zero gradient leaves renders grey.
+    * timm EfficientNet / MobileNet style (a `blocks` stack): the stem, every
+      block output, and the head.
     * anything else: every convolution and every block, where a block is a
       module with children that sits directly in the model or in an
       `nn.Sequential` (ResNet's `layer3.2`, GoogLeNet's `inception4a`).
-    Only 4-D feature maps of first calls count.
+
+    A convolution is shown as the network passes it on (`passed_on`): after
+    its normalization and activation where those follow it, so a negative
+    BatchNorm scale cannot show a unit upside down. Names stay PyTorch's (a
+    ResNet's `layer1.0.conv1` is browsed as `layer1.0.relu@0`). Only 4-D
+    feature maps count, and of convolutions and blocks only first calls.
     """
     modules = dict(model.named_modules())
+    by_name = {l.name: l for l in layers}
     spatial = [l for l in layers if l.call == 0 and (l.height > 1 or l.width > 1)]
+
+    def unique(picked: Iterable[LayerInfo]) -> list[LayerInfo]:
+        return list({l.name: l for l in picked}.values())
+
     if isinstance(getattr(model, "blocks", None), nn.Sequential) and hasattr(model, "conv_stem"):
-        wanted = {"conv_stem", "conv_head"}
-        picked = [l for l in spatial if l.name in wanted or fnmatch.fnmatchcase(l.name, "blocks.*.*")
-                  and l.name.count(".") == 2]
+        picked = [passed_on(l, by_name) if l.name in ("conv_stem", "conv_head") else l for l in spatial
+                  if l.name in ("conv_stem", "conv_head")
+                  or fnmatch.fnmatchcase(l.name, "blocks.*.*") and l.name.count(".") == 2]
         if picked:
-            return picked
+            return unique(picked)
 
     def parent(name: str) -> nn.Module:
         return modules[name.rpartition(".")[0]] if "." in name else model
@@ -200,7 +287,37 @@ def default_selection(model: nn.Module, layers: list[LayerInfo]) -> list[LayerIn
         return (any(True for _ in m.children()) and not isinstance(m, nn.Sequential)
                 and (isinstance(parent(name), nn.Sequential) or "." not in name))
 
-    return [l for l in spatial if isinstance(modules[l.module], nn.Conv2d) or is_block(l.module)]
+    def wrapper(l: LayerInfo) -> LayerInfo | None:
+        """The module that wraps a convolution alone (GoogLeNet's BasicConv2d: conv, norm, F.relu)."""
+        owner = l.module.rpartition(".")[0]
+        m = modules.get(owner) if "." in l.module else None
+        if m is None or isinstance(m, nn.Sequential) or owner not in by_name:
+            return None
+        return by_name[owner] if sum(isinstance(x, nn.Conv2d) for x in m.modules()) == 1 else None
+
+    def shown(l: LayerInfo) -> LayerInfo:
+        return (wrapper(l) or passed_on(l, by_name)) if isinstance(modules[l.module], nn.Conv2d) else l
+
+    return unique(shown(l) for l in spatial if isinstance(modules[l.module], nn.Conv2d) or is_block(l.module))
+
+
+NORM_KINDS = ("BatchNorm", "InstanceNorm")  # class names that mark a normalization a `then` link may reach
+
+
+def passed_on(layer: LayerInfo, by_name: dict[str, LayerInfo]) -> LayerInfo:
+    """What the network makes of a layer's output: its normalization, then that one's activation.
+
+    Follows `then` links: to a normalization or an activation; from a
+    normalization, on to an activation. An activation ends the walk (what
+    follows it belongs to the next layer).
+    """
+    first = by_name.get(layer.then) if layer.then else None
+    if first is None:
+        return layer
+    if not any(k in first.kind for k in NORM_KINDS):
+        return first  # the activation itself
+    second = by_name.get(first.then) if first.then else None
+    return second if second is not None and not any(k in second.kind for k in NORM_KINDS) else first
 
 
 def select(model: nn.Module, layers: list[LayerInfo], patterns: Iterable[str] = ()) -> list[LayerInfo]:
@@ -222,26 +339,3 @@ def select(model: nn.Module, layers: list[LayerInfo], patterns: Iterable[str] = 
                              f"`atlas layers MODEL` lists them all")
         chosen |= hits
     return [l for l in layers if l.name in chosen]
-
-
-def receptive_field(model: nn.Module, layer: LayerInfo, input_size: int,
-                    device: torch.device | str = "cpu", threshold: float = 1e-3) -> int:
-    """Side in input pixels of the region that drives a layer's centre position.
-
-    Measured, not derived from the architecture: the gradient of the centre
-    position (summed over channels) with respect to a random input, thresholded
-    at `threshold` of its peak. Works for any module graph.
-    """
-    if layer.height == 1 and layer.width == 1:
-        return input_size
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(1, 3, input_size, input_size, generator=gen).to(device).requires_grad_(True)
-    with torch.enable_grad(), Capture(model, [layer.name], stop=True) as cap:
-        act = cap.run(x)[layer.name]
-        act[0, :, layer.height // 2, layer.width // 2].sum().backward()
-    g = x.grad.abs().sum(dim=(0, 1))
-    rows, cols = torch.nonzero(g > g.max() * threshold, as_tuple=True)
-    if rows.numel() == 0:
-        return input_size
-    side = max(rows.max() - rows.min(), cols.max() - cols.min()).item() + 1
-    return int(min(input_size, side))

@@ -90,7 +90,7 @@ def test_smoothgrad_variants_share_their_noise_and_match_the_method(built):
 def test_unit_attribution_is_gradient_x_input_of_the_channel_peak(built):
     ctx, path = built
     with h5py.File(path) as f:
-        layer = "conv2"
+        layer = "relu2"
         g = f[f"layers/{layer}"]
         maps = g["unit_attribution/maps"]
         assert maps.shape == (g.attrs["channels"], 2, 8, 8)

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from atlas.config import preset
+from atlas.dataset.fields import field_centres
 from atlas.dataset.reader import DatasetImages, box_of
 from atlas.layers import Capture
 
@@ -34,18 +35,25 @@ def test_topk_equals_brute_force_and_skips_bad_files(tmp_path, images, config, b
         assert all((lab == 3) == ("class 3" in p) for lab, p in zip(labels, paths))
         pixels = f["dataset/images"][...]
         x = ctx.loaded.preprocess.from_uint8(pixels)
-        with torch.no_grad(), Capture(ctx.loaded.model, ["conv2", "block"]) as cap:
+        pres = {"relu2": "relu2:in", "block": "block.relu@1:in", "block.conv2": None}
+        with torch.no_grad(), Capture(ctx.loaded.model, [*pres, "relu2:in", "block.relu@1:in"]) as cap:
             acts = cap.run(x)
-        for layer in ("conv2", "block"):
-            peak = acts[layer].flatten(2).amax(2).T.numpy()  # [C, N]
-            order = np.argsort(-peak, axis=1, kind="stable")[:, :4]
+        for layer, pre in pres.items():
+            flat = acts[layer].flatten(2)  # [N, C, P]
+            under = acts[pre].flatten(2) if pre else flat  # what the examples rank by
+            peak = flat.amax(2).T.numpy()  # [C, N]
+            key, low_key = under.amax(2).T.numpy(), under.amin(2).T.numpy()
+            order = np.argsort(-key, axis=1, kind="stable")[:, :4]
             np.testing.assert_array_equal(f[f"layers/{layer}/topk/index"][...], order)
-            np.testing.assert_allclose(f[f"layers/{layer}/topk/value"][...],
-                                       np.take_along_axis(peak, order, 1), rtol=1e-5)
-            low = np.argsort(peak, axis=1, kind="stable")[:, :4]
+            pos = under.argmax(2).T.numpy()  # [C, N]
+            shown = np.take_along_axis(flat.numpy(), pos.T[..., None], 2)[..., 0].T  # the activation there, [C, N]
+            np.testing.assert_allclose(f[f"layers/{layer}/topk/value"][...], np.take_along_axis(shown, order, 1),
+                                       rtol=1e-5)
+            low = np.argsort(low_key, axis=1, kind="stable")[:, :4]
             np.testing.assert_array_equal(f[f"layers/{layer}/bottomk/index"][...], low)
+            np.testing.assert_allclose(f[f"layers/{layer}/bottomk/value"][...], np.take_along_axis(low_key, low, 1),
+                                       rtol=1e-5)
             np.testing.assert_allclose(f[f"layers/{layer}/stats/max"][...], peak.max(1), rtol=1e-5)
-            flat = acts[layer].flatten(2)
             np.testing.assert_allclose(f[f"layers/{layer}/stats/mean"][...], flat.mean((0, 2)).numpy(), rtol=1e-4, atol=1e-6)
             np.testing.assert_allclose(f[f"layers/{layer}/stats/std"][...], flat.transpose(0, 1).reshape(flat.shape[1], -1).std(1, unbiased=False).numpy(), rtol=1e-3)
             np.testing.assert_allclose(f[f"layers/{layer}/stats/zero_fraction"][...], (flat <= 0).float().mean((0, 2)).numpy(), rtol=1e-6)
@@ -53,11 +61,13 @@ def test_topk_equals_brute_force_and_skips_bad_files(tmp_path, images, config, b
             expected = np.stack([np.histogram(row, edges)[0] for row in peak])
             np.testing.assert_array_equal(f[f"layers/{layer}/stats/hist"][...], expected)
             box = f[f"layers/{layer}/topk/box"][...]
-            flat = acts[layer].flatten(2)  # [N, C, P]
-            pos = flat.argmax(2).T.numpy()  # [C, N]
             _, _, h, w = acts[layer].shape
             rf = f[f"layers/{layer}/topk"].attrs["receptive_field"]
-            np.testing.assert_array_equal(box, box_of(np.take_along_axis(pos, order, 1), h, w, rf, 32))
+            centres = list(f[f"layers/{layer}/topk"].attrs["field_centres"])
+            assert centres == field_centres(ctx.loaded.model, ctx.layers[[l.name for l in ctx.layers].index(layer)], 32)
+            np.testing.assert_array_equal(box, box_of(np.take_along_axis(pos, order, 1), h, w, rf, 32, centres))
+            low_box = box_of(np.take_along_axis(under.argmin(2).T.numpy(), low, 1), h, w, rf, 32, centres)
+            np.testing.assert_array_equal(f[f"layers/{layer}/bottomk/box"][...], low_box)
             assert (box[..., 2] - box[..., 0] == box[..., 3] - box[..., 1]).all()
             assert box.min() >= 0 and box.max() <= 32
 

@@ -34,7 +34,7 @@ def test_crops_equal_the_box_cut_from_the_source(tmp_path, make_images, config, 
     records = list_images(str(data), ctx.loaded.class_names)
     with h5py.File(path) as f:
         source = f["dataset/source_index"][...]
-        for layer in ("conv1", "block"):
+        for layer in ("relu1", "block"):
             for group in ("topk", "bottomk"):
                 g = f[f"layers/{layer}/{group}"]
                 index, box = g["index"][...], g["box"][...]
@@ -85,8 +85,8 @@ def test_unit_attributions_reach_images_outside_the_explained_set(tmp_path, make
     ctx, path = build_stages(config(tmp_path, data, explain=1, attr_unit_topk=2))
     with h5py.File(path) as f:
         explained = set(f["dataset/explained"][...].tolist())
-        top = f["layers/conv1/topk/index"][:, :2]
-        maps = f["layers/conv1/unit_attribution/maps"][...]
+        top = f["layers/relu1/topk/index"][:, :2]
+        maps = f["layers/relu1/unit_attribution/maps"][...]
         outside = [(c, j) for c in range(top.shape[0]) for j in range(2) if top[c, j] not in explained]
         assert outside and all(np.isfinite(maps[c, j]).all() for c, j in outside)
 
@@ -125,7 +125,7 @@ def test_consolidated_parts_hand_their_arrays_to_the_store(tmp_path, make_images
     ctx, rebuilt = build_stages(cfg, stages=("featurevis", "dataset", "attribution"))
     assert "are computed again" in capsys.readouterr().out
     third = store_arrays(rebuilt)
-    for key in ("dataset/images", "attribution/gradient/maps", "layers/conv1/topk/index"):
+    for key in ("dataset/images", "attribution/gradient/maps", "layers/relu1/topk/index"):
         np.testing.assert_array_equal(first[key], third[key], err_msg=key)
 
 

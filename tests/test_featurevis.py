@@ -196,3 +196,21 @@ def test_a_diversity_set_differs_in_style(tiny):
     mixed = render(tiny.model, tiny.preprocess, O.channel("block", [1] * 4) + 100 * O.diversity("block"), seeds,
                    settings)
     assert gram_similarity(alone.acts["block"]) > 0.9 > 0.6 > gram_similarity(mixed.acts["block"])
+
+
+def test_the_negative_view_moves_a_channel_silent_at_the_start():
+    """A ReLU channel that is zero on the start image: only its pre-activation gives the negative view a gradient."""
+    from atlas import models
+    tiny = models.load("atlas:tiny_convnet")
+    with torch.no_grad():
+        tiny.model.conv1.bias[0] = -5.0  # silent everywhere on a grey start image
+    settings, seeds = RenderSettings(size=32, steps=24), [3]
+    start = _start_value(tiny, O.channel("relu1:in", 0), seeds)
+    assert _start_value(tiny, O.channel("relu1", 0), seeds) == 0
+    on_pre = render(tiny.model, tiny.preprocess, O.negative_channel("relu1", 0, pre="relu1:in"), seeds, settings)
+    on_post = render(tiny.model, tiny.preprocess, O.negative_channel("relu1", 0), seeds, settings)
+    assert -on_pre.objective[0] < start[0] - 0.1  # the pre-activation went down
+    assert "relu1" in on_pre.acts and (on_pre.acts["relu1"][0, 0] == 0).all()
+    plain = render(tiny.model, tiny.preprocess, O.channel("relu1", 0), seeds, RenderSettings(size=32, steps=0)).images
+    assert np.array_equal(on_post.images, plain)  # flat on the ReLU's output: the image never moves
+    assert not np.array_equal(on_pre.images, plain)

@@ -7,6 +7,7 @@ import torch
 
 from atlas import pipeline
 from atlas.featurevis import stage
+from atlas.layers import Capture
 from atlas.store.schema import VIEWS
 
 
@@ -18,14 +19,22 @@ def few_images(tmp_path_factory, make_images):
 def test_every_view_is_stored_with_its_shape_and_quality(tmp_path, few_images, config, build_stages):
     cfg = config(tmp_path, few_images, layers=("conv2", "block"), fv_views=VIEWS, fv_diversity=3,
                  fv_batch=12)
-    _, path = build_stages(cfg, stages=("featurevis", "dataset"))
+    ctx, path = build_stages(cfg, stages=("featurevis", "dataset"))
     with h5py.File(path) as f:
         g = f["layers/block/featurevis"]
         assert g["channel"].shape == g["negative"].shape == g["neuron"].shape == (16, 32, 32, 3)
         assert g["diversity"].shape == (16, 3, 32, 32, 3) and g["diversity_seed"].shape == (16, 3)
         assert g["diversity_done"][...].all() and g["negative_done"][...].all()
         assert len(set(g["diversity_seed"][0])) == 3
-        assert (g["negative_objective"][...] < g["channel_objective"][...]).all()
+        # block's output is a ReLU's: the negative view minimizes the pre-activation, pushed below zero
+        assert g["negative"].attrs["objective"] == "negative block.relu@1:in:[1 channels] (pre-activation)"
+        with torch.no_grad(), Capture(ctx.loaded.model, ["block.relu@1:in"]) as cap:
+            pre = {v: cap.run(ctx.loaded.preprocess.from_uint8(g[v][...]))["block.relu@1:in"] for v in
+                   ("channel", "negative")}
+        own = torch.arange(16)
+        low, high = (pre[v][own, own].mean((1, 2)) for v in ("negative", "channel"))
+        assert (low < high).all()
+        torch.testing.assert_close(-low, torch.from_numpy(g["negative_objective"][...]), atol=0.02, rtol=0.02)
         best = f["layers/block/topk/value"][:, 0]
         np.testing.assert_allclose(g["quality"][...], g["channel_peak"][...] / best, rtol=1e-6)
         assert g["channel"].attrs["view"] == "channel" and g["diversity"].attrs["objective"].startswith(

@@ -63,3 +63,45 @@ def test_histogram_bins_are_fixed_and_count_every_image():
     for c in range(2):
         expected = np.histogram(np.clip(peak[:, c].numpy(), HIST_EDGES[0], HIST_EDGES[-1]), HIST_EDGES)[0]
         assert counts[c].tolist() == expected.tolist()
+
+
+def _post_relu_batch():
+    """Six images of one channel, 2 x 3 maps: a ReLU unit whose pre-activation is known."""
+    pre = torch.full((6, 1, 2, 3), -0.5)
+    pre[1, 0, 0, 0] = 2.0  # fires: the top image
+    pre[3, 0, 1, 1] = 0.5  # fires a little
+    pre[4, 0, 1, 2] = -9.0  # most suppressed, at (1, 2)
+    pre[2, 0, 0, 1] = -4.0  # next
+    pre[5, 0, 0, 0] = -0.1  # silent after the ReLU, but closest to firing of the silent ones
+    return pre, pre.clamp(min=0)
+
+
+def test_bottom_examples_of_a_post_relu_unit_rank_by_what_suppresses_it():
+    pre, act = _post_relu_batch()
+    s = LayerSummary(1, 3, fuse=False)
+    s.add_pre(pre)
+    s.add(act, torch.arange(6), (0, 5))
+    assert s.bottom.index.tolist() == [[4, 2, 0]] and s.bottom.pos.tolist() == [[5, 1, 0]]
+    assert s.bottom.value.tolist() == [[-9.0, -4.0, -0.5]]  # the pre-activation: how hard it was pushed down
+    # the top: the ReLU's zeros are told apart by the pre-activation, not by dataset order
+    assert s.top.index.tolist() == [[1, 3, 5]] and s.top.value.tolist() == [[2.0, 0.5, 0.0]]
+    assert s.top.key.tolist() == [[2.0, 0.5, pytest.approx(-0.1)]] and s.top.pos.tolist() == [[0, 4, 0]]
+    plain = LayerSummary(1, 3, fuse=False)  # without the pre-activation: every silent image ties at 0
+    plain.add(act, torch.arange(6), (0, 5))
+    assert plain.bottom.index.tolist() == [[0, 1, 2]] and plain.top.index.tolist() == [[1, 3, 0]]  # dataset order
+
+
+def test_summaries_with_pre_activations_merge_to_the_single_stream():
+    pre = (torch.randn(24, 3, 4, 4, generator=torch.Generator().manual_seed(5)) * 2).round()
+    whole = LayerSummary(3, 4, fuse=False)
+    for a in range(0, 24, 8):
+        whole.add_pre(pre[a:a + 8])
+        whole.add(pre[a:a + 8].clamp(0, 6), torch.arange(a, a + 8))
+    merged = LayerSummary(3, 4, fuse=False)
+    for a in (12, 0):  # in any order
+        s = LayerSummary(3, 4, fuse=False)
+        s.add_pre(pre[a:a + 12])
+        s.add(pre[a:a + 12].clamp(0, 6), torch.arange(a, a + 12))
+        merged.merge(s.arrays())
+    for t, u in ((merged.top, whole.top), (merged.bottom, whole.bottom)):
+        assert torch.equal(t.index, u.index) and torch.equal(t.pos, u.pos) and torch.equal(t.value, u.value)

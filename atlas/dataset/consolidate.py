@@ -42,7 +42,8 @@ def consolidate(store: Store, f: h5py.File) -> dict:
         if layer.name not in summaries:
             continue  # a layer added after this pass: no dataset examples for it yet
         crops = f"{CROPS}{layer.name}"
-        moves.update(_write_layer(f, layer, summaries[layer.name], source, attrs["rf"][layer.name], k,
+        moves.update(_write_layer(f, layer, summaries[layer.name], source, attrs["rf"][layer.name],
+                                  attrs.get("centres", {}).get(layer.name), k,
                                   store if crops in done else None))
     return moves
 
@@ -53,6 +54,7 @@ class _Layer:
     def __init__(self, name: str, g: h5py.Group):
         self.name, self.channels = name, int(g.attrs["channels"])
         self.height, self.width = int(g.attrs["height"]), int(g.attrs["width"])
+        self.pre = str(g.attrs.get("pre", "")) or None
 
 
 def _write_search(store: Store, f: h5py.File, spans: list[str]) -> tuple[np.ndarray, dict]:
@@ -104,13 +106,23 @@ def _write_explained(store: Store, f: h5py.File, source: np.ndarray) -> dict:
     return moves
 
 
-def _write_layer(f: h5py.File, layer: _Layer, summary: LayerSummary, source: np.ndarray, rf: int, k: int,
+# how each list ranks its images and what its values are, for a unit without and with a known pre-activation
+SCORES = {("top", False): "spatial max (ties: the lower image index)",
+          ("bottom", False): "spatial min (ties: the lower image index)",
+          ("top", True): "ranked by the pre-activation's spatial max; the value is the activation there "
+                         "(for the ReLU family the activation's own max, its ties at 0 or the cap broken by what lies "
+                         "beneath)",
+          ("bottom", True): "the pre-activation's spatial min: where the unit is most strongly suppressed"}
+
+
+def _write_layer(f: h5py.File, layer: _Layer, summary: LayerSummary, source: np.ndarray, rf: int,
+                 centres: list[float] | None, k: int,
                  crops: Store | None) -> dict:
     group = f[LAYERS][layer.name]
     size = int(f.attrs.get("input_size", 224))
     moves = {}
     for which, name in GROUP_OF.items():
-        index, box = examples(summary, layer, rf, size, which)
+        index, box = examples(summary, layer, rf, size, which, centres)
         value = (summary.top if which == "top" else summary.bottom).value.numpy()
         index, value, box = _pad(index, k, -1), _pad(value, k, np.nan), _pad(box, k, 0)
         g = group.create_group(name)
@@ -118,7 +130,8 @@ def _write_layer(f: h5py.File, layer: _Layer, summary: LayerSummary, source: np.
         g["index"] = np.where(valid, np.searchsorted(source, np.maximum(index, 0)), -1)
         g["value"] = np.where(valid, value, np.nan).astype(np.float32)
         g["box"] = box
-        g.attrs.update({"k": k, "score": "spatial max", "images": int(source.size), "receptive_field": rf})
+        g.attrs.update({"k": k, "score": SCORES[which, layer.pre is not None], "images": int(source.size),
+                        "receptive_field": rf, **({"field_centres": centres} if centres else {})})
     if crops is not None:
         key = f"{CROPS}{layer.name}"
         with crops.read_unit(STAGE, key) as part:

@@ -66,7 +66,8 @@ def run(ctx, records, attrs: dict) -> None:
     if EXPLAINED not in done or todo_layers:
         summaries, _ = merged_summaries(store, ctx.layers, ctx.device, cfg.fuse)
         size = ctx.loaded.input_size
-        lists = {l.name: {w: examples(summaries[l.name], l, attrs["rf"][l.name], size, w) for w in ("top", "bottom")}
+        lists = {l.name: {w: examples(summaries[l.name], l, attrs["rf"][l.name], size, w,
+                                      attrs.get("centres", {}).get(l.name)) for w in ("top", "bottom")}
                  for l in ctx.layers}
     if EXPLAINED not in done:
         distributed.on_main(lambda: _write_explained(ctx, lists))

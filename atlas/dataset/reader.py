@@ -86,26 +86,35 @@ def merged_summaries(store: Store, layers: list, device: torch.device | str = "c
     return out, attrs
 
 
-_SUMMARY_ARRAYS = ("top_value", "top_index", "top_pos", "bottom_value", "bottom_index", "bottom_pos",
+_SUMMARY_ARRAYS = ("top_key", "top_value", "top_index", "top_pos", "bottom_key", "bottom_value", "bottom_index",
+                   "bottom_pos",
                    "sum", "sumsq", "count", "max", "zeros", "hist")
 
 
-def box_of(pos: np.ndarray, height: int, width: int, rf: int, size: int) -> np.ndarray:
-    """Crop boxes (x0, y0, x1, y1) of side rf around flat positions in an h x w map."""
-    cy = (pos // width + 0.5) * size / height
-    cx = (pos % width + 0.5) * size / width
+def box_of(pos: np.ndarray, height: int, width: int, rf: int, size: int,
+           centres: list[float] | None = None) -> np.ndarray:
+    """Crop boxes (x0, y0, x1, y1) of side rf around flat positions in an h x w map.
+
+    Args:
+        centres: [offset_y, stride_y, offset_x, stride_x] of the layer's fields
+            (`fields.field_centres`); default each map cell's middle.
+    """
+    oy, sy, ox, sx = centres or (size / height / 2, size / height, size / width / 2, size / width)
+    cy = oy + sy * (pos // width)
+    cx = ox + sx * (pos % width)
     half = rf / 2
     x0 = np.clip(np.round(cx - half), 0, size - rf)
     y0 = np.clip(np.round(cy - half), 0, size - rf)
     return np.stack([x0, y0, x0 + rf, y0 + rf], -1).astype(np.int32)
 
 
-def examples(summary: LayerSummary, layer, rf: int, size: int, which: str = "top") -> tuple[np.ndarray, np.ndarray]:
+def examples(summary: LayerSummary, layer, rf: int, size: int, which: str = "top",
+             centres: list[float] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """A layer's top (or bottom) examples: source index [C, K] (-1: none) and crop boxes [C, K, 4]."""
     t = summary.top if which == "top" else summary.bottom
     valid = torch.isfinite(t.value) & (t.index >= 0)
     index = torch.where(valid, t.index, -1).cpu().numpy()
-    return index, box_of(t.pos.cpu().numpy(), layer.height, layer.width, rf, size)
+    return index, box_of(t.pos.cpu().numpy(), layer.height, layer.width, rf, size, centres)
 
 
 def top_examples(store: Store, layers: list, size: int) -> dict[str, tuple[np.ndarray, np.ndarray, int]]:
@@ -126,7 +135,8 @@ def top_examples(store: Store, layers: list, size: int) -> dict[str, tuple[np.nd
     for layer in layers:
         if layer.name in summaries:
             rf = int(attrs["rf"][layer.name])
-            out[layer.name] = (*examples(summaries[layer.name], layer, rf, size), rf)
+            centres = attrs.get("centres", {}).get(layer.name)
+            out[layer.name] = (*examples(summaries[layer.name], layer, rf, size, centres=centres), rf)
     return out
 
 

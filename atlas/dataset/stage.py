@@ -29,7 +29,8 @@ from atlas.dataset import examples
 from atlas.dataset.images import ImageDataset
 from atlas.dataset.reader import STAGE, SUMMARY, decoding_workers, done_spans, source_records, span_key
 from atlas.dataset.topk import LayerSummary
-from atlas.layers import Capture, receptive_field
+from atlas.dataset.fields import field_centres, receptive_field
+from atlas.layers import Capture
 from atlas.store import read_attrs
 
 CHECKPOINT_SHARE = 0.1  # at most this share of the pass's time goes to rewriting the running summary
@@ -46,7 +47,8 @@ def run(ctx) -> None:
     todo = ctx.ranks.shard([s for s in spans if span_key(*s) not in finished])
     size = ctx.loaded.input_size
     rf = {l.name: receptive_field(ctx.loaded.model, l, size, ctx.device) for l in ctx.layers}
-    attrs = {"rf": rf, "k": cfg.topk, "source": "embedded sample photos" if cfg.data is None else Path(cfg.data).name,
+    centres = {l.name: field_centres(ctx.loaded.model, l, size, ctx.device) for l in ctx.layers}
+    attrs = {"rf": rf, "centres": centres, "k": cfg.topk, "source": "embedded sample photos" if cfg.data is None else Path(cfg.data).name,
              "total": len(records), "layers": [l.name for l in ctx.layers]}
     if todo:
         _stream(ctx, records, todo, attrs)
@@ -125,9 +127,14 @@ def _run_range(ctx, records, summaries: dict[str, LayerSummary], first: int, end
     loader = torch.utils.data.DataLoader(ImageDataset(records, loaded.preprocess, range(first, end)),
                                          batch_size=batch_size, num_workers=decoding_workers(ctx.config))
     batch: dict = {"index": torch.zeros(0, dtype=torch.long), "span": None}  # the images in flight
-    hooks = {name: (lambda act, s=s: s.add(act, batch["index"], batch["span"])) for name, s in summaries.items()}
+    fns: dict[str, list] = {name: [lambda act, s=s: s.add(act, batch["index"], batch["span"])]
+                            for name, s in summaries.items()}
+    for layer in ctx.layers:  # a pre-activation is read before its layer's own hook, in the same pass
+        if layer.name in summaries and layer.pre:
+            fns.setdefault(layer.pre, []).insert(0, summaries[layer.name].add_pre)
+    hooks = {name: (lambda act, f=f: [g(act) for g in f]) for name, f in fns.items()}
     kept, top5, prob5, skipped = [], [], [], []
-    with torch.no_grad(), Capture(loaded.model, list(summaries), fn=hooks) as capture:
+    with torch.no_grad(), Capture(loaded.model, list(hooks), fn=hooks) as capture:
         for pixels, index, reasons in loader:
             ok = torch.tensor([not r for r in reasons], dtype=torch.bool)
             skipped += [(int(i), r) for i, r in zip(index, reasons) if r]

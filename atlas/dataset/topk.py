@@ -32,9 +32,9 @@ def histogram(peak: torch.Tensor) -> torch.Tensor:
 
 
 def _reduce(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, ...]:
-    """Max, its position, sum, sum of squares and count of values <= 0 along `dim`."""
+    """Max, its position, min, its position, sum, sum of squares and count of values <= 0 along `dim`."""
     x = x.float()
-    return x.amax(dim), x.argmax(dim), x.sum(dim), (x * x).sum(dim), (x <= 0).sum(dim)
+    return x.amax(dim), x.argmax(dim), x.amin(dim), x.argmin(dim), x.sum(dim), (x * x).sum(dim), (x <= 0).sum(dim)
 
 
 class _Reducer:
@@ -69,8 +69,8 @@ _REDUCER = _Reducer()
 
 
 def reduce_positions(act: torch.Tensor, fuse: bool = True) -> dict[str, torch.Tensor]:
-    """Per image and channel of [B, C, H, W]: max over positions, its flat position, sum,
-    sum of squares and count of values <= 0.
+    """Per image and channel of [B, C, H, W]: max over positions and its flat position, min and its
+    position, sum, sum of squares and count of values <= 0.
 
     Works in the tensor's own memory layout (channels-last is what convolutions
     produce fastest on CPUs), so no feature map is copied.
@@ -80,13 +80,15 @@ def reduce_positions(act: torch.Tensor, fuse: bool = True) -> dict[str, torch.Te
         x, dim = act.reshape(b, c, -1), 2
     else:
         x, dim = act.permute(0, 2, 3, 1).reshape(b, -1, c), 1  # a view when channels-last
-    peak, pos, total, sumsq, zeros = _REDUCER(x, dim, fuse)
-    return {"max": peak, "pos": pos, "sum": total, "sumsq": sumsq, "zeros": zeros}
+    peak, pos, low, low_pos, total, sumsq, zeros = _REDUCER(x, dim, fuse)
+    return {"max": peak, "pos": pos, "min": low, "min_pos": low_pos, "sum": total, "sumsq": sumsq, "zeros": zeros}
 
 
 class TopK:
-    """Running k best (largest or smallest) values per channel with their image and position.
+    """Running k best (largest or smallest) keys per channel with their image, position and value.
 
+    The key ranks; the value is what is shown (the same as the key unless given:
+    a post-activation unit ranks by its pre-activation and shows its activation).
     Ties are broken in favour of the lower image index, so any order of
     updates, and any split of the images into shards merged in any order,
     gives the single-pass result. While updates come in ascending image order
@@ -96,35 +98,48 @@ class TopK:
 
     def __init__(self, channels: int, k: int, largest: bool, device: torch.device | str = "cpu"):
         self.k, self.largest = k, largest
+        self.key = torch.zeros((channels, 0), device=device)
         self.value = torch.zeros((channels, 0), device=device)
         self.index = torch.zeros((channels, 0), dtype=torch.long, device=device)
         self.pos = torch.zeros((channels, 0), dtype=torch.long, device=device)
         self.last = -1  # the largest image index held (-1: none yet)
 
-    def update(self, value: torch.Tensor, index: torch.Tensor, pos: torch.Tensor,
-               span: tuple[int, int] | None = None) -> None:
+    def update(self, key: torch.Tensor, index: torch.Tensor, pos: torch.Tensor,
+               span: tuple[int, int] | None = None, value: torch.Tensor | None = None) -> None:
         """Merges candidates shaped [C, n]; index may be [n].
 
         Args:
             span: the smallest and largest image index among the candidates, when the
                 caller knows them: candidates all after the held ones need only one sort.
+            value: what each candidate shows, [C, n]; default its key.
         """
         if index.dim() == 1:
-            index = index.expand(value.shape[0], -1)
-        value = torch.cat([self.value, value.float()], 1)
+            index = index.expand(key.shape[0], -1)
+        key = key.float()
+        value = torch.cat([self.value, key if value is None else value.float()], 1)
+        key = torch.cat([self.key, key], 1)
         index = torch.cat([self.index, index], 1)
         pos = torch.cat([self.pos, pos], 1)
         streaming = span is not None and span[0] > self.last
         if not streaming:  # ties must favour the lower image index wherever it sits
             by_index = torch.argsort(index, dim=1, stable=True)
-            value, index, pos = value.gather(1, by_index), index.gather(1, by_index), pos.gather(1, by_index)
-        order = torch.argsort(value, dim=1, descending=self.largest, stable=True)[:, :self.k]
-        self.value, self.index, self.pos = value.gather(1, order), index.gather(1, order), pos.gather(1, order)
+            key, value, index, pos = (t.gather(1, by_index) for t in (key, value, index, pos))
+        order = torch.argsort(key, dim=1, descending=self.largest, stable=True)[:, :self.k]
+        self.key, self.value, self.index, self.pos = (t.gather(1, order) for t in (key, value, index, pos))
         self.last = max(self.last, span[1]) if streaming else int(self.index.max()) if self.index.numel() else -1
 
 
 class LayerSummary:
-    """What the dataset stage keeps of one layer over a stream of batches."""
+    """What the dataset stage keeps of one layer over a stream of batches.
+
+    Top examples rank by the spatial max, bottom examples by the spatial min,
+    each with its position. A layer whose output is an activation's (a ReLU
+    after a BatchNorm) also gets its pre-activation (`add_pre`, called first
+    in the same forward pass): then both rank by the pre-activation, so the
+    images a ReLU ties at 0 (most of them, for the bottom) or a ReLU6 ties at
+    its cap are told apart by what lies beneath; the top examples show the
+    activation, the bottom ones the pre-activation (what suppressed the unit).
+    """
 
     def __init__(self, channels: int, k: int, device: torch.device | str = "cpu", fuse: bool = True):
         self.fuse = fuse
@@ -133,6 +148,11 @@ class LayerSummary:
         self.stats = {key: torch.zeros(channels, dtype=torch.float64, device=device) for key in STATS[:5]}
         self.stats["max"].fill_(-np.inf)
         self.stats["hist"] = torch.zeros((channels, HIST_BINS), dtype=torch.float64, device=device)
+        self.pending: dict[str, torch.Tensor] | None = None  # the pre-activation's reductions of this batch
+
+    def add_pre(self, pre: torch.Tensor) -> None:
+        """The pre-activation [B, C, H, W] of the batch `add` folds in next."""
+        self.pending = reduce_positions(pre.detach(), self.fuse)
 
     def add(self, act: torch.Tensor, index: torch.Tensor, span: tuple[int, int] | None = None) -> None:
         """Folds in one batch: activation [B, C, H, W] of the images with global ids `index` [B]
@@ -146,20 +166,29 @@ class LayerSummary:
         self.stats["max"] = torch.maximum(self.stats["max"], peak.amax(0).double())
         self.stats["hist"] += histogram(peak)
         index = index.to(peak.device)
-        self.top.update(peak.T, index, r["pos"].T, span)
-        self.bottom.update(peak.T, index, r["pos"].T, span)
+        pre, self.pending = self.pending, None
+        if pre is None:
+            self.top.update(peak.T, index, r["pos"].T, span)
+            self.bottom.update(r["min"].T, index, r["min_pos"].T, span)
+            return
+        # the activation where the pre-activation peaks: for a monotone activation, the activation's own max
+        shown = act.detach().flatten(2).float().gather(2, pre["pos"][..., None])[..., 0] if act.is_contiguous() \
+            else act.detach().permute(0, 2, 3, 1).reshape(b, h * w, c).float().gather(1, pre["pos"][:, None])[:, 0]
+        self.top.update(pre["max"].T, index, pre["pos"].T, span, value=shown.T)
+        self.bottom.update(pre["min"].T, index, pre["min_pos"].T, span)
 
     def merge(self, arrays: dict[str, np.ndarray]) -> None:
         """Folds in another summary's `arrays()` (another shard of the images, in any order)."""
         for prefix, t in (("top", self.top), ("bottom", self.bottom)):
-            t.update(*(torch.from_numpy(np.asarray(arrays[f"{prefix}_{x}"])).to(t.value.device)
-                       for x in ("value", "index", "pos")))
+            key, value, index, pos = (torch.from_numpy(np.asarray(arrays[f"{prefix}_{x}"])).to(t.value.device)
+                                      for x in ("key", "value", "index", "pos"))
+            t.update(key, index, pos, value=value)
         for key in STATS:
             other = torch.from_numpy(np.asarray(arrays[key], np.float64)).to(self.stats[key].device)
             self.stats[key] = torch.maximum(self.stats[key], other) if key == "max" else self.stats[key] + other
 
     def arrays(self) -> dict[str, np.ndarray]:
         out = {f"{p}_{k}": getattr(t, k).cpu().numpy() for p, t in (("top", self.top), ("bottom", self.bottom))
-               for k in ("value", "index", "pos")}
+               for k in ("key", "value", "index", "pos")}
         out.update({k: v.cpu().numpy() for k, v in self.stats.items()})
         return out

@@ -68,9 +68,17 @@ def channel(layer: str, channels: int | Sequence[int]) -> Objective:
                      f"channel {layer}:{_label(channels)}", frozenset({layer}))
 
 
-def negative_channel(layer: str, channels: int | Sequence[int]) -> Objective:
-    """The channel's mean activation, minimized."""
-    return -channel(layer, channels)
+def negative_channel(layer: str, channels: int | Sequence[int], pre: str | None = None) -> Objective:
+    """The channel's mean activation, minimized; on its pre-activation `pre` where the layer has one.
+
+    A ReLU's output that is zero everywhere has no gradient, so a unit silent
+    on the start image would never move; Lucid minimizes the pre-ReLU tensor.
+    The layer itself is captured too (its activation on the result is kept).
+    """
+    if pre is None:
+        return -channel(layer, channels)
+    low = -channel(pre, channels)
+    return Objective(low.fn, f"negative {pre}:{_label(channels)} (pre-activation)", frozenset({pre, layer}))
 
 
 def neuron(layer: str, channels: int | Sequence[int]) -> Objective:

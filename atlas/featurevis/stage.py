@@ -22,28 +22,37 @@ from atlas.errors import AtlasError
 from atlas.featurevis import objectives as O
 from atlas.featurevis.param import unit_seed
 from atlas.featurevis.render import Rendered, RenderSettings, render
+from atlas.featurevis.transforms import Robustness
 from atlas.store import Store
 from atlas.store.schema import FEATUREVIS, LAYERS, TOPK, VIEW_ARRAYS, VIEWS, view_dataset
 
 STAGE = FEATUREVIS
 
 
+LUCID_SIZE = 128  # the image side Lucid's transform sizes (pad 12, crops 8 and 4) are for
+
+
 def settings_of(config) -> RenderSettings:
+    """The render settings of a build; images smaller than Lucid's 128 px get its transforms at their scale."""
+    robustness = Robustness().scaled(min(1.0, config.fv_size / LUCID_SIZE))
     return RenderSettings(size=config.fv_size, steps=config.fv_steps, lr=config.fv_lr,
                           loss_points=config.fv_loss_points, redirect_steps=config.fv_redirect_steps,
-                          param=config.fv_param)
+                          param=config.fv_param, robustness=robustness)
 
 
 def images_per_channel(view: str, config) -> int:
     return config.fv_diversity if view == "diversity" else 1
 
 
-def objective_of(view: str, layer: str, channels: list[int], config) -> O.Objective:
-    """The objective of a batch holding `channels` (each repeated for a diversity set)."""
+def objective_of(view: str, layer: str, channels: list[int], config, pre: str | None = None) -> O.Objective:
+    """The objective of a batch holding `channels` (each repeated for a diversity set).
+
+    `pre`: the layer's pre-activation, which the negative view minimizes where there is one.
+    """
     if view == "channel":
         return O.channel(layer, channels)
     if view == "negative":
-        return O.negative_channel(layer, channels)
+        return O.negative_channel(layer, channels, pre)
     if view == "neuron":
         return O.neuron(layer, channels)
     k = config.fv_diversity
@@ -96,13 +105,14 @@ def run(ctx) -> None:
     done = ctx.begin(STAGE, cfg.stage_params(STAGE))
     renderer = _Renderer(ctx, settings_of(cfg))
     units = ctx.ranks.shard(plan(ctx.layers, cfg.fv_views, done, renderer.channels_per_batch))
+    pres = {l.name: l.pre for l in ctx.layers}
     with ctx.bar(sum(len(c) for _, _, c in units), "feature visualization", "unit") as bar:
         for view, layer, channels in units:
             bar.set_postfix_str(f"{view} {layer}")
             for part, arrays in renderer.render_unit(view, layer, channels):
                 ctx.store.write_unit(STAGE, unit_key(view, layer, part[0], part[-1] + 1), arrays,
                                      {**renderer.settings.provenance(), "view": view,
-                                      "objective": objective_of(view, layer, part[:1], cfg).name})
+                                      "objective": objective_of(view, layer, part[:1], cfg, pres[layer]).name})
                 bar.update(len(part))
 
 
@@ -111,6 +121,7 @@ class _Renderer:
 
     def __init__(self, ctx, settings: RenderSettings):
         self.ctx, self.cfg, self.settings = ctx, ctx.config, settings
+        self.pres = {l.name: l.pre for l in ctx.layers}
         self.batch = self.cfg.fv_batch
         if ctx.device.type == "cuda" and ctx.layers:
             self.batch = self._batch_from_free_memory(ctx.layers[-1].name)
@@ -155,7 +166,7 @@ class _Renderer:
 
     def _run(self, view: str, layer: str, channels: list[int], attempt: int) -> tuple[Rendered, list[int]]:
         seeds = self._seeds(view, layer, channels, attempt)
-        objective = objective_of(view, layer, channels, self.cfg)
+        objective = objective_of(view, layer, channels, self.cfg, self.pres[layer])
         return render(self.ctx.loaded.model, self.ctx.loaded.preprocess, objective, seeds, self.settings,
                       self.ctx.device), seeds
 

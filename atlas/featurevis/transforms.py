@@ -39,6 +39,11 @@ class Robustness:
                 f"{max(self.scales):.2f}, rotate {min(self.angles)}..{max(self.angles)} deg "
                 f"(0 {self.angles.count(0)}x in {len(self.angles)}), jitter {self.jitter[-1]} (Lucid's)")
 
+    def scaled(self, factor: float) -> Robustness:
+        """The same transforms for an image `factor` times the side Lucid's pixel numbers are for (128 px)."""
+        return Robustness(pad=round(self.pad * factor), jitter=tuple(max(1, round(j * factor)) for j in self.jitter),
+                          scales=self.scales, angles=self.angles)
+
     def frame(self, size: int) -> int:
         """The side of the transformed view of a size x size image."""
         return size + 2 * self.pad - sum(self.jitter)

@@ -7,6 +7,7 @@ import json
 import h5py
 
 from atlas.site import checks as site_checks
+from atlas.site import recipes
 from atlas.site.data import Model, pretty_json, store_contents, unit_attribution
 from atlas.site.pages import model_crumbs
 from atlas.store.schema import LAYERS
@@ -34,7 +35,7 @@ def about_context(f: h5py.File, model: Model, dataset: dict | None, checks: dict
             "preprocess": pretty_json(attrs.get("preprocess", {})), "params": params,
             "settings": site_checks.settings(checks, dataset, units), "run": site_checks.RUN,
             "contents": store_contents(f), "skipped": dataset["skipped"] if dataset else [],
-            "crumbs": model_crumbs(model, "about")}
+            "crumbs": model_crumbs(model, "about"), "recipes": recipes.rows()}
 
 
 def view_params(layers) -> list[tuple[str, str]]:

@@ -72,6 +72,18 @@ def completeness_badge(info: dict, i: int) -> dict | None:
     return {"state": state, "text": f"completeness {_percent(error)}", "title": title}
 
 
+def mask_note(info: dict, i: int) -> dict | None:
+    """What an Extremal Perturbations mask achieved on image i (its area, the logit it kept); None for other methods."""
+    area, kept = info.get("area"), info.get("preserved")
+    if area is None or kept is None or not math.isfinite(float(area[i])):
+        return None
+    target = info["params"].get("area")
+    title = (f"the mask keeps {_percent(float(area[i]))} of the image"
+             + (f" (target {_percent(float(target))})" if target is not None else "")
+             + f"; the image blurred outside it keeps {_percent(float(kept[i]))} of the logit")
+    return {"text": f"area {_percent(float(area[i]))}, logit kept {_percent(float(kept[i]))}", "title": title}
+
+
 def randomization(checks: dict | None, method: str) -> dict | None:
     """The randomization verdict of a method: state, text, score, threshold; None if not checked."""
     group = ((checks or {}).get("methods", {}).get(method) or {}).get("randomization")

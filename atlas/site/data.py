@@ -59,6 +59,7 @@ class Layer:
     fv_params: dict = field(default_factory=dict)  # of the channel view
     view_params: dict[str, dict] = field(default_factory=dict)
     example_params: dict = field(default_factory=dict)
+    pre: str | None = None  # its pre-activation, where its output is an activation's
 
 
 @dataclass
@@ -95,7 +96,7 @@ def _layer(name: str, g: h5py.Group) -> Layer:
         height=int(a.get("height", 1)), width=int(a.get("width", 1)),
         has_fv="channel" in views, has_examples=TOPK in g, has_stats=STATS in g,
         views=views, fv_params=params.get("channel", {}), view_params=params,
-        example_params=read_attrs(g[TOPK]) if TOPK in g else {},
+        example_params=read_attrs(g[TOPK]) if TOPK in g else {}, pre=str(a.get("pre", "")) or None,
     )
 
 
@@ -193,7 +194,8 @@ def _attribution(g: h5py.Group) -> dict:
     def get(key: str) -> np.ndarray | None:
         return g[key][()] if isinstance(g.get(key), h5py.Dataset) else None
     return {"target": get("target"), "score": get("score"), "label_target": get("label_target"),
-            "completeness": get("completeness"), "steps": get("steps"),
+            "completeness": get("completeness"), "steps": get("steps"), "area": get("area"),
+            "preserved": get("preserved"),
             "scale": get("scale"), "label_scale": get("label_scale"),  # maps stored divided by these
             "finite": get("finite"),
             "has_label_maps": isinstance(g.get("label_maps"), h5py.Dataset),

@@ -49,7 +49,7 @@ def _map_item(dataset: dict, checks: dict | None, i: int, column: int, method: s
             "signed": site_checks.is_signed(method, info["params"]),
             "label_at": at(1) if label_scale is not None else None, "label_scale": label_scale,
             "score": info["score"][i] if info["score"] is not None else None,
-            "completeness": site_checks.completeness_badge(info, i),
+            "completeness": site_checks.completeness_badge(info, i), "mask": site_checks.mask_note(info, i),
             "non_finite": info["finite"] is not None and not bool(info["finite"][i]),
             "verdict": site_checks.verdict_badge(checks, method, "../checks.html")}
 

@@ -30,7 +30,7 @@ def write_root(f: h5py.File, meta: dict) -> None:
     for i, l in enumerate(meta.get("layers", [])):
         g = layers.create_group(l["name"])
         for k in LAYER_ATTRS:
-            g.attrs[k] = l[k]
+            g.attrs[k] = "" if l.get(k) is None else l[k]
         g.attrs["order"] = i
 
 
@@ -40,7 +40,7 @@ def read_attrs(obj: h5py.HLObject) -> dict:
     for k, v in obj.attrs.items():
         if isinstance(v, bytes):
             v = v.decode()
-        if isinstance(v, str) and v[:1] in "[{" or v == "null":
+        if isinstance(v, str) and (v[:1] in "[{" or v == "null"):
             try:
                 v = json.loads(v)
             except ValueError:

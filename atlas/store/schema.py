@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-STORE_FORMAT = 3  # bumped whenever the store layout or its encoding changes incompatibly
+STORE_FORMAT = 4  # bumped whenever the store layout or its encoding changes incompatibly
 
 # --- groups of the consolidated store ---
 CLASSES = "classes"
@@ -43,7 +43,7 @@ STAGES = (FEATUREVIS, DATASET, ATTRIBUTION)
 
 ROOT_SCALARS = ("spec", "name", "weights_id", "input_size", "atlas_version", "store_format", "created")
 ROOT_JSON = ("config", "versions", "preprocess")
-LAYER_ATTRS = ("kind", "module", "call", "channels", "height", "width")
+LAYER_ATTRS = ("kind", "module", "call", "channels", "height", "width", "pre")  # pre: "" for none
 
 # --- feature-visualization views, in display order ---
 VIEWS = ("channel", "negative", "neuron", "diversity")

@@ -1,0 +1,83 @@
+"""Every recipe behind the atlas's pictures, with its reference and where Atlas chooses differently.
+
+The about page lists them, so a reader can tell what each picture is before
+trusting it. Each entry names the paper, the implementation Atlas is held
+against (a test or `atlas bench` compares them), and Atlas's own choices.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Recipe:
+    what: str  # the view, list or method
+    reference: str  # the paper
+    held_against: str  # the implementation a test or benchmark compares with ("" for none yet)
+    atlas: str  # what Atlas does, and where it differs from the reference
+
+
+RECIPES = (
+    Recipe("feature visualization (channel, neuron views)",
+           "Olah, Mordvintsev, Schubert, Feature Visualization, Distill 2017 (the Lucid recipe)",
+           "Lucent 0.1.8 (atlas bench featurevis)",
+           "Fourier parameterization with 1/f scaling, decorrelated colour, sigmoid; Lucid's transforms (pad 12, "
+           "crop 8, scale 0.9-1.1, rotation from Lucid's list, crop 4) composed into one warp per image; Adam "
+           "lr 0.05; redirected ReLU for the first 16 steps. Each image draws its own transforms (Lucid: one "
+           "scale per batch), so the view keeps its scale-1 side; no upsampling to 224 px."),
+    Recipe("negative view", "Lucid: the channel minimized on the pre-ReLU tensor", "",
+           "minimizes the unit's pre-activation where its output is an activation's (so a unit silent on the "
+           "start image still moves), the unit itself otherwise."),
+    Recipe("diversity view", "Olah et al. 2017: minus the cosine similarity of Gram matrices, weight 1e2", "",
+           "Lucid's term at Lucid's weight: the channel plus 100 times minus each image's summed Gram cosine "
+           "similarity with the others of its set."),
+    Recipe("phase parameterization (fv_param=phase)",
+           "Fel et al., Unlocking Feature Visualization for Deep Networks with MAgnitude Constrained "
+           "Optimization (MACO), NeurIPS 2023", "",
+           "optimizes only Fourier phases (NAdam lr 1.0) with the magnitude fixed to the mean spectrum of the "
+           "embedded sample photos. Differs from MACO: per-channel phases without colour recorrelation, Lucid's "
+           "transforms instead of MACO's random crops and noise, no transparency map."),
+    Recipe("top dataset examples", "Microscope; NetDissect (Bau et al. 2017): the top images by spatial max",
+           "a brute-force pass (tests)",
+           "one streaming pass; ranked by the spatial max, of the pre-activation where the unit's output is an "
+           "activation's (the activation's own order, ties at 0 or at a cap told apart), shown with the "
+           "activation there; ties by the lower image index; the crop is the receptive field around that place."),
+    Recipe("bottom dataset examples", "the images that suppress the unit most", "a brute-force pass (tests)",
+           "ranked by the spatial min of the pre-activation (of the unit itself where it has none), cropped "
+           "around that place; never dataset order."),
+    Recipe("gradient, gradient x input", "Simonyan et al. 2014; Shrikumar et al. 2016", "Captum (tests)",
+           "the target logit's gradient, and its product with the input."),
+    Recipe("SmoothGrad, SmoothGrad squared, VarGrad", "Smilkov et al. 2017; Hooker et al. 2019; Adebayo et al. 2018",
+           "Captum's NoiseTunnel (tests, atlas bench attribution)",
+           "noise 15 % of the input range; the three share one set of noisy gradients."),
+    Recipe("Guided Backprop, Guided Grad-CAM", "Springenberg et al. 2015; Selvaraju et al. 2017",
+           "Captum (tests)", "module, functional and in-place ReLUs and ReLU6 intercepted."),
+    Recipe("Grad-CAM", "Selvaraju et al. 2017", "Captum's LayerGradCam (tests)",
+           "the last spatial feature map of the network, upsampled bilinearly."),
+    Recipe("Integrated Gradients and its baselines, Expected Gradients",
+           "Sundararajan et al. 2017; Sturmfels et al., Distill 2020; Erion et al. 2021",
+           "Captum (tests, atlas bench attribution)",
+           "Gauss-Legendre points, raised until the completeness error is within tolerance."),
+    Recipe("occlusion", "Zeiler and Fergus 2014", "Captum's Occlusion (tests)",
+           "a patch an eighth of the side, stride half a patch, filled with the normalization mean."),
+    Recipe("Extremal Perturbations", "Fong, Patrick, Vedaldi, ICCV 2019", "torchray 1.0.0.2 (tests)",
+           "the paper's recipe: smooth-max-of-bumps masks (step 7 px, sigma 21 px), an 8-level blur pyramid up "
+           "to 20 px, SGD lr 0.01 momentum 0.9 for 800 steps, the area weight from 300 up by x1.0035 a step, a "
+           "left-right flip every other step; 10 % of the image. The area counts over the image (torchray also "
+           "counts a margin); sizes scale with the input side / 224. Each image's area and kept logit are shown."),
+    Recipe("model-parameter randomization", "Adebayo et al., Sanity Checks for Saliency Maps, NeurIPS 2018",
+           "",
+           "cascading from the logits and one group at a time; BatchNorm reset whole (running statistics too, as "
+           "freshly built and as Quantus resets it); Spearman of absolute and signed maps, SSIM."),
+    Recipe("random-logit test", "Sixt et al. 2020", "", "the map for a random other class."),
+    Recipe("deletion and insertion", "Petsiuk et al., RISE, BMVC 2018", "",
+           "pixels ordered by the colour-summed signed map; mean and blur replacement; the curves as a fraction "
+           "of the probability on the intact image."),
+)
+
+
+def rows() -> list[dict]:
+    """The recipes as the about page's table rows."""
+    return [{"what": r.what, "reference": r.reference, "held_against": r.held_against or "-", "atlas": r.atlas}
+            for r in RECIPES]
