@@ -90,7 +90,7 @@ class Capture:
         self.names: dict[tuple[str, int], str] = {}
         self.inputs: dict[tuple[str, int], str] = {}  # the `:in` names: a call's input
         for n in layers:
-            base, is_input = (n[:-3], True) if n.endswith(INPUT) else (n, False)
+            base, is_input = (n[:-len(INPUT)], True) if n.endswith(INPUT) else (n, False)
             (self.inputs if is_input else self.names)[parse_layer_name(base)] = n
         self.wanted: dict[str, set[int]] = defaultdict(set)
         self.wanted_in: dict[str, set[int]] = defaultdict(set)
