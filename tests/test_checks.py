@@ -145,12 +145,47 @@ def test_deletion_in_map_order_drops_faster_than_random():
     fracs = ablation.fractions(11)
     deletion = ablation.ablation_curves(model, x, 0, maps, 11, "mean")
     control = ablation.ablation_curves(model, x, 0, maps, 11, "mean", order="random", seed=0)
+    intact = 1 / (1 + np.exp(-9.6))  # the two-class softmax of logits (9.6, 0)
     assert deletion.shape == (2, 11) and deletion.dtype == np.float32
-    np.testing.assert_allclose(deletion[:, 0], 1, atol=1e-6)
-    np.testing.assert_allclose(deletion[:, 1:], 0.5 * (1 + np.exp(-9.6)), atol=1e-5)  # region gone at 10%
+    np.testing.assert_allclose(deletion[:, 0], intact, atol=1e-6)  # probabilities, as RISE: not divided by it
+    np.testing.assert_allclose(deletion[:, 1:], 0.5, atol=1e-6)  # region gone at 10%
     assert (ablation.auc(deletion, fracs) < ablation.auc(control, fracs) - 0.2).all()
     insertion = ablation.ablation_curves(model, x, 0, maps, 11, "mean", kind="insertion")
-    np.testing.assert_allclose(insertion[:, 1:], 1, atol=1e-5)
+    np.testing.assert_allclose(insertion[:, 0], 0.5, atol=1e-6)
+    np.testing.assert_allclose(insertion[:, 1:], intact, atol=1e-6)
+    assert (ablation.auc(insertion, fracs) <= 1).all()
+
+
+def negative_evidence_model() -> tuple[nn.Module, torch.Tensor]:
+    """Logit 0 = -(sum of the top-left 4 x 4 pixels) on an image of -0.2: the evidence region's
+    gradient is -1, the most negative of the map, while its pixels carry all the logit."""
+    linear = nn.Linear(3 * 16 * 16, 2)
+    with torch.no_grad():
+        linear.weight.zero_()
+        linear.bias.zero_()
+        region = torch.zeros(3, 16, 16)
+        region[:, :4, :4] = 1.0
+        linear.weight[0] = -region.reshape(-1)
+    return nn.Sequential(nn.Flatten(), linear, nn.ReLU()).eval(), torch.full((2, 3, 16, 16), -0.2)  # a ReLU to guide
+
+
+@pytest.mark.parametrize("name", ["gradient", "smoothgrad", "guided_backprop"])
+def test_methods_whose_sign_is_no_evidence_rank_pixels_by_magnitude(name):
+    model, x = negative_evidence_model()
+    assert methods.get(name, model).magnitude
+    result = checks.run_checks(maker(name), model, x, 0, n_classes=2, groups_count=1, points=11, seed=0)
+    deletion = result["deletion"]["mean"]
+    np.testing.assert_allclose(deletion[:, 1:], 0.5, atol=1e-5)  # the region goes first, by |gradient|
+    by_sign = ablation.ablation_curves(model, x, 0, checks._maps(methods.get(name, model), x, torch.zeros(2).long()),
+                                       11, "mean")
+    assert (by_sign[:, 1:-1] > 0.99).all()  # the signed map removes the region last
+
+
+def test_signed_evidence_keeps_its_sign():
+    model, x = negative_evidence_model()
+    assert not methods.get("gradient_x_input", model).magnitude
+    result = checks.run_checks(maker("gradient_x_input"), model, x, 0, n_classes=2, groups_count=1, points=11, seed=0)
+    np.testing.assert_allclose(result["deletion"]["mean"][:, 1:], 0.5, atol=1e-5)  # gradient x input = +0.2 there
 
 
 def test_blur_keeps_a_constant_image():

@@ -4,24 +4,30 @@ import numpy as np
 import pytest
 import torch
 
-from atlas.dataset.topk import HIST_EDGES, LayerSummary, TopK, histogram, reduce_positions
+from atlas.dataset.topk import HIST_EDGES, KINDS, LayerSummary, TopK, histogram, reduce_positions
 
 
+@pytest.mark.parametrize("kind", sorted(KINDS))
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_fused_and_eager_reductions_agree_with_the_definition(channels_last):
+def test_fused_and_eager_reductions_agree_with_the_definition(channels_last, kind):
     act = torch.randn(3, 5, 7, 6, generator=torch.Generator().manual_seed(0))
     act[1, 2] = 0.0  # a silent map: its zero count is every position
     if channels_last:
         act = act.contiguous(memory_format=torch.channels_last)
     flat = act.flatten(2)
+    expected = {"max": flat.amax(2), "pos": flat.argmax(2), "min": flat.amin(2), "min_pos": flat.argmin(2),
+                "sum": flat.sum(2), "sumsq": (flat ** 2).sum(2), "zeros": (flat <= 0).sum(2)}
     for fuse in (False, True):
-        r = reduce_positions(act, fuse)
-        torch.testing.assert_close(r["max"], flat.amax(2))
-        torch.testing.assert_close(r["pos"], flat.argmax(2))
-        torch.testing.assert_close(r["sum"], flat.sum(2), rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(r["sumsq"], (flat ** 2).sum(2), rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(r["zeros"].long(), (flat <= 0).sum(2))
-        assert r["zeros"][1, 2] == 42
+        r = reduce_positions(act, fuse, kind)
+        assert set(r) == set(KINDS[kind][1])
+        for name, value in r.items():
+            if name in ("pos", "min_pos"):  # the silent map ties everywhere: any position of its extreme
+                extreme = expected["max" if name == "pos" else "min"]
+                assert torch.equal(flat.gather(2, value[..., None])[..., 0], extreme)
+            else:
+                torch.testing.assert_close(value.to(expected[name].dtype), expected[name], rtol=1e-5, atol=1e-5)
+        if "zeros" in r:
+            assert r["zeros"][1, 2] == 42
 
 
 def test_topk_keeps_the_best_and_breaks_ties_by_lower_index():

@@ -108,6 +108,11 @@ class Attribution(abc.ABC):
         return METHODS[self.name].signed if self.name in METHODS else True
 
     @property
+    def magnitude(self) -> bool:
+        """Whether only the map's magnitude is evidence (deletion and insertion rank by |map|)."""
+        return METHODS[self.name].magnitude if self.name in METHODS else False
+
+    @property
     def params(self) -> dict:
         """The settings that decide the maps, recorded with them in the store."""
         return {"method": self.name, "signed": self.signed}

@@ -31,46 +31,70 @@ def histogram(peak: torch.Tensor) -> torch.Tensor:
     return torch.bincount(flat, minlength=c * HIST_BINS).reshape(c, HIST_BINS)
 
 
-def _reduce(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, ...]:
+def _reduce_all(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, ...]:
     """Max, its position, min, its position, sum, sum of squares and count of values <= 0 along `dim`."""
     x = x.float()
     return x.amax(dim), x.argmax(dim), x.amin(dim), x.argmin(dim), x.sum(dim), (x * x).sum(dim), (x <= 0).sum(dim)
 
 
-class _Reducer:
-    """`_reduce`, fused into one pass over the data by torch.compile where it can be.
+def _reduce_extremes(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, ...]:
+    """Max, its position, min and its position along `dim`: what a pre-activation ranks by."""
+    x = x.float()
+    return x.amax(dim), x.argmax(dim), x.amin(dim), x.argmin(dim)
 
-    Eager PyTorch reads a feature map five times and allocates two temporaries
-    the size of it; the compiled kernel reads it once. Where compilation is
-    unavailable (no C++ compiler, an unsupported device), it falls back to
-    eager mode, once, with a warning.
+
+def _reduce_stats(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, ...]:
+    """Max, sum, sum of squares and count of values <= 0 along `dim`: an activation ranked by its pre."""
+    x = x.float()
+    return x.amax(dim), x.sum(dim), (x * x).sum(dim), (x <= 0).sum(dim)
+
+
+# what each kind of reduction returns, in order
+KINDS = {
+    "all": (_reduce_all, ("max", "pos", "min", "min_pos", "sum", "sumsq", "zeros")),
+    "extremes": (_reduce_extremes, ("max", "pos", "min", "min_pos")),
+    "stats": (_reduce_stats, ("max", "sum", "sumsq", "zeros")),
+}
+
+
+class _Reducer:
+    """The reductions, each fused into one pass over the data by torch.compile where it can be.
+
+    Eager PyTorch reads a feature map once per statistic and allocates
+    temporaries the size of it; a compiled kernel reads it once. Each kind
+    returns only what its caller uses (a unit ranked by its pre-activation needs
+    no positions from the activation), so no output costs a pass for nothing.
+    Where compilation is unavailable (no C++ compiler, an unsupported device),
+    it falls back to eager mode, once, with a warning.
     """
 
     def __init__(self):
-        self.compiled = None
+        self.compiled: dict[str, object] = {}
         self.failed = False
 
-    def __call__(self, x: torch.Tensor, dim: int, fuse: bool) -> tuple[torch.Tensor, ...]:
+    def __call__(self, kind: str, x: torch.Tensor, dim: int, fuse: bool) -> tuple[torch.Tensor, ...]:
+        eager = KINDS[kind][0]
         if not fuse or self.failed:
-            return _reduce(x, dim)
+            return eager(x, dim)
         try:
-            if self.compiled is None:
+            if kind not in self.compiled:
                 # compiling for the CPU on a machine without CUDA is expected, not worth a warning
                 logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-                self.compiled = torch.compile(_reduce, dynamic=True)
-            return self.compiled(x, dim)
+                self.compiled[kind] = torch.compile(eager, dynamic=True)
+            return self.compiled[kind](x, dim)
         except Exception as exc:  # any compiler failure: the eager path gives the same numbers
             self.failed = True
             warnings.warn(f"fused reductions unavailable ({type(exc).__name__}); using eager mode")
-            return _reduce(x, dim)
+            return eager(x, dim)
 
 
 _REDUCER = _Reducer()
 
 
-def reduce_positions(act: torch.Tensor, fuse: bool = True) -> dict[str, torch.Tensor]:
-    """Per image and channel of [B, C, H, W]: max over positions and its flat position, min and its
-    position, sum, sum of squares and count of values <= 0.
+def reduce_positions(act: torch.Tensor, fuse: bool = True, kind: str = "all") -> dict[str, torch.Tensor]:
+    """Per image and channel of [B, C, H, W], the reductions over positions that `kind` names
+    (KINDS): max and its flat position, min and its position, sum, sum of squares, count of
+    values <= 0.
 
     Works in the tensor's own memory layout (channels-last is what convolutions
     produce fastest on CPUs), so no feature map is copied.
@@ -80,8 +104,7 @@ def reduce_positions(act: torch.Tensor, fuse: bool = True) -> dict[str, torch.Te
         x, dim = act.reshape(b, c, -1), 2
     else:
         x, dim = act.permute(0, 2, 3, 1).reshape(b, -1, c), 1  # a view when channels-last
-    peak, pos, low, low_pos, total, sumsq, zeros = _REDUCER(x, dim, fuse)
-    return {"max": peak, "pos": pos, "min": low, "min_pos": low_pos, "sum": total, "sumsq": sumsq, "zeros": zeros}
+    return dict(zip(KINDS[kind][1], _REDUCER(kind, x, dim, fuse)))
 
 
 class TopK:
@@ -152,13 +175,14 @@ class LayerSummary:
 
     def add_pre(self, pre: torch.Tensor) -> None:
         """The pre-activation [B, C, H, W] of the batch `add` folds in next."""
-        self.pending = reduce_positions(pre.detach(), self.fuse)
+        self.pending = reduce_positions(pre.detach(), self.fuse, "extremes")
 
     def add(self, act: torch.Tensor, index: torch.Tensor, span: tuple[int, int] | None = None) -> None:
         """Folds in one batch: activation [B, C, H, W] of the images with global ids `index` [B]
         (ascending), whose smallest and largest are `span`."""
         b, c, h, w = act.shape
-        r = reduce_positions(act.detach(), self.fuse)
+        pre, self.pending = self.pending, None
+        r = reduce_positions(act.detach(), self.fuse, "all" if pre is None else "stats")
         peak = r["max"]
         for key in ("sum", "sumsq", "zeros"):
             self.stats[key] += r[key].double().sum(0)
@@ -166,7 +190,6 @@ class LayerSummary:
         self.stats["max"] = torch.maximum(self.stats["max"], peak.amax(0).double())
         self.stats["hist"] += histogram(peak)
         index = index.to(peak.device)
-        pre, self.pending = self.pending, None
         if pre is None:
             self.top.update(peak.T, index, r["pos"].T, span)
             self.bottom.update(r["min"].T, index, r["min_pos"].T, span)

@@ -72,8 +72,9 @@ RECIPES = (
            "freshly built and as Quantus resets it); Spearman of absolute and signed maps, SSIM."),
     Recipe("random-logit test", "Sixt et al. 2020", "", "the map for a random other class."),
     Recipe("deletion and insertion", "Petsiuk et al., RISE, BMVC 2018", "",
-           "pixels ordered by the colour-summed signed map; mean and blur replacement; the curves as a fraction "
-           "of the probability on the intact image."),
+           "pixels ordered by the colour-summed signed map, or by its magnitude where the sign is no evidence "
+           "(gradient, SmoothGrad, Guided Backprop, Guided Grad-CAM); mean and blur replacement; the curves in "
+           "class probability, as RISE reports them."),
 )
 
 

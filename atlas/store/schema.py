@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-STORE_FORMAT = 4  # bumped whenever the store layout or its encoding changes incompatibly
+STORE_FORMAT = 5  # bumped whenever the store layout or its encoding changes incompatibly
 
 # --- groups of the consolidated store ---
 CLASSES = "classes"
@@ -67,6 +67,9 @@ class Method:
         name: the method's key in the store and on the command line.
         family: the group the image and checks pages show it in.
         signed: its maps carry a sign (evidence for and against); False: non-negative maps.
+        magnitude: only the map's magnitude is evidence: a gradient's sign says which way a pixel
+            would have to move, not whether the pixel helps, so deletion and insertion rank its pixels
+            by |map| (summed over colour) instead of by the signed map.
         path: a path method, whose map sums to f(x) - f(baseline) (completeness is checked).
         costly: among the methods costing the most model passes per image (the quick preset leaves them out).
     """
@@ -74,19 +77,20 @@ class Method:
     name: str
     family: str
     signed: bool = True
+    magnitude: bool = False
     path: bool = False
     costly: bool = False
 
 
 _METHODS = (
-    Method("gradient", "Gradients"),
+    Method("gradient", "Gradients", magnitude=True),
     Method("gradient_x_input", "Gradients"),
-    Method("smoothgrad", "SmoothGrad family"),
+    Method("smoothgrad", "SmoothGrad family", magnitude=True),
     Method("smoothgrad_sq", "SmoothGrad family", signed=False),
     Method("vargrad", "SmoothGrad family", signed=False),
-    Method("guided_backprop", "Guided"),
+    Method("guided_backprop", "Guided", magnitude=True),
     Method("grad_cam", "CAM", signed=False),  # the ReLU keeps only positive evidence
-    Method("guided_grad_cam", "Guided"),
+    Method("guided_grad_cam", "Guided", magnitude=True),  # Guided Backprop's sign, scaled by the CAM
     Method("integrated_gradients", "Path methods", path=True),
     # the IG baselines other than black take several draws each
     Method("ig_max_distance", "Path methods", path=True, costly=True),

@@ -1,11 +1,13 @@
 """Deletion, insertion and mass-centre ablation: does removing what a map points at hurt the model?
 
-Deletion (Petsiuk et al. 2018) replaces the most attributed pixels first, by
-the normalization mean or by a blurred copy, and tracks the softmax
-probability of the explained class as a fraction of its value on the intact
-image; insertion starts from the replacement and restores the most attributed
-pixels first. A pixel is removed with all its colour channels. A random pixel
-order is the control. Mass-centre ablation replaces one box, centred at the
+Deletion (Petsiuk et al. 2018, RISE) replaces the most attributed pixels
+first, by the normalization mean or by a blurred copy, and tracks the softmax
+probability of the explained class, as RISE does (not a fraction of the
+intact image's: areas stay within [0, 1] and images compare on one scale);
+insertion starts from the replacement and restores the most attributed pixels
+first. A pixel is removed with all its colour channels; the caller chooses
+the order's map (the signed map, or its magnitude where the sign is no
+evidence). A random pixel order is the control. Mass-centre ablation replaces one box, centred at the
 map's centre of mass, by the mean.
 """
 
@@ -131,7 +133,8 @@ def ablation_curves(model: nn.Module, inputs: torch.Tensor, target: torch.Tensor
             the first pixels into the replacement image).
 
     Returns:
-        float32 [n, P]: p(target | ablated image) / p(target | image).
+        float32 [n, P]: p(target | ablated image); the first point of a deletion curve (and the
+        last of an insertion curve) is p(target | image).
     """
     if kind not in KINDS:
         raise ValueError(f"kind: expected one of {', '.join(KINDS)}, got {kind!r}")
@@ -149,9 +152,8 @@ def ablation_curves(model: nn.Module, inputs: torch.Tensor, target: torch.Tensor
             return torch.where(first, base[rows], inputs[rows])
         return torch.where(first, inputs[rows], base[rows])
 
-    p0 = probabilities(model, lambda a, b: inputs[a:b], target, n, batch)
     p = probabilities(model, make, target.repeat_interleave(points), n * points, batch).view(n, points)
-    return (p / p0[:, None]).numpy().astype(np.float32)
+    return p.numpy().astype(np.float32)
 
 
 def mass_centres(maps: torch.Tensor | np.ndarray) -> np.ndarray:

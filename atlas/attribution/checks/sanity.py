@@ -323,7 +323,9 @@ def run_checks(make_method: MakeMethod, model: nn.Module, inputs: torch.Tensor, 
     """
     target = torch.as_tensor(target, device=inputs.device).long().reshape(-1).expand(inputs.shape[0])
     method = make_method(model)
-    original = _maps(method, inputs, target)
+    raw = method.attribute(inputs, target).float()
+    original = raw.sum(1).cpu().numpy()
+    ranking = raw.abs().sum(1).cpu().numpy() if method.magnitude else original  # the ablations' pixel order
     groups = parameter_groups(model, inputs[:1], groups_count)
     rand = randomization(make_method, model, inputs, target, groups, seed, original)
     passed, score = verdict(rand, threshold)
@@ -333,7 +335,7 @@ def run_checks(make_method: MakeMethod, model: nn.Module, inputs: torch.Tensor, 
     passed, score = random_logit_verdict(logit, threshold)
     logit["attrs"] = {"verdict": passed, "score": score, "threshold": threshold}
     return {"randomization": rand, "random_logit": logit,
-            **ablations(model, inputs, target, original, points, seed, batch)}
+            **ablations(model, inputs, target, ranking, points, seed, batch)}
 
 
 def run_controls(model: nn.Module, inputs: torch.Tensor, target: torch.Tensor | int, points: int = 21,
