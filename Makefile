@@ -15,18 +15,26 @@ DATA ?=
 WEIGHTS ?=
 ARGS ?=
 
-.PHONY: install atlas test serve clean publish
+.PHONY: install install-test atlas test serve clean publish
 MODE ?= gh-pages
 
+# install: what building an atlas needs; install-test adds the tests' references on top
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q -e .
+	touch $@
+
+install-test: $(VENV)/.installed-test
+
+$(VENV)/.installed-test: $(VENV)/.installed
 	$(PY) -m pip install -q -e '.[test]'
-	# torchray, the reference the Extremal Perturbations tests hold Atlas against; without its
-	# dependencies (pycocotools, pymongo), which serve its own benchmarks, not the method
-	$(PY) -m pip install -q --no-deps 'torchray==1.0.0.2'
+	# the references the tests hold Atlas against, without the dependencies of their own
+	# benchmarks and plots: torchray (Extremal Perturbations; not pycocotools, pymongo) and
+	# horama (MACO)
+	$(PY) -m pip install -q --no-deps 'torchray==1.0.0.2' 'horama==0.3.0'
 	touch $@
 
 atlas: install
@@ -36,7 +44,7 @@ atlas: install
 		$(if $(WEIGHTS),--weights '$(WEIGHTS)') $(ARGS)
 	@echo "open $(OUT)/index.html, or run: make serve"
 
-test: install
+test: install-test
 	$(PY) -m pytest -q
 
 serve:

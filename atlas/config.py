@@ -45,7 +45,7 @@ class Config:
     fv_diversity: int = 4  # images in a unit's diversity set
     fv_diversity_weight: float = 100.0  # weight of the style-difference reward (Lucid's 1e2)
     fv_redirect_steps: int = 16  # first steps with the redirected ReLU gradient (Lucid: 16)
-    fv_param: str = "fourier"  # "fourier" (Lucid) or "phase" (MACO: phase only, natural magnitude; NAdam lr 1)
+    fv_param: str = "fourier"  # "fourier" (Lucid) or "phase" (MACO as horama: phases, natural magnitude, crops)
 
     # --- dataset examples ---
     topk: int = 10  # top and bottom images kept per channel (Microscope, NetDissect: about 10)

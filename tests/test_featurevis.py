@@ -108,21 +108,6 @@ def test_diversity_groups_do_not_pull_on_each_other():
     assert O.diversity("a", [0, 1, 2, 3])({"a": x}).abs().sum() == 0
 
 
-def test_phase_parameterization_keeps_the_natural_spectrum_and_rises(tiny):
-    from atlas.featurevis.param import natural_magnitude
-    magnitude = natural_magnitude(32)
-    low, high = magnitude[:, 1:4, 1:4].mean(), magnitude[:, 12:16, 12:16].mean()
-    assert low > 5 * high  # photos: energy falls with frequency
-    settings = RenderSettings(size=32, steps=24, param="phase")
-    objective = O.channel("conv2", [0, 3])
-    before = render(tiny.model, tiny.preprocess, objective, [5, 6],
-                    RenderSettings(size=32, steps=0, param="phase")).objective
-    result = render(tiny.model, tiny.preprocess, objective, [5, 6], settings)
-    assert result.objective.mean() > before.mean() and result.finite.all()
-    with pytest.raises(ValueError, match="param: expected"):
-        render(tiny.model, tiny.preprocess, objective, [5, 6], RenderSettings(size=32, steps=1, param="pixels"))
-
-
 def _lucid_chain(image: torch.Tensor, offsets, angle: int, r) -> torch.Tensor:
     """Lucid's transforms step by step at scale 1: pad with grey, crop, rotate, crop."""
     from torchvision.transforms.functional import InterpolationMode, rotate

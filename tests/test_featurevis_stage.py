@@ -99,3 +99,26 @@ def test_the_stage_alone_fills_every_channel_and_renders(tmp_path, images, confi
             assert g["channel"].shape == (f[f"layers/{layer}"].attrs["channels"], 32, 32, 3)
             assert g["channel"].attrs["steps"] == 4
             assert np.isfinite(g["channel_objective"][...]).all()
+
+
+def test_maco_renders_store_their_transparency_and_the_site_fades_by_it(tmp_path, few_images, config):
+    from PIL import Image
+
+    from atlas.site.data import Faded, pictures
+    cfg = config(tmp_path, few_images, layers=("conv2",), fv_param="phase", fv_batch=8)
+    built = pipeline.build(cfg, stages=("featurevis",), progress=False)
+    with h5py.File(built.store) as f:
+        g = f["layers/conv2/featurevis"]
+        assert g["channel_alpha"].shape == g["channel"].shape[:-1] and g["channel_alpha"].dtype == np.uint8
+        assert g["channel"].attrs["optimizer"] == "NAdam" and "MACO" in g["channel"].attrs["parameterization"]
+        assert g["channel_done"][...].all()
+        shown = pictures(f["layers/conv2"])["channel"]
+        assert isinstance(shown, Faded)
+        alpha = g["channel_alpha"][0].astype(float)[..., None] / 255
+        expected = g["channel"][0] * alpha + 128 * (1 - alpha)
+        faded = shown[0].astype(float)
+        assert np.abs(faded - expected).max() <= 0.5
+    picture = next((cfg.site_dir / "atlas-2Dtiny_convnet").glob("conv2/0.*"))
+    with Image.open(picture) as im:  # what the site wrote is the faded picture, within lossy coding
+        written = np.asarray(im.convert("RGB"), float)
+    assert np.abs(written - faded).mean() < 12

@@ -9,11 +9,8 @@ a sigmoid. These are the published Lucid recipe's choices.
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import math
 
-import numpy as np
 import torch
 
 # Square root of ImageNet's colour covariance, the Lucid recipe's constant.
@@ -48,36 +45,4 @@ def spectrum_to_rgb(spectrum: torch.Tensor, size: int, scale: torch.Tensor) -> t
     image = torch.fft.irfft2(coeffs, s=(size, size), norm="ortho") / FOURIER_DIVISOR
     matrix = COLOR_SQRT.to(image.device) / COLOR_SQRT.norm(dim=0).max()
     image = torch.einsum("bchw,dc->bdhw", image, matrix)
-    return torch.sigmoid(image)
-
-
-# --- phase-only parameterization (MACO, Fel et al. 2023) ---
-# The Fourier magnitude is fixed to that of natural photos and only the phase is
-# optimized, so every render keeps a natural-image spectrum; this keeps deep
-# layers from collapsing into high-frequency noise.
-
-@functools.lru_cache(maxsize=8)
-def natural_magnitude(size: int) -> torch.Tensor:
-    """Mean |rfft2| per colour channel of the embedded sample photos at size x size: [3, size, size//2+1]."""
-    from atlas.dataset.images import decode, sample_images
-    from atlas.models import Preprocess
-    pre = Preprocess(size=size, crop_pct=1.0, mean=(0.0,) * 3, std=(1.0,) * 3)
-    photos = [p for p, _ in (decode(r.path, pre) for r in sample_images()) if p is not None]
-    x = torch.from_numpy(np.stack(photos)).permute(0, 3, 1, 2).float() / 255.0
-    x = x - x.mean(dim=(2, 3), keepdim=True)
-    return torch.fft.rfft2(x, norm="ortho").abs().mean(0)
-
-
-def init_phase(seeds: list[int], size: int) -> torch.Tensor:
-    """Uniform random phases [B, 3, size, size//2+1], each image from its own seed."""
-    shape = (3, size, size // 2 + 1)
-    return torch.stack([(torch.rand(shape, generator=torch.Generator().manual_seed(s)) * 2 - 1) * math.pi
-                        for s in seeds])
-
-
-def phase_to_rgb(phase: torch.Tensor, size: int, magnitude: torch.Tensor) -> torch.Tensor:
-    """Images in [0, 1] from phases with the fixed natural magnitude, standardized per image."""
-    spectrum = torch.polar(magnitude.expand_as(phase), phase)
-    image = torch.fft.irfft2(spectrum, s=(size, size), norm="ortho")
-    image = (image - image.mean(dim=(1, 2, 3), keepdim=True)) / (image.std(dim=(1, 2, 3), keepdim=True) + 1e-8)
     return torch.sigmoid(image)

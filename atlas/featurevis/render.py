@@ -14,11 +14,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from atlas.featurevis.objectives import Objective
-from atlas.featurevis.param import (frequency_scale, init_phase, init_spectrum, natural_magnitude,
-                                    phase_to_rgb, spectrum_to_rgb)
+from atlas.featurevis import maco
+from atlas.featurevis.param import frequency_scale, init_spectrum, spectrum_to_rgb
 from atlas.featurevis.redirect import redirected_relus
 from atlas.featurevis.transforms import Robustness, random_affine
 from atlas.layers import Capture
@@ -32,19 +33,31 @@ class RenderSettings:
     lr: float = 0.05  # Adam learning rate
     loss_points: int = 32  # objective samples kept for the loss curve
     redirect_steps: int = 16  # first steps with the redirected ReLU gradient (Lucid: 16)
-    param: str = "fourier"  # "fourier" (Lucid) or "phase" (MACO: phase only, natural magnitude)
+    param: str = "fourier"  # "fourier" (Lucid) or "phase" (MACO: phase only, natural magnitude, crops)
     robustness: Robustness = field(default_factory=Robustness)
+    crops: maco.Crops = field(default_factory=maco.Crops)  # MACO's transforms (param "phase")
+
+    @property
+    def view(self) -> int:
+        """The side of what the model sees: Lucid's transformed frame; a MACO crop is resized to it."""
+        return self.robustness.frame(self.size)
+
+    @property
+    def canvas(self) -> int:
+        """The side of the optimized image: `size` (Lucid), or MACO's canvas, horama's 1280 / 224 views wide
+        (stored downscaled to `size`)."""
+        return self.size if self.param == "fourier" else 2 * round(self.view * maco.CANVAS_PER_VIEW / 2)
 
     def provenance(self) -> dict:
-        fourier = self.param == "fourier"
-        return {"size": self.size, "steps": self.steps, "lr": self.lr if fourier else PHASE_LR,
-                "optimizer": "Adam" if fourier else "NAdam",
-                "parameterization": "fourier 1/f, decorrelated colour, sigmoid" if fourier else
-                "fourier phase only, magnitude of natural photos, standardized, sigmoid",
-                "transforms": self.robustness.describe(), "redirected_relu_steps": self.redirect_steps}
-
-
-PHASE_LR = 1.0  # MACO's NAdam learning rate for phases
+        if self.param == "fourier":
+            return {"size": self.size, "steps": self.steps, "lr": self.lr, "optimizer": "Adam",
+                    "parameterization": "fourier 1/f, decorrelated colour, sigmoid",
+                    "transforms": self.robustness.describe(), "redirected_relu_steps": self.redirect_steps}
+        return {"size": self.size, "canvas": self.canvas, "view": self.view, "steps": self.steps, "lr": maco.LR,
+                "optimizer": "NAdam", "parameterization": "MACO: fourier phase only (standardized), magnitude of "
+                "natural photos in decorrelated colour, image standardized, colour recorrelated, sigmoid",
+                "transforms": self.crops.describe(), "redirected_relu_steps": self.redirect_steps,
+                "alpha": "transparency: |gradient| on the image summed over steps"}
 
 
 @dataclass
@@ -54,6 +67,7 @@ class Rendered:
     loss: np.ndarray  # float32 [B, P], objective during optimization
     finite: np.ndarray  # bool [B], False where the objective became NaN or infinite
     acts: dict[str, torch.Tensor]  # the objective's layers on the final images, without transforms
+    alpha: np.ndarray | None = None  # uint8 [B, S, S]: MACO's transparency (gradient energy), 255 the most
 
 
 def _checkpoints(steps: int, points: int) -> dict[int, int]:
@@ -73,31 +87,62 @@ def render(model: nn.Module, preprocess: Preprocess, objective: Objective, seeds
         settings: size, steps, learning rate, robustness.
 
     Returns:
-        The images, their final objective values and loss curves.
+        The images, their final objective values and loss curves (MACO: and transparency).
     """
     params, to_rgb, optimizer = _parameterize(settings, seeds, device)
     gens = [torch.Generator().manual_seed(s ^ 0x5EED5EED) for s in seeds]
     marks = _checkpoints(settings.steps, settings.loss_points)
     loss = np.zeros((len(seeds), len(marks)), np.float32)
     device = torch.device(device)
+    is_maco = settings.param == "phase"
+    seen = maco.over_crops(objective, settings.crops.count) if is_maco else objective
+    energy = None
     with Capture(model, sorted(objective.layers), stop=True, fn=_as_float) as capture:
         for step in range(settings.steps):
             image = to_rgb(params)
-            view = random_affine(image, gens, settings.robustness)
+            if is_maco:
+                image.retain_grad()
+                boxes = maco.crop_boxes(gens, settings.canvas, settings.crops)
+                view = _model_input(preprocess, maco.cut(image, boxes, settings.view))
+                view = view + maco.noise(view.shape, gens, settings.crops).to(view)
+            else:
+                view = _model_input(preprocess, random_affine(image, gens, settings.robustness))
             with redirected_relus(model, step < settings.redirect_steps), _autocast(device):
-                values = objective(capture.run(_model_input(preprocess, view)))
+                values = seen(capture.run(view))
             optimizer.zero_grad(set_to_none=True)
             (-values.sum()).backward()
+            if is_maco:
+                energy = image.grad.abs().sum(1) if energy is None else energy + image.grad.abs().sum(1)
             optimizer.step()
             if step in marks:
                 loss[:, marks[step]] = values.detach().float().cpu().numpy()
         with torch.no_grad(), _autocast(device):
             image = to_rgb(params)
-            acts = capture.run(_model_input(preprocess, image))
+            # MACO's canvas is judged on its centre crop at the crops' mean size, and stored whole at `size`
+            seen_final = maco.cut(image, maco.centre_box(len(seeds), settings.canvas, settings.crops),
+                                  settings.view) if is_maco else image
+            acts = capture.run(_model_input(preprocess, seen_final))
             final = objective(acts).float().cpu().numpy()
+    if is_maco:
+        image = _resize(image, settings.size)
+        alpha = _alpha(energy if energy is not None else torch.zeros(len(seeds), settings.canvas, settings.canvas),
+                       settings.size)
     pixels = (image.detach().permute(0, 2, 3, 1).clamp(0, 1) * 255).round().byte().cpu().numpy()
     finite = np.isfinite(final) & np.isfinite(loss).all(axis=1)
-    return Rendered(pixels, final.astype(np.float32), loss, finite, acts)
+    return Rendered(pixels, final.astype(np.float32), loss, finite, acts, alpha if is_maco else None)
+
+
+def _resize(images: torch.Tensor, side: int) -> torch.Tensor:
+    if images.shape[-1] == side:
+        return images
+    return F.interpolate(images, size=(side, side), mode="bilinear", align_corners=False, antialias=True)
+
+
+def _alpha(energy: torch.Tensor | None, side: int) -> np.ndarray:
+    """Gradient energy [B, S, S] at the stored side, scaled so each image's 99th percentile is opaque."""
+    e = _resize(energy[:, None].float(), side)[:, 0]
+    top = torch.quantile(e.flatten(1), 0.99, dim=1).clamp_min(1e-12)
+    return (e / top[:, None, None]).clamp(0, 1).mul(255).round().byte().cpu().numpy()
 
 
 def _parameterize(settings: RenderSettings, seeds: list[int], device):
@@ -108,9 +153,9 @@ def _parameterize(settings: RenderSettings, seeds: list[int], device):
         scale = frequency_scale(size).to(device)
         return spectrum, lambda p: spectrum_to_rgb(p, size, scale), torch.optim.Adam([spectrum], lr=settings.lr)
     if settings.param == "phase":
-        phase = init_phase(seeds, size).to(device).requires_grad_(True)
-        magnitude = natural_magnitude(size).to(device)
-        return phase, lambda p: phase_to_rgb(p, size, magnitude), torch.optim.NAdam([phase], lr=PHASE_LR)
+        phase = maco.init_phase(seeds, settings.canvas).to(device).requires_grad_(True)
+        magnitude = maco.magnitude(settings.canvas).to(device)
+        return phase, lambda p: maco.to_rgb(p, magnitude), torch.optim.NAdam([phase], lr=maco.LR)
     raise ValueError(f"param: expected 'fourier' or 'phase', got {settings.param!r}")
 
 

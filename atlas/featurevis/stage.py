@@ -193,9 +193,11 @@ def _arrays(result: Rendered, seeds: list[int], channels: list[int], k: int, lay
 
     def shape(a: np.ndarray) -> np.ndarray:
         return a.reshape(n, *a.shape[1:]) if k == 1 else a.reshape(n, k, *a.shape[1:])
-    return {"images": shape(result.images), "objective": shape(result.objective), "loss": shape(result.loss),
-            "seed": shape(np.array(seeds, np.int64)), "peak": shape(peak),
-            "finite": result.finite.reshape(n, k).all(1)}
+    out = {"images": shape(result.images), "objective": shape(result.objective), "loss": shape(result.loss),
+           "seed": shape(np.array(seeds, np.int64)), "peak": shape(peak), "finite": result.finite.reshape(n, k).all(1)}
+    if result.alpha is not None:  # MACO's transparency
+        out["alpha"] = shape(result.alpha)
+    return out
 
 
 def consolidate(store: Store, f: h5py.File) -> dict:
@@ -213,7 +215,8 @@ def consolidate(store: Store, f: h5py.File) -> dict:
         if view not in group:
             _create(group, view, int(f[LAYERS][layer].attrs["channels"]), part)
         for name in VIEW_ARRAYS:
-            group[view_dataset(view, name)][first:end] = part[name][...]
+            if name in part:  # "alpha" only where the render has one (MACO)
+                group[view_dataset(view, name)][first:end] = part[name][...]
         moves[key] = {"images": (group[view].name, first, end - first)}
     return moves
 
@@ -231,6 +234,9 @@ def _create(group: h5py.Group, view: str, channels: int, part: h5py.File) -> Non
     group.create_dataset(view_dataset(view, "seed"), (channels, *extra), np.int64)
     group.create_dataset(view_dataset(view, "peak"), (channels, *extra), np.float32, fillvalue=np.nan)
     group.create_dataset(view_dataset(view, "finite"), (channels,), bool)
+    if "alpha" in part:
+        group.create_dataset(view_dataset(view, "alpha"), (channels, *per[:-1]), np.uint8, chunks=(1, *per[:-1]),
+                             compression="gzip", compression_opts=1)
 
 
 def derive_quality(f: h5py.File) -> None:

@@ -16,7 +16,7 @@ import numpy as np
 from atlas.errors import AtlasError
 from atlas.store import read_attrs
 from atlas.store.schema import (ATTRIBUTION, BOTTOMK, CHECKS, CLASSES, DATASET, FEATUREVIS, LAYERS, RANDOM_CONTROL,
-                                 STATS, TOPK, UNIT_ATTRIBUTION, VIEWS)
+                                 STATS, TOPK, UNIT_ATTRIBUTION, VIEWS, view_dataset)
 
 _SAFE = re.compile(r"[A-Za-z0-9._]")
 # Names the site itself uses inside a model folder or at the site root.
@@ -150,10 +150,33 @@ def crops(g: h5py.Group) -> dict[str, h5py.Dataset]:
             if name in g and isinstance(g[name].get("crops"), h5py.Dataset)}
 
 
-def pictures(g: h5py.Group) -> dict[str, h5py.Dataset]:
-    """The layer's feature visualizations by view, unread."""
+class Faded:
+    """A view's stored pictures, read faded by their transparency map (MACO's) towards mid grey.
+
+    Sliced like the dataset; `alpha` 255 keeps a pixel, 0 shows the grey under it.
+    """
+
+    def __init__(self, images: h5py.Dataset, alpha: h5py.Dataset):
+        self.images, self.alpha = images, alpha
+        self.shape = images.shape
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index) -> np.ndarray:
+        pixels, alpha = self.images[index].astype(np.float32), self.alpha[index].astype(np.float32)[..., None] / 255
+        return (pixels * alpha + 128.0 * (1 - alpha)).round().astype(np.uint8)
+
+
+def pictures(g: h5py.Group) -> dict[str, h5py.Dataset | Faded]:
+    """The layer's feature visualizations by view, unread (faded by their transparency where stored)."""
     fv = g.get(FEATUREVIS)
-    return {v: fv[v] for v in VIEWS if fv is not None and isinstance(fv.get(v), h5py.Dataset)}
+    out = {}
+    for v in VIEWS:
+        if fv is not None and isinstance(fv.get(v), h5py.Dataset):
+            alpha = fv.get(view_dataset(v, "alpha"))
+            out[v] = Faded(fv[v], alpha) if isinstance(alpha, h5py.Dataset) else fv[v]
+    return out
 
 
 def read_dataset(f: h5py.File) -> dict:

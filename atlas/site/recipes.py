@@ -34,10 +34,14 @@ RECIPES = (
            "similarity with the others of its set."),
     Recipe("phase parameterization (fv_param=phase)",
            "Fel et al., Unlocking Feature Visualization for Deep Networks with MAgnitude Constrained "
-           "Optimization (MACO), NeurIPS 2023", "",
-           "optimizes only Fourier phases (NAdam lr 1.0) with the magnitude fixed to the mean spectrum of the "
-           "embedded sample photos. Differs from MACO: per-channel phases without colour recorrelation, Lucid's "
-           "transforms instead of MACO's random crops and noise, no transparency map."),
+           "Optimization (MACO), NeurIPS 2023", "horama 0.3.0, its authors' PyTorch MACO (tests)",
+           "MACO as horama: only the Fourier phases are optimized (standardized, NAdam lr 1.0), the magnitude is "
+           "the mean spectrum of natural photos in decorrelated colour (the embedded photos': horama downloads "
+           "ImageNet's), the image standardized, its colours recorrelated, a sigmoid; six random crops a step "
+           "(0.25-0.30 of the side, centres N(0.5, 0.15)) with noise 0.05. The canvas is 1280/224 of the model's "
+           "view, as horama's, stored at the view size; the picture is faded by the transparency map (the "
+           "gradient's magnitude summed over the steps). Atlas keeps pixels in [0, 1] and normalizes them as the "
+           "model does (horama: a sigmoid onto -2.5..2.5)."),
     Recipe("top dataset examples", "Microscope; NetDissect (Bau et al. 2017): the top images by spatial max",
            "a brute-force pass (tests)",
            "one streaming pass; ranked by the spatial max, of the pre-activation where the unit's output is an "

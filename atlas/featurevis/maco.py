@@ -1,0 +1,132 @@
+"""MACO (Fel et al., NeurIPS 2023): feature visualization that optimizes only the Fourier phase.
+
+The image's Fourier magnitude is fixed to the mean spectrum of natural photos
+in Lucid's decorrelated colour space; only the phase is optimized (NAdam, lr
+1.0). Each step the phase is standardized, the image made from it is
+standardized, its colours are recorrelated and a sigmoid squashes it to
+[0, 1]. Instead of Lucid's pad, jitter, scale and rotation the model sees
+several random crops of the image each step (a quarter to 30 % of its side,
+centred near its middle, resized to the model's view) with Gaussian and
+uniform noise. The gradient's magnitude on the image, summed over the steps,
+is the transparency map: where the optimization spent its effort, which the
+site uses to fade the rest.
+
+The constants are those of horama 0.3.0, the PyTorch MACO of the paper's
+authors: six crops per step, crop sides drawn from 0.25-0.30 of the image
+(horama's code draws rand * (b1 - b0) + b1 from its box_size (0.20, 0.25)),
+centres N(0.5, 0.15), each crop cut by roi_align at twice the view's side and
+resized by antialiased bicubic interpolation, noise 0.05 in the model's input
+space. Horama downloads its magnitude (ImageNet's); Atlas computes the same
+statistic from its embedded photos, offline.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from atlas.featurevis.objectives import Objective
+from atlas.featurevis.param import COLOR_SQRT
+
+LR = 1.0  # NAdam's learning rate on the phases
+CANVAS_PER_VIEW = 1280 / 224  # horama's image side over the model's view side
+
+
+@dataclass(frozen=True)
+class Crops:
+    count: int = 6  # crops the model sees per image and step
+    box: tuple[float, float] = (0.25, 0.30)  # crop side, fraction of the image side
+    spread: float = 0.15  # standard deviation of a crop's centre, fraction of the image side
+    noise: float = 0.05  # Gaussian (std) and uniform (width) noise, in the model's input space
+
+    def describe(self) -> str:
+        return (f"{self.count} random crops of {self.box[0]:.2f}-{self.box[1]:.2f} of the side per step, centres "
+                f"N(0.5, {self.spread}), noise {self.noise} (MACO's, as horama)")
+
+
+def recorrelation() -> torch.Tensor:
+    """Lucid's colour matrix (the square root of ImageNet's colour covariance), columns of norm <= 1."""
+    return COLOR_SQRT / COLOR_SQRT.norm(dim=0).max()
+
+
+@functools.lru_cache(maxsize=8)
+def magnitude(size: int) -> torch.Tensor:
+    """Mean |rfft2| of the embedded sample photos at size x size in the decorrelated colour space:
+    [3, size, size//2+1]. Each photo's mean colour is removed first, so a render's mean is grey."""
+    from atlas.dataset.images import decode, sample_images
+    from atlas.models import Preprocess
+    pre = Preprocess(size=size, crop_pct=1.0, mean=(0.0,) * 3, std=(1.0,) * 3)
+    photos = [p for p, _ in (decode(r.path, pre) for r in sample_images()) if p is not None]
+    x = torch.from_numpy(np.stack(photos)).permute(0, 3, 1, 2).double() / 255.0
+    x = x - x.mean(dim=(2, 3), keepdim=True)
+    decorrelated = torch.einsum("dc,bchw->bdhw", torch.linalg.inv(recorrelation().double()), x)
+    return torch.fft.rfft2(decorrelated).abs().mean(0).float()
+
+
+def init_phase(seeds: list[int], size: int) -> torch.Tensor:
+    """Standard normal phases [B, 3, size, size//2+1], each image from its own seed (as horama)."""
+    shape = (3, size, size // 2 + 1)
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
+
+
+def _standardize(x: torch.Tensor) -> torch.Tensor:
+    """Zero mean, unit standard deviation per image (over colour and positions)."""
+    dims = tuple(range(1, x.dim()))
+    x = x - x.mean(dim=dims, keepdim=True)
+    return x / (x.std(dim=dims, keepdim=True) + 1e-4)
+
+
+def to_rgb(phase: torch.Tensor, mag: torch.Tensor) -> torch.Tensor:
+    """Images in [0, 1], [B, 3, S, S], from phases [B, 3, S, S//2+1] and the fixed magnitude."""
+    phase = _standardize(phase)
+    spectrum = torch.complex(torch.cos(phase) * mag, torch.sin(phase) * mag)
+    image = _standardize(torch.fft.irfft2(spectrum, s=(mag.shape[-2], mag.shape[-2])))
+    image = torch.einsum("bchw,dc->bdhw", image, recorrelation().to(image))
+    return torch.sigmoid(image)
+
+
+def crop_boxes(gens: list[torch.Generator], side: int, crops: Crops) -> torch.Tensor:
+    """roi_align's boxes [B * count, 5] (image index, x0, y0, x1, y1 in pixels), crop-major:
+    row j * B + i is crop j of image i. Each image draws from its own generator."""
+    rows = []
+    for i, gen in enumerate(gens):
+        u = torch.randn(2, crops.count, generator=gen) * crops.spread + 0.5
+        d = torch.rand(crops.count, generator=gen) * (crops.box[1] - crops.box[0]) + crops.box[0]
+        rows.append(torch.stack([torch.full_like(d, i), u[0] - d / 2, u[1] - d / 2, u[0] + d / 2, u[1] + d / 2], 1))
+    boxes = torch.stack(rows, 1).reshape(-1, 5)  # [count, B, 5] -> crop-major rows
+    boxes[:, 1:] *= side
+    return boxes
+
+
+def centre_box(n: int, side: int, crops: Crops) -> torch.Tensor:
+    """One box per image [n, 5]: the centre, at the crops' mean size."""
+    d = side * sum(crops.box) / 2
+    return torch.tensor([[i, (side - d) / 2, (side - d) / 2, (side + d) / 2, (side + d) / 2] for i in range(n)])
+
+
+def cut(images: torch.Tensor, boxes: torch.Tensor, view: int) -> torch.Tensor:
+    """The boxes of `images` [B, 3, S, S] resized to view x view: [len(boxes), 3, view, view]."""
+    from torchvision.ops import roi_align
+    big = roi_align(images, boxes.to(images), output_size=(2 * view, 2 * view))
+    return F.interpolate(big, size=(view, view), mode="bicubic", align_corners=True, antialias=True)
+
+
+def noise(shape: torch.Size, gens: list[torch.Generator], crops: Crops) -> torch.Tensor:
+    """Gaussian plus uniform noise for crop-major views [count * B, ...], image i from gens[i]."""
+    b = len(gens)
+    per_image = [torch.randn((crops.count, *shape[1:]), generator=g) * crops.noise
+                 + (torch.rand((crops.count, *shape[1:]), generator=g) - 0.5) * crops.noise for g in gens]
+    return torch.stack(per_image, 1).reshape(crops.count * b, *shape[1:])
+
+
+def over_crops(objective: Objective, count: int) -> Objective:
+    """`objective` of a batch of B images, evaluated on crop-major views [count * B] and averaged over crops."""
+    def fn(acts: dict[str, torch.Tensor]) -> torch.Tensor:
+        b = next(iter(acts.values())).shape[0] // count
+        return torch.stack([objective({k: v[j * b:(j + 1) * b] for k, v in acts.items()})
+                            for j in range(count)]).mean(0)
+    return Objective(fn, f"{objective.name}, mean over {count} crops", objective.layers)
