@@ -289,6 +289,19 @@ def bench_site(n_images: int, explain: int, max_layers: int | None) -> None:
              {"resnet50_site_mb": "", "largest_page_kb": "", "layer_grid_requests": ""})
 
 
+@bench.command("references")
+@click.option("--steps", default=64, show_default=True, help="MACO steps, the same for Atlas and horama")
+@click.option("--per-layer", default=2, show_default=True, help="MACO units per layer (three layers)")
+@click.option("--size", default=128, show_default=True, help="feature-visualization side; MACO's view follows")
+@click.option("--photos", default=2, show_default=True, help="photos both Extremal Perturbations explain")
+@click.option("--extremal-steps", default=800, show_default=True, help="Extremal Perturbations steps (paper: 800)")
+@click.option("--device", default="cpu", show_default=True)
+def bench_references(**o) -> None:
+    """Each recipe against the field's reference implementation, on the default model."""
+    from atlas.bench import references
+    _summary("references", references.run(**o), references.SUMMARY)
+
+
 @bench.command("imagenet")
 @click.option("--images", type=click.IntRange(min=1), default=250, show_default=True,
               help="search images of the smaller build (the larger one searches 4x)")

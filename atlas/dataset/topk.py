@@ -14,6 +14,7 @@ import warnings
 
 import numpy as np
 import torch
+import torch.fx.experimental._config as fx_config
 
 # Histogram of each image's spatial max, on bins fixed before any data is seen (uniform in
 # asinh(value), covering |value| up to about 1,500), so shards add up exactly.
@@ -81,7 +82,10 @@ class _Reducer:
                 # compiling for the CPU on a machine without CUDA is expected, not worth a warning
                 logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
                 self.compiled[kind] = torch.compile(eager, dynamic=True)
-            return self.compiled[kind](x, dim)
+            # no "duck" sizes: a batch of 32 images of a 32-channel layer must not tie the two sizes
+            # together, or every other layer recompiles (seconds each, on a 2-core CPU)
+            with fx_config.patch(use_duck_shape=False):
+                return self.compiled[kind](x, dim)
         except Exception as exc:  # any compiler failure: the eager path gives the same numbers
             self.failed = True
             warnings.warn(f"fused reductions unavailable ({type(exc).__name__}); using eager mode")

@@ -36,6 +36,7 @@ class RenderSettings:
     param: str = "fourier"  # "fourier" (Lucid) or "phase" (MACO: phase only, natural magnitude, crops)
     robustness: Robustness = field(default_factory=Robustness)
     crops: maco.Crops = field(default_factory=maco.Crops)  # MACO's transforms (param "phase")
+    keep_canvas: bool = False  # MACO: return the whole canvas instead of resizing it to `size` (benchmarks)
 
     @property
     def view(self) -> int:
@@ -124,9 +125,10 @@ def render(model: nn.Module, preprocess: Preprocess, objective: Objective, seeds
             acts = capture.run(_model_input(preprocess, seen_final))
             final = objective(acts).float().cpu().numpy()
     if is_maco:
-        image = _resize(image, settings.size)
+        side = settings.canvas if settings.keep_canvas else settings.size
+        image = _resize(image, side)
         alpha = _alpha(energy if energy is not None else torch.zeros(len(seeds), settings.canvas, settings.canvas),
-                       settings.size)
+                       side)
     pixels = (image.detach().permute(0, 2, 3, 1).clamp(0, 1) * 255).round().byte().cpu().numpy()
     finite = np.isfinite(final) & np.isfinite(loss).all(axis=1)
     return Rendered(pixels, final.astype(np.float32), loss, finite, acts, alpha if is_maco else None)

@@ -1,0 +1,209 @@
+"""Each recipe against the field's reference implementation, side by side on the same model and units.
+
+`atlas bench references` runs, on the embedded default model (ImageNet
+weights, offline) and its sample photos:
+
+* MACO against horama 0.3.0 (its authors' PyTorch code): the same units, the
+  same steps, the same magnitude (Atlas's, written where horama looks for its
+  download, so both start from one spectrum), horama's defaults otherwise
+  (six crops, noise 0.05, NAdam lr 1) and a canvas 1280/224 of the model's
+  view for both. Each tool in its ordinary use: Atlas renders a layer's units
+  in one batch, horama one unit per call. Both final canvases are judged the
+  same way: the unit's mean activation over the same 16 fixed crops, read
+  through Atlas's `Capture` on uint8 pixels (horama's image mapped back from
+  its -2.5..2.5 range to pixels first). `maco_activation_vs_horama` is Atlas's
+  mean over units divided by horama's; `maco_time_vs_horama` Atlas's seconds
+  over horama's.
+* Extremal Perturbations against torchray 1.0.0.2 (the paper's authors'),
+  the same images, target class, area and steps: `extremal_mask_iou_vs_torchray`
+  is the median over images of the IoU of the two masks' top `area` fractions.
+
+A reference that is not installed is reported as skipped, with how to
+install it, and its figure is printed as `nan`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from atlas import models
+from atlas.bench.common import sync
+from atlas.featurevis import maco
+from atlas.featurevis import objectives as O
+from atlas.featurevis.param import unit_seed
+from atlas.featurevis.render import RenderSettings, render
+from atlas.featurevis.transforms import Robustness
+from atlas.layers import Capture
+from atlas.models import LoadedModel
+
+HORAMA = "pip install --no-deps horama==0.3.0 einops matplotlib"
+TORCHRAY = "pip install --no-deps torchray==1.0.0.2"
+JUDGE_CROPS = 16  # fixed crops each MACO canvas is judged on
+SUMMARY = {"maco_activation_vs_horama": ".3f", "maco_time_vs_horama": ".3f", "extremal_mask_iou_vs_torchray": ".3f"}
+TARGETS = {"maco_activation_vs_horama": (">=", 1.0), "maco_time_vs_horama": ("<=", 1.0),
+           "extremal_mask_iou_vs_torchray": (">=", 0.7)}
+
+
+def _timed(fn: Callable[[], object]) -> tuple[object, float]:
+    sync()
+    start = time.perf_counter()
+    out = fn()
+    sync()
+    return out, time.perf_counter() - start
+
+
+@contextlib.contextmanager
+def _cwd(path: Path):
+    old = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(old)
+
+
+def maco_units(loaded: LoadedModel, per_layer: int) -> dict[str, list[int]]:
+    """`per_layer` units of three layers at a quarter, half and the end of the default selection."""
+    from atlas.layers import discover, select
+    chosen = select(loaded.model, discover(loaded.model, loaded.input_size))
+    layers = [chosen[round(f * (len(chosen) - 1))] for f in (0.25, 0.5, 1.0)]
+    return {l.name: [l.channels * (2 * j + 1) // (2 * per_layer) for j in range(per_layer)] for l in layers}
+
+
+def judge(loaded: LoadedModel, canvases01: torch.Tensor, layer: str, chans: list[int], view: int) -> np.ndarray:
+    """Each canvas's unit: mean activation over JUDGE_CROPS fixed crops (uint8 pixels, as stored)."""
+    pixels = (canvases01.clamp(0, 1) * 255).round() / 255
+    gens = [torch.Generator().manual_seed(1000 + i) for i in range(len(chans))]
+    crops = maco.Crops(count=JUDGE_CROPS)
+    views = maco.cut(pixels, maco.crop_boxes(gens, pixels.shape[-1], crops), view)
+    objective = maco.over_crops(O.channel(layer, chans), JUDGE_CROPS)
+    with torch.no_grad(), Capture(loaded.model, [layer], stop=True) as cap:
+        return objective(cap.run(loaded.preprocess.normalize(views))).numpy()
+
+
+def _horama_one(horama, loaded: LoadedModel, layer: str, chan: int, settings: RenderSettings,
+                seed: int) -> torch.Tensor:
+    """One documented `maco` call for one unit; its canvas as pixels in [0, 1]."""
+    cap = Capture(loaded.model, [layer], stop=True)
+
+    def objective(images: torch.Tensor) -> torch.Tensor:
+        return cap.run(images)[layer][:, chan].mean()
+    torch.manual_seed(seed)
+    with cap:
+        image, _ = horama.maco(objective, total_steps=settings.steps, image_size=settings.canvas,
+                               model_input_size=settings.view, device="cpu")
+    mean = torch.tensor(loaded.preprocess.mean).view(3, 1, 1)
+    std = torch.tensor(loaded.preprocess.std).view(3, 1, 1)
+    return (image.detach() * std + mean)[None]  # horama feeds its image as the model's input: undo it
+
+
+def maco_pair(loaded: LoadedModel, steps: int, per_layer: int, size: int) -> dict:
+    """MACO against horama on the same units: activation and time ratios."""
+    try:
+        import horama
+    except ImportError as exc:
+        print(f"MACO: skipped, horama is not installed ({exc}); install it with: {HORAMA}", flush=True)
+        return {"maco_activation_vs_horama": math.nan, "maco_time_vs_horama": math.nan}
+    settings = RenderSettings(size=size, steps=steps, param="phase", redirect_steps=0,
+                              robustness=Robustness().scaled(min(1.0, size / 128)))
+    units = maco_units(loaded, per_layer)
+    print(f"MACO: {loaded.name}, {steps} steps, canvas {settings.canvas} px, view {settings.view} px, "
+          f"{maco.Crops().count} crops a step; units: " + "; ".join(f"{l} {c}" for l, c in units.items()), flush=True)
+    ours_q, theirs_q, ours_s, theirs_s = [], [], 0.0, 0.0
+    with tempfile.TemporaryDirectory() as tmp, _cwd(Path(tmp)):
+        # horama loads its magnitude from this file when it exists (else downloads ImageNet's)
+        np.save(horama.maco_fv.MACO_SPECTRUM_FILENAME, maco.magnitude(settings.canvas).numpy())
+        for layer, chans in units.items():
+            seeds = [unit_seed(loaded.name, layer, c, view="maco") for c in chans]
+            out, seconds = _timed(lambda: _atlas_canvases(loaded, layer, chans, seeds, settings))
+            ours_s, atlas_layer_s = ours_s + seconds, seconds
+            ours_q += judge(loaded, out, layer, chans, settings.view).tolist()
+            for c, seed in zip(chans, seeds):
+                canvas, seconds = _timed(lambda: _horama_one(horama, loaded, layer, c, settings, seed))
+                theirs_s += seconds
+                theirs_q += judge(loaded, canvas, layer, [c], settings.view).tolist()
+            print(f"  {layer}: atlas {atlas_layer_s:.1f} s for {len(chans)} units; activations atlas "
+                  f"{np.round(ours_q[-len(chans):], 3).tolist()}, horama {np.round(theirs_q[-len(chans):], 3).tolist()}",
+                  flush=True)
+    print(f"MACO: atlas {ours_s:.1f} s, horama {theirs_s:.1f} s; mean activation atlas {np.mean(ours_q):.4g}, "
+          f"horama {np.mean(theirs_q):.4g}", flush=True)
+    return {"maco_activation_vs_horama": float(np.mean(ours_q) / np.mean(theirs_q)),
+            "maco_time_vs_horama": ours_s / theirs_s, "maco_atlas_s": ours_s, "maco_horama_s": theirs_s}
+
+
+def _atlas_canvases(loaded: LoadedModel, layer: str, chans: list[int], seeds: list[int],
+                    settings: RenderSettings) -> torch.Tensor:
+    """Atlas's MACO canvases of one layer's units, in one batch, whole, in [0, 1]."""
+    whole = RenderSettings(**{**settings.__dict__, "keep_canvas": True})
+    result = render(loaded.model, loaded.preprocess, O.channel(layer, chans), seeds, whole)
+    return torch.from_numpy(result.images).permute(0, 3, 1, 2).float() / 255
+
+
+def top_fraction(mask: torch.Tensor, area: float) -> torch.Tensor:
+    """The `area` fraction of pixels where `mask` [H, W] is highest (ties by position), as booleans."""
+    flat = mask.flatten().double()
+    keep = max(1, round(area * flat.numel()))
+    chosen = torch.zeros_like(flat, dtype=torch.bool)
+    chosen[torch.argsort(-flat, stable=True)[:keep]] = True
+    return chosen.view_as(mask)
+
+
+def iou(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a & b).sum()) / max(1, int((a | b).sum()))
+
+
+def extremal_pair(loaded: LoadedModel, images: int, steps: int, area: float = 0.1) -> dict:
+    """Extremal Perturbations against torchray on the same photos, class and area: median IoU of the masks."""
+    try:
+        from torchray.attribution.extremal_perturbation import extremal_perturbation
+    except ImportError as exc:
+        print(f"Extremal Perturbations: skipped, torchray is not installed ({exc}); install it with: {TORCHRAY}",
+              flush=True)
+        return {"extremal_mask_iou_vs_torchray": math.nan}
+    from atlas.attribution.base import InputSpace
+    from atlas.attribution.extremal import ExtremalPerturbation
+    from atlas.dataset.images import decode, sample_images
+    pixels = [p for p, _ in (decode(r.path, loaded.preprocess) for r in sample_images()[:images]) if p is not None]
+    x = loaded.preprocess.from_uint8(np.stack(pixels))
+    with torch.no_grad():
+        target = loaded.model(x).argmax(1)
+    print(f"Extremal Perturbations: {loaded.name}, {len(x)} photos, area {area}, {steps} steps", flush=True)
+    method = ExtremalPerturbation(loaded.model, InputSpace.of(loaded.preprocess), batch=8, area=area, steps=steps)
+    ious, ours_s, theirs_s = [], 0.0, 0.0
+    for i in range(len(x)):
+        ours, seconds = _timed(lambda: method.explain(x[i:i + 1], target[i:i + 1]))
+        ours_s += seconds
+        theirs, seconds = _timed(lambda: extremal_perturbation(loaded.model, x[i:i + 1], int(target[i]),
+                                                               areas=[area], max_iter=steps)[0])
+        theirs_s += seconds
+        a, b = ours.maps.sum(1)[0], theirs[0, 0]
+        ious.append(iou(top_fraction(a, area), top_fraction(b, area)))
+        print(f"  photo {i}: class {int(target[i])}, IoU of the top {area:.0%} {ious[-1]:.3f}; mask mean over the "
+              f"image atlas {float(a.mean()):.3f}, torchray {float(b.mean()):.3f}", flush=True)
+    print(f"Extremal Perturbations: atlas {ours_s:.1f} s, torchray {theirs_s:.1f} s", flush=True)
+    return {"extremal_mask_iou_vs_torchray": float(np.median(ious)), "extremal_atlas_s": ours_s,
+            "extremal_torchray_s": theirs_s}
+
+
+def run(steps: int = 64, per_layer: int = 2, size: int = 128, device: str = "cpu", photos: int = 2,
+        extremal_steps: int = 800) -> dict:
+    """Every reference pair; returns the summary figures and what stands behind them.
+
+    Args:
+        steps, per_layer, size: MACO's steps, units per layer (three layers) and view size.
+        photos, extremal_steps: the photos both Extremal Perturbations explain, and their steps.
+    """
+    loaded = models.load(models.DEFAULT_MODEL).to(torch.device(device))
+    result = {}
+    result.update(maco_pair(loaded, steps, per_layer, size))
+    result.update(extremal_pair(loaded, photos, extremal_steps))
+    return result
