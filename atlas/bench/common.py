@@ -25,6 +25,15 @@ def best_time(fn: Callable[[], object], repeats: int = 2) -> float:
     return best
 
 
+def timed(fn: Callable[[], object]) -> tuple[object, float]:
+    """`fn()` and the seconds it took (GPU work included)."""
+    sync()
+    start = time.perf_counter()
+    out = fn()
+    sync()
+    return out, time.perf_counter() - start
+
+
 def sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()

@@ -43,15 +43,13 @@ Lucent is a benchmark-only dependency:
 from __future__ import annotations
 
 import copy
-import time
-from typing import Callable
 
 import numpy as np
 import torch
 from torch import nn
 
 from atlas import models
-from atlas.bench.common import best_time, sync
+from atlas.bench.common import best_time, timed
 from atlas.errors import AtlasError
 from atlas.featurevis.objectives import channel
 from atlas.featurevis.param import unit_seed
@@ -100,14 +98,6 @@ def pick_units(loaded: LoadedModel, channels: int, device: torch.device) -> Unit
     return {l.name: [l.channels * (2 * j + 1) // (2 * n) for j in range(n)] for l, n in zip(layers, counts)}
 
 
-def _timed(fn: Callable[[], object]) -> tuple[object, float]:
-    sync()
-    start = time.perf_counter()
-    out = fn()
-    sync()
-    return out, time.perf_counter() - start
-
-
 def _to_uint8(images01: np.ndarray) -> np.ndarray:
     """Lucent's float [B, H, W, 3] images in [0, 1] to uint8, rounded as Atlas rounds."""
     return (np.clip(images01, 0, 1) * 255).round().astype(np.uint8)
@@ -141,7 +131,7 @@ def _lucent_call(lucent, model: nn.Module, objective, size: int, steps: int, bat
 def _lucent_one(lucent, model: nn.Module, layer: str, chan: int, size: int, steps: int,
                 seed: int, model_size: int | None) -> tuple[np.ndarray, float]:
     fresh = copy.deepcopy(model)  # outside the timing: Lucent leaves its hooks on the model
-    images, seconds = _timed(lambda: _lucent_call(lucent, fresh, f"{layer.replace('.', '_')}:{chan}",
+    images, seconds = timed(lambda: _lucent_call(lucent, fresh, f"{layer.replace('.', '_')}:{chan}",
                                                    size, steps, 1, seed, model_size))
     return _to_uint8(images), seconds
 
@@ -152,7 +142,7 @@ def _lucent_batched(lucent, model: nn.Module, units: list[tuple[str, int]], size
     objective = objectives.Objective.sum([objectives.channel(layer.replace(".", "_"), c, batch=i)
                                           for i, (layer, c) in enumerate(units)])
     fresh = copy.deepcopy(model)
-    images, seconds = _timed(lambda: _lucent_call(lucent, fresh, objective, size, steps, len(units), seed,
+    images, seconds = timed(lambda: _lucent_call(lucent, fresh, objective, size, steps, len(units), seed,
                                                   model_size))
     return _to_uint8(images), seconds
 
@@ -210,7 +200,7 @@ def run(model: str = "resnet50", weights: str = models.RANDOM, channels: int = 1
     atlas_s, lucent_s, atlas_q, lucent_q, atlas_q224, lucent_q224 = {}, {}, [], [], [], []
     for layer, chans in units.items():
         seeds = [unit_seed(loaded.name, layer, c) for c in chans]
-        out, atlas_s[layer] = _timed(lambda: render(loaded.model, loaded.preprocess, channel(layer, chans),
+        out, atlas_s[layer] = timed(lambda: render(loaded.model, loaded.preprocess, channel(layer, chans),
                                                     seeds, settings, dev))
         atlas_q += activation(loaded, out.images, layer, chans, dev).tolist()
         atlas_q224 += activation(loaded, out.images, layer, chans, dev, 224).tolist()

@@ -28,15 +28,13 @@ import contextlib
 import math
 import os
 import tempfile
-import time
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 
 from atlas import models
-from atlas.bench.common import sync
+from atlas.bench.common import timed
 from atlas.featurevis import maco
 from atlas.featurevis import objectives as O
 from atlas.featurevis.param import unit_seed
@@ -51,14 +49,6 @@ JUDGE_CROPS = 16  # fixed crops each MACO canvas is judged on
 SUMMARY = {"maco_activation_vs_horama": ".3f", "maco_time_vs_horama": ".3f", "extremal_mask_iou_vs_torchray": ".3f"}
 TARGETS = {"maco_activation_vs_horama": (">=", 1.0), "maco_time_vs_horama": ("<=", 1.0),
            "extremal_mask_iou_vs_torchray": (">=", 0.7)}
-
-
-def _timed(fn: Callable[[], object]) -> tuple[object, float]:
-    sync()
-    start = time.perf_counter()
-    out = fn()
-    sync()
-    return out, time.perf_counter() - start
 
 
 @contextlib.contextmanager
@@ -124,11 +114,11 @@ def maco_pair(loaded: LoadedModel, steps: int, per_layer: int, size: int) -> dic
         np.save(horama.maco_fv.MACO_SPECTRUM_FILENAME, maco.magnitude(settings.canvas).numpy())
         for layer, chans in units.items():
             seeds = [unit_seed(loaded.name, layer, c, view="maco") for c in chans]
-            out, seconds = _timed(lambda: _atlas_canvases(loaded, layer, chans, seeds, settings))
+            out, seconds = timed(lambda: _atlas_canvases(loaded, layer, chans, seeds, settings))
             ours_s, atlas_layer_s = ours_s + seconds, seconds
             ours_q += judge(loaded, out, layer, chans, settings.view).tolist()
             for c, seed in zip(chans, seeds):
-                canvas, seconds = _timed(lambda: _horama_one(horama, loaded, layer, c, settings, seed))
+                canvas, seconds = timed(lambda: _horama_one(horama, loaded, layer, c, settings, seed))
                 theirs_s += seconds
                 theirs_q += judge(loaded, canvas, layer, [c], settings.view).tolist()
             print(f"  {layer}: atlas {atlas_layer_s:.1f} s for {len(chans)} units; activations atlas "
@@ -180,9 +170,9 @@ def extremal_pair(loaded: LoadedModel, images: int, steps: int, area: float = 0.
     method = ExtremalPerturbation(loaded.model, InputSpace.of(loaded.preprocess), batch=8, area=area, steps=steps)
     ious, ours_s, theirs_s = [], 0.0, 0.0
     for i in range(len(x)):
-        ours, seconds = _timed(lambda: method.explain(x[i:i + 1], target[i:i + 1]))
+        ours, seconds = timed(lambda: method.explain(x[i:i + 1], target[i:i + 1]))
         ours_s += seconds
-        theirs, seconds = _timed(lambda: extremal_perturbation(loaded.model, x[i:i + 1], int(target[i]),
+        theirs, seconds = timed(lambda: extremal_perturbation(loaded.model, x[i:i + 1], int(target[i]),
                                                                areas=[area], max_iter=steps)[0])
         theirs_s += seconds
         a, b = ours.maps.sum(1)[0], theirs[0, 0]
