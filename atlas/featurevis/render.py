@@ -140,7 +140,7 @@ def _resize(images: torch.Tensor, side: int) -> torch.Tensor:
     return F.interpolate(images, size=(side, side), mode="bilinear", align_corners=False, antialias=True)
 
 
-def _alpha(energy: torch.Tensor | None, side: int) -> np.ndarray:
+def _alpha(energy: torch.Tensor, side: int) -> np.ndarray:
     """Gradient energy [B, S, S] at the stored side, scaled so each image's 99th percentile is opaque."""
     e = _resize(energy[:, None].float(), side)[:, 0]
     top = torch.quantile(e.flatten(1), 0.99, dim=1).clamp_min(1e-12)
