@@ -14,7 +14,7 @@ from atlas.attribution.gradients import SmoothGrad
 from atlas.layers import Capture
 
 METHODS = ("gradient", "smoothgrad", "smoothgrad_sq", "vargrad", "integrated_gradients", "grad_cam",
-           "extremal_perturbation")
+           "lrp_epsilon_plus_flat", "extremal_perturbation")
 # every method above with few steps, the checks and the unit attributions, small
 SETTINGS = dict(topk=3, attr_methods=METHODS, attr_steps=8, attr_samples=6, attr_check_images=2, attr_extremal_steps=4,
                 attr_check_groups=3, attr_check_points=5, attr_unit_topk=2, attr_unit_size=8, data_unit=8)
@@ -44,7 +44,8 @@ def test_every_method_has_a_map_per_image(built):
             np.testing.assert_array_equal(g["target"][...], top1)
             assert np.isfinite(maps_of(g)).all() and np.abs(maps_of(g)).max() > 0
             path_method = name == "integrated_gradients"
-            assert np.isfinite(g["completeness"][...]).all() == path_method
+            conserving = path_method or name.startswith("lrp_")  # IG's completeness, LRP's conservation
+            assert np.isfinite(g["completeness"][...]).all() == conserving
             assert (g["steps"][...] >= 8).all() == path_method
             extremal = name == "extremal_perturbation"  # its achieved area and preserved logit are kept
             assert np.isfinite(g["area"][...]).all() == np.isfinite(g["preserved"][...]).all() == extremal
@@ -52,6 +53,8 @@ def test_every_method_has_a_map_per_image(built):
         failures = int((ig["completeness"][...] > 0.01).sum())
         assert ig.attrs["completeness_failures"] == failures
         assert ig["maps"].attrs["baseline"] == "black" and ig["maps"].attrs["rule"] == "gauss_legendre"
+        lrp = f["attribution/lrp_epsilon_plus_flat"]  # the tiny network's residual sum is canonized: relevance conserved
+        assert lrp["completeness"][...].max() < 1e-3 and "1 residual sums" in lrp["maps"].attrs["canonization"]
 
 
 def test_label_maps_explain_the_true_class(built):

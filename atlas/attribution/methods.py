@@ -17,6 +17,7 @@ from atlas.attribution.cam import GradCAM, GuidedGradCAM
 from atlas.attribution.gradients import Gradient, GradientXInput, GuidedBackprop, SmoothGrad
 from atlas.attribution.paths import ExpectedGradients, IntegratedGradients
 from atlas.attribution.extremal import ExtremalPerturbation
+from atlas.attribution.lrp import LRP
 from atlas.attribution.perturbation import Occlusion
 from atlas.config import Config
 from atlas.errors import AtlasError
@@ -62,6 +63,8 @@ METHODS: dict[str, Factory] = {
     "expected_gradients": lambda model, space, batch, s: ExpectedGradients(
         model, space, batch, samples=s["samples"], seed=s["seed"], tolerance=s["tolerance"],
         max_samples=min(s["max_steps"], 2 * s["samples"])),  # its error shrinks slowly: cap the cost
+    "lrp_epsilon_plus_flat": lambda model, space, batch, s: LRP(model, space, batch, "epsilon_plus_flat"),
+    "lrp_epsilon_gamma_box": lambda model, space, batch, s: LRP(model, space, batch, "epsilon_gamma_box"),
     "occlusion": lambda model, space, batch, s: _occlusion(model, space, batch, s),
     "extremal_perturbation": lambda model, space, batch, s: ExtremalPerturbation(
         model, space, batch, steps=s["extremal_steps"]),

@@ -52,15 +52,24 @@ def _percent(x: float) -> str:
 
 
 def completeness_badge(info: dict, i: int) -> dict | None:
-    """A path method's completeness on image i: ok (within tolerance), warn or bad; None for other methods."""
+    """A path method's completeness (LRP's conservation) on image i: ok (within tolerance), warn or bad.
+
+    None for methods that report neither.
+    """
     values = info.get("completeness")
     if values is None or not math.isfinite(float(values[i])):
         return None
     error = float(values[i])
     tolerance = info["attrs"].get("tolerance")
     steps = info.get("steps")
-    title = (f"relative completeness error |sum of the map − (f(x) − f(baseline))| / |f(x) − f(baseline)| "
-             f"= {_percent(error)}")
+    method = METHODS.get(info.get("params", {}).get("method"))
+    if method is None or method.path:
+        word = "completeness"
+        title = (f"relative completeness error |sum of the map − (f(x) − f(baseline))| / |f(x) − f(baseline)| "
+                 f"= {_percent(error)}")
+    else:  # LRP: relevance conserved from the logit down to the pixels
+        word = "conservation"
+        title = f"relative conservation error |sum of the relevance − f(x)| / |f(x)| = {_percent(error)}"
     if tolerance is None:
         state = "info"
     else:
@@ -69,7 +78,7 @@ def completeness_badge(info: dict, i: int) -> dict | None:
         state = "ok" if error <= tolerance else "warn" if error <= WARN_FACTOR * tolerance else "bad"
     if steps is not None and int(steps[i]) > 0:
         title += f"; {int(steps[i])} path steps"
-    return {"state": state, "text": f"completeness {_percent(error)}", "title": title}
+    return {"state": state, "text": f"{word} {_percent(error)}", "title": title}
 
 
 def mask_note(info: dict, i: int) -> dict | None:

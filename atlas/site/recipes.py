@@ -63,6 +63,14 @@ RECIPES = (
            "Sundararajan et al. 2017; Sturmfels et al., Distill 2020; Erion et al. 2021",
            "Captum (tests, atlas bench attribution)",
            "Gauss-Legendre points, raised until the completeness error is within tolerance."),
+    Recipe("LRP (EpsilonPlusFlat, EpsilonGammaBox)",
+           "Bach et al. 2015; Montavon et al. 2019; Kohlbrenner et al., Towards Best Practice in Explaining "
+           "Neural Network Decisions with LRP, IJCNN 2020", "zennit 0.5 (its rules and composites; tests)",
+           "zennit's two composites (ε 1e-6 on dense layers; z+ or γ 0.25 on convolutions; flat or bounded z^B "
+           "first layer) on a canonized copy: zennit's canonizers for torchvision ResNets and VGGs, otherwise "
+           "torch.fx turns each residual sum into zennit's Sum and folds every BatchNorm after a convolution "
+           "(timm's BatchNormAct2d too). Biases take no relevance, so the map sums to the logit; the "
+           "conservation error is shown like completeness."),
     Recipe("occlusion", "Zeiler and Fergus 2014", "Captum's Occlusion (tests)",
            "a patch an eighth of the side, stride half a patch, filled with the normalization mean."),
     Recipe("Extremal Perturbations", "Fong, Patrick, Vedaldi, ICCV 2019", "torchray 1.0.0.2 (tests)",

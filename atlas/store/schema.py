@@ -98,11 +98,14 @@ _METHODS = (
     Method("ig_uniform", "Path methods", path=True, costly=True),
     Method("ig_gaussian", "Path methods", path=True, costly=True),
     Method("expected_gradients", "Path methods", path=True),
+    # relevance conserved from the logit to the pixels: the map sums to f(x) (checked like completeness)
+    Method("lrp_epsilon_plus_flat", "LRP"),
+    Method("lrp_epsilon_gamma_box", "LRP"),
     Method("occlusion", "Perturbation"),
     Method("extremal_perturbation", "Perturbation", signed=False, costly=True),  # a mask in [0, 1]; 800 steps
 )
 METHODS: dict[str, Method] = {m.name: m for m in _METHODS}  # in the order the pipeline computes them
 ALL_METHODS = tuple(METHODS)
-FAMILY_ORDER = ("Gradients", "SmoothGrad family", "Guided", "CAM", "Path methods", "Perturbation")
+FAMILY_ORDER = ("Gradients", "SmoothGrad family", "Guided", "CAM", "Path methods", "LRP", "Perturbation")
 FAMILIES = tuple((family, tuple(m.name for m in _METHODS if m.family == family)) for family in FAMILY_ORDER)
 RANDOM_CONTROL = "random"  # the checks' random-order control, stored beside the methods' checks
