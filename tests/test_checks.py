@@ -285,3 +285,18 @@ def test_run_checks_layout_and_deletion_beats_random(trained):
         key = f"auc_{replacement}"
         assert result["deletion"]["attrs"][key] < control["deletion"]["attrs"][key]
         assert result["insertion"]["attrs"][key] > control["insertion"]["attrs"][key]
+
+
+def test_a_map_that_is_not_finite_gives_nan_ablations_not_a_crash():
+    """A diverging rule (LRP's γ on signed inputs can overflow) must not stop the checks of the other images."""
+    from atlas.models.tiny import TinyConvNet, seeded_init
+    model = seeded_init(TinyConvNet()).eval()
+    x = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    maps = np.random.default_rng(0).normal(size=(3, 32, 32)).astype(np.float32)
+    maps[1, 4, 5], maps[2, 0, 0] = np.inf, np.nan
+    out = checks.ablations(model, x, torch.tensor([0, 1, 2]), maps, points=5, seed=0, batch=8)
+    drop = out["mass_centre"]["drop"]
+    assert np.isfinite(drop[0]) and np.isnan(drop[1:]).all()
+    for kind in ("deletion", "insertion"):
+        assert np.isfinite(out[kind]["mean"][0]).all() and np.isnan(out[kind]["mean"][1:]).all()
+        assert np.isfinite(out[kind]["attrs"]["auc_mean"])

@@ -285,16 +285,34 @@ def ablations(model: nn.Module, inputs: torch.Tensor, target: torch.Tensor, maps
               points: int, seed: int, batch: int) -> Result:
     """Deletion, insertion and mass-centre drop for `maps` (None: the random control), store layout."""
     order = "random" if maps is None else "map"
+    # a map that is not finite everywhere (a diverging rule) orders nothing: its image's results are NaN
+    broken = np.zeros(inputs.shape[0], bool) if maps is None else \
+        ~np.isfinite(np.asarray(maps, np.float64).reshape(inputs.shape[0], -1)).all(1)
+    if broken.any():
+        maps = np.where(np.isfinite(maps), maps, 0.0).astype(np.float32)
     fracs, out = ablation.fractions(points), {}
     for kind in ablation.KINDS:
-        curves = {r: ablation.ablation_curves(model, inputs, target, maps, points, r, order, seed, batch, kind)
+        curves = {r: _blank(ablation.ablation_curves(model, inputs, target, maps, points, r, order, seed, batch,
+                                                     kind), broken)
                   for r in ablation.REPLACEMENTS}
-        out[kind] = {**curves, "attrs": {f"auc_{r}": float(np.mean(ablation.auc(c, fracs)))
-                                         for r, c in curves.items()}}
+        out[kind] = {**curves, "attrs": {f"auc_{r}": _mean(ablation.auc(c, fracs)) for r, c in curves.items()}}
     centres = (ablation.random_centres(inputs.shape[0], *inputs.shape[-2:], seed=seed) if maps is None
                else ablation.mass_centres(maps))
-    out["mass_centre"] = {"drop": ablation.box_drop(model, inputs, target, centres, batch=batch)}
+    out["mass_centre"] = {"drop": _blank(ablation.box_drop(model, inputs, target, centres, batch=batch), broken)}
     return out
+
+
+def _blank(values: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """`values` with the given rows set to NaN."""
+    values = np.array(values, np.float32)
+    values[rows] = np.nan
+    return values
+
+
+def _mean(values: np.ndarray) -> float:
+    """The mean over the finite values; NaN when there are none."""
+    finite = np.asarray(values, np.float64)[np.isfinite(values)]
+    return float(finite.mean()) if finite.size else float("nan")
 
 
 def run_checks(make_method: MakeMethod, model: nn.Module, inputs: torch.Tensor, target: torch.Tensor | int,
