@@ -87,10 +87,11 @@ def test_size_report_and_budget(tmp_path, capsys, site_store):
 
 
 def test_pages_stay_small_with_every_method(tmp_path, refs):
-    """The full preset's methods and checks (16 methods, 8 images, 8 groups) keep pages under 300 KB."""
+    """The full preset's methods and checks (18 methods, 8 images, 8 groups) keep pages under 300 KB."""
     methods = ("gradient", "gradient_x_input", "smoothgrad", "smoothgrad_sq", "vargrad", "guided_backprop",
                "grad_cam", "guided_grad_cam", "integrated_gradients", "ig_max_distance", "ig_blurred",
-               "ig_uniform", "ig_gaussian", "expected_gradients", "occlusion", "extremal_perturbation")
+               "ig_uniform", "ig_gaussian", "expected_gradients", "lrp_epsilon_plus_flat", "lrp_epsilon_gamma_box",
+               "occlusion", "extremal_perturbation")
     classes = [f"a rather long class name number {i}" for i in range(1000)]
     store = write_synthetic_store(tmp_path / "big.h5", [("conv", 4, 4), ("fc", 1000, 1)], n_images=8, k=10,
                                   fv_size=8, image_size=32, methods=methods, classes=classes, check_images=8,
@@ -109,7 +110,8 @@ def test_checks_page_stays_small_with_long_group_labels(tmp_path):
     """Real group labels name two modules each ("layer4.2.conv3 .. layer4.1.bn2"): still under 300 KB."""
     methods = ("gradient", "gradient_x_input", "smoothgrad", "smoothgrad_sq", "vargrad", "guided_backprop",
                "grad_cam", "guided_grad_cam", "integrated_gradients", "ig_max_distance", "ig_blurred",
-               "ig_uniform", "ig_gaussian", "expected_gradients", "occlusion", "extremal_perturbation")
+               "ig_uniform", "ig_gaussian", "expected_gradients", "lrp_epsilon_plus_flat", "lrp_epsilon_gamma_box",
+               "occlusion", "extremal_perturbation")
     store = write_synthetic_store(tmp_path / "long.h5", [("conv", 4, 4)], n_images=8, k=2, fv_size=8,
                                   image_size=16, methods=methods, check_images=8, check_groups=8, unit_size=8,
                                   views=(), classes=[f"a rather long class name number {i}" for i in range(1000)])
