@@ -135,3 +135,27 @@ def test_timm_batchnorm_act_and_depthwise_blocks_conserve():
     assert out.info["completeness"].max() < 1e-3
     assert out.maps.shape == (2, 3, 64, 64)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # the model is untouched
+
+
+class _Branchy(nn.Module):
+    """Control flow on a tensor's value: torch.fx cannot trace it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.conv(x)))
+        if x.mean() > 0:
+            x = x + 0
+        return self.fc(x.mean((2, 3)))
+
+
+def test_a_model_fx_cannot_trace_falls_back_and_says_so():
+    model = seeded_init(_Branchy()).eval()
+    lrp = LRP(model, SPACE)
+    out = lrp.explain(_inputs(2), torch.tensor([0, 1]))
+    assert out.maps.shape == (2, 3, 32, 32) and torch.isfinite(out.maps).all()
+    assert "torch.fx failed" in lrp.params["canonization"]

@@ -149,11 +149,11 @@ def canonize(model: nn.Module, example: torch.Tensor) -> Canonical:
     if isinstance(model, VGG):
         return Canonical(clone, "vgg")
     try:
-        graph = _Tracer().trace(clone)
+        traced = torch.fx.GraphModule(clone, _Tracer().trace(clone))
+        ShapeProp(traced).propagate(example.detach())
     except Exception as exc:  # control flow fx cannot follow: fall back to what zennit can do on modules
-        return Canonical(clone, "sequential", traced=f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}")
-    traced = torch.fx.GraphModule(clone, graph)
-    ShapeProp(traced).propagate(example.detach().to(next(traced.parameters()).device))
+        reason = (str(exc).splitlines() or [""])[0][:120]
+        return Canonical(clone, "sequential", traced=f"{type(exc).__name__}: {reason}")
     sums = _explicit_sums(traced)
     folded = _fold_batchnorms(traced)
     traced.graph.lint()

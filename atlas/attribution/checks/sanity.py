@@ -209,12 +209,17 @@ def randomization(make_method: MakeMethod, model: nn.Module, inputs: torch.Tenso
 
 
 def thumbnail(m: np.ndarray, size: int = STRIP_SIZE) -> np.ndarray:
-    """A map [H, W] area-resized to at most size x size and scaled to a largest |value| of 1, float16."""
+    """A map [H, W] area-resized to at most size x size and scaled to a largest |value| of 1, float16.
+
+    A map with values that are not finite is NaN where they are and scaled by its finite values.
+    """
     t = torch.as_tensor(m, dtype=torch.float32)[None, None]
     if t.shape[-1] > size:
         t = F.adaptive_avg_pool2d(t, size)
-    peak = t.abs().max()
-    return (t / peak if peak > 0 else t)[0, 0].numpy().astype(np.float16)
+    finite = torch.isfinite(t)
+    peak = t.abs().where(finite, 0).max()
+    t = (t / peak if peak > 0 else t).where(finite, float("nan"))
+    return t[0, 0].numpy().astype(np.float16)
 
 
 def top_step(groups: int) -> int:
