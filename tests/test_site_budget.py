@@ -123,4 +123,10 @@ def test_checks_page_stays_small_with_long_group_labels(tmp_path):
     render(store, tmp_path / "site", progress=False)
     page = tmp_path / "site" / "synthetic" / "checks.html"
     assert page.stat().st_size < 300_000
-    assert f'title="{labels[3]}">features.<wbr>denseblock3.<wbr>denselayer16.<wbr>conv2</th>' in page.read_text()
+    text = page.read_text()
+    assert f'title="{labels[3]}">features.<wbr>denseblock3.<wbr>denselayer16.<wbr>conv2</th>' in text
+    # the axis tells the groups apart (the prefix all share is dropped), and the full labels are listed once
+    ticks = re.findall(r'rotate\(35\)">([^<]*)</text>', text)
+    assert ticks[:3] == ["denseblock0.den…", "denseblock1.den…", "denseblock2.den…"] and len(set(ticks)) == 8
+    assert text.count(labels[5]) == 1 + 3 * len(methods)  # the page's list; per method a strip head and two tiles
+

@@ -136,6 +136,26 @@ def group_labels(attrs: dict, count: int) -> list[str]:
     return labels[:count]
 
 
+def tick_labels(labels: list[str], n: int = 16) -> list[str]:
+    """Short axis labels that tell groups apart: each group's top module, less the dotted prefix all share.
+
+    ("features.denseblock3.denselayer16.conv2 .. features.denseblock3.denselayer1.norm1" and its
+    siblings -> "denseblock3.den…"), shortened to `n` characters.
+    """
+    heads = [_group_head(label).split(".") for label in labels]
+    shared = 0
+    while len(heads) > 1 and all(len(h) > shared + 1 and h[shared] == heads[0][shared] for h in heads):
+        shared += 1
+    return [_short(".".join(h[shared:]), n) for h in heads]
+
+
+def page_groups(methods: dict[str, dict]) -> list[str]:
+    """The randomized groups the page lists once: those most methods share (usually all of them)."""
+    seen = [tuple(m["randomization"]["groups"]) for m in methods.values()
+            if m.get("randomization") and m["randomization"]["groups"]]
+    return list(max(set(seen), key=seen.count)) if seen else []
+
+
 def _mean(values: object, axis: int | None = None) -> np.ndarray | float | None:
     """The mean over images, ignoring NaN (an image a check could not score); NaN if none is left."""
     if values is None:
@@ -160,7 +180,7 @@ def _randomization_plots(group: dict, threshold: object) -> dict:
             continue
         count = len(present[0][2])
         labels = group_labels(group["attrs"], count)
-        plots[kind] = line_plot(present, np.arange(count), (0.0, 1.0), [_short(t) for t in labels],
+        plots[kind] = line_plot(present, np.arange(count), (0.0, 1.0), tick_labels(labels),
                                     float(threshold) if threshold is not None else None)
     return {"plots": plots, "groups": labels or []}
 
@@ -296,7 +316,7 @@ def checks_context(model: Model, checks: dict | None, dataset: dict | None, crum
     base = {"title": f"Sanity checks · {model.name}", "crumbs": crumbs, "run": RUN, "checks": checks is not None,
             "strips": None}
     if checks is None:
-        return base | {"families": [], "images": [], "caveats": {}, "attrs": []}
+        return base | {"families": [], "images": [], "caveats": {}, "attrs": [], "groups": []}
     names = ordered(list(checks["methods"]))
     methods = {m: method_checks(model, checks, m, strips, dataset) for m in names}
     images = []
@@ -311,6 +331,7 @@ def checks_context(model: Model, checks: dict | None, dataset: dict | None, crum
                       for fill in ("mean", "blur")} for kind in ("deletion", "insertion")}
     control["mass_centre"] = _mean((random.get("mass_centre") or {}).get("drop"))
     return base | {"families": [(label, [methods[m] for m in members]) for label, members in families(names)],
+                   "groups": page_groups(methods),
                    "images": images, "caveats": checks["caveats"], "attrs": attrs, "control": control,
                    "fractions": len(checks["fractions"]) if checks["fractions"] is not None else None,
                    "has_random": bool(random), "strips": _strips_context(strips, images),
