@@ -17,6 +17,7 @@ and the explained images' pixels.
 
 from __future__ import annotations
 
+import itertools
 import time
 from pathlib import Path
 
@@ -90,17 +91,44 @@ class _Running:
 def _stream(ctx, records, todo: list[tuple[int, int]], attrs: dict) -> None:
     running = _Running(ctx, attrs)
     batch = ctx.config.data_batch
+    loader = _Loader(ctx, records, todo, batch)
     with ctx.bar(sum(b - a for a, b in todo), "dataset pass", "img") as bar:
         for first, end in todo:
             start = time.perf_counter()
-            book, batch = _fitting_range(ctx, records, running, first, end, bar, batch)
+            book, batch = _fitting_range(ctx, running, loader, first, end, bar, batch)
             ctx.store.write_unit(STAGE, span_key(first, end), book, {"total": len(records)})
             running.spans.append(span_key(first, end))
             running.seconds += time.perf_counter() - start
             running.save(force=(first, end) == todo[-1])
 
 
-def _fitting_range(ctx, records, running: _Running, first: int, end: int, bar, batch: int):
+class _Loader:
+    """The decoded batches of every range to stream, none straddling two ranges.
+
+    One DataLoader serves them all, so its workers start once and decode the
+    next range's first images while the model is still on this one's last. A
+    range streamed with another batch size (one that ran out of memory, and
+    every range after it) gets a loader of its own.
+    """
+
+    def __init__(self, ctx, records, todo: list[tuple[int, int]], size: int):
+        self.ctx, self.records, self.size = ctx, records, size
+        batches = [list(range(i, min(i + size, end))) for first, end in todo for i in range(first, end, size)]
+        self.shared = iter(self._loader(range(len(records)), batch_sampler=batches)) if batches else None
+
+    def _loader(self, indices: range, **batching) -> torch.utils.data.DataLoader:
+        return torch.utils.data.DataLoader(ImageDataset(self.records, self.ctx.loaded.preprocess, indices),
+                                           num_workers=decoding_workers(self.ctx.config), **batching)
+
+    def batches(self, first: int, end: int, size: int):
+        """The batches of images first..end-1, `size` at a time: (pixels, index, skip reasons) each."""
+        if self.shared is not None and size == self.size:
+            return itertools.islice(self.shared, -(-(end - first) // size))
+        self.shared = None  # its workers stop; what they had decoded ahead is not needed any more
+        return self._loader(range(first, end), batch_size=size)
+
+
+def _fitting_range(ctx, running: _Running, loader: _Loader, first: int, end: int, bar, batch: int):
     """Streams one range; on out-of-memory, again with half the batch, from the summary as it was
     before the range. Returns its bookkeeping and the batch that fitted."""
     start = bar.n
@@ -114,18 +142,15 @@ def _fitting_range(ctx, records, running: _Running, first: int, end: int, bar, b
                 running.layers[name].merge(before[name])
         tries.append(size)
         bar.update(start - bar.n)
-        return _run_range(ctx, records, running.layers, first, end, bar, size)
+        return _run_range(ctx, loader.records, running.layers, loader.batches(first, end, size), bar)
     return devices.fit(attempt, batch,
                        lambda size: tqdm.write(f"atlas: out of GPU memory; dataset batch halved to {size}"),
                        too_big=f"one image of {ctx.loaded.name} does not fit in GPU memory with every selected "
                                f"layer hooked; select fewer layers (--layers) or use --device cpu")
 
 
-def _run_range(ctx, records, summaries: dict[str, LayerSummary], first: int, end: int, bar,
-               batch_size: int) -> dict[str, np.ndarray]:
+def _run_range(ctx, records, summaries: dict[str, LayerSummary], batches, bar) -> dict[str, np.ndarray]:
     loaded = ctx.loaded
-    loader = torch.utils.data.DataLoader(ImageDataset(records, loaded.preprocess, range(first, end)),
-                                         batch_size=batch_size, num_workers=decoding_workers(ctx.config))
     batch: dict = {"index": torch.zeros(0, dtype=torch.long), "span": None}  # the images in flight
     fns: dict[str, list] = {name: [lambda act, s=s: s.add(act, batch["index"], batch["span"])]
                             for name, s in summaries.items()}
@@ -135,7 +160,7 @@ def _run_range(ctx, records, summaries: dict[str, LayerSummary], first: int, end
     hooks = {name: (lambda act, f=f: [g(act) for g in f]) for name, f in fns.items()}
     kept, top5, prob5, skipped = [], [], [], []
     with torch.no_grad(), Capture(loaded.model, list(hooks), fn=hooks) as capture:
-        for pixels, index, reasons in loader:
+        for pixels, index, reasons in batches:
             ok = torch.tensor([not r for r in reasons], dtype=torch.bool)
             skipped += [(int(i), r) for i, r in zip(index, reasons) if r]
             bar.update(len(index))
