@@ -30,6 +30,7 @@ $(VENV)/.installed: pyproject.toml
 install-test: $(VENV)/.installed-test
 
 $(VENV)/.installed-test: $(VENV)/.installed
+	# the test extra: pytest, captum, quantus 0.6.0 (the checks' reference), playwright, import-linter
 	$(PY) -m pip install -q -e '.[test]'
 	# the references the tests hold Atlas against, without the dependencies of their own
 	# benchmarks and plots: torchray (Extremal Perturbations; not pycocotools, pymongo) and

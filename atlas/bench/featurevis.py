@@ -43,6 +43,7 @@ Lucent is a benchmark-only dependency:
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -147,6 +148,49 @@ def _lucent_batched(lucent, model: nn.Module, units: list[tuple[str, int]], size
     return _to_uint8(images), seconds
 
 
+@dataclass
+class LayerRenders:
+    """Both tools' final images of one layer's units, uint8, and the seconds each took."""
+
+    atlas: np.ndarray  # [N, S, S, 3], one image per unit, from one Atlas call
+    atlas_s: float
+    lucent: list[np.ndarray]  # one [1, S, S, 3] image per unit, one Lucent call each
+    lucent_s: list[float]
+
+
+def render_both(loaded: LoadedModel, lucent, layer: str, chans: list[int], settings: RenderSettings,
+                device: torch.device, lucent_size: int | None = None) -> LayerRenders:
+    """Renders `chans` of `layer` with Atlas (one batch) and Lucent (one documented call per unit).
+
+    Both start from each unit's own seed and run `settings.size` px for `settings.steps` steps;
+    Lucent feeds the model `lucent_size` px (None: its default, 224 for small images).
+
+    Args:
+        loaded: the model with its preprocessing.
+        lucent: what `import_lucent` returns.
+        layer, chans: the units.
+        settings: Atlas's settings; Lucent takes their size and steps, and Adam at `LR`.
+        device: torch device.
+        lucent_size: the size Lucent feeds the model.
+
+    Returns:
+        The images and seconds of both tools; progress lines are printed as each finishes.
+    """
+    steps, size = settings.steps, settings.size
+    seeds = [unit_seed(loaded.name, layer, c) for c in chans]
+    out, atlas_s = timed(lambda: render(loaded.model, loaded.preprocess, channel(layer, chans), seeds, settings,
+                                        device))
+    print(f"  atlas  {layer}: {len(chans)} channels in one batch, {atlas_s:.1f} s "
+          f"({1e3 * atlas_s / (steps * len(chans)):.0f} ms per image-step)", flush=True)
+    images, seconds = [], []
+    for c, seed in zip(chans, seeds):
+        pixels, lucent_s = _lucent_one(lucent, loaded.model, layer, c, size, steps, seed, lucent_size)
+        images.append(pixels)
+        seconds.append(lucent_s)
+        print(f"  lucent {layer}:{c}: {lucent_s:.1f} s ({1e3 * lucent_s / steps:.0f} ms per step)", flush=True)
+    return LayerRenders(out.images, atlas_s, images, seconds)
+
+
 def _forward_backward(loaded: LoadedModel, batch: int, size: int, device: torch.device) -> float:
     """Seconds per image of a plain forward and backward to the input, frozen weights."""
     x = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
@@ -199,20 +243,14 @@ def run(model: str = "resnet50", weights: str = models.RANDOM, channels: int = 1
     settings = RenderSettings(size=size, steps=steps, lr=LR)
     atlas_s, lucent_s, atlas_q, lucent_q, atlas_q224, lucent_q224 = {}, {}, [], [], [], []
     for layer, chans in units.items():
-        seeds = [unit_seed(loaded.name, layer, c) for c in chans]
-        out, atlas_s[layer] = timed(lambda: render(loaded.model, loaded.preprocess, channel(layer, chans),
-                                                    seeds, settings, dev))
-        atlas_q += activation(loaded, out.images, layer, chans, dev).tolist()
-        atlas_q224 += activation(loaded, out.images, layer, chans, dev, 224).tolist()
-        print(f"  atlas  {layer}: {len(chans)} channels in one batch, {atlas_s[layer]:.1f} s "
-              f"({1e3 * atlas_s[layer] / (steps * len(chans)):.0f} ms per image-step)", flush=True)
-        for c, seed in zip(chans, seeds):
-            pixels, lucent_s[(layer, c)] = _lucent_one(lucent, loaded.model, layer, c, size, steps, seed,
-                                                       lucent_size)
+        both = render_both(loaded, lucent, layer, chans, settings, dev, lucent_size)
+        atlas_s[layer] = both.atlas_s
+        atlas_q += activation(loaded, both.atlas, layer, chans, dev).tolist()
+        atlas_q224 += activation(loaded, both.atlas, layer, chans, dev, 224).tolist()
+        for c, pixels, seconds in zip(chans, both.lucent, both.lucent_s):
+            lucent_s[(layer, c)] = seconds
             lucent_q += activation(loaded, pixels, layer, [c], dev).tolist()
             lucent_q224 += activation(loaded, pixels, layer, [c], dev, 224).tolist()
-            print(f"  lucent {layer}:{c}: {lucent_s[(layer, c)]:.1f} s "
-                  f"({1e3 * lucent_s[(layer, c)] / steps:.0f} ms per step)", flush=True)
     flat = [(l, c) for l, cs in units.items() for c in cs]
     atlas_total, lucent_total = sum(atlas_s.values()), sum(lucent_s.values())
     pixels, batched_total = _lucent_batched(lucent, loaded.model, flat, size, steps, unit_seed(loaded.name, "", 0),

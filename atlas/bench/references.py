@@ -1,11 +1,16 @@
 """Each recipe against the field's reference implementation, side by side on the same model and units.
 
 `atlas bench references` runs, on the embedded default model (ImageNet
-weights, offline) and its sample photos:
+weights, offline) and its sample photos, each pair it is asked for (`only`):
 
-* MACO against horama 0.3.0 (its authors' PyTorch code): the same units, the
-  same steps, the same magnitude (Atlas's, written where horama looks for its
-  download, so both start from one spectrum), horama's defaults otherwise
+* lucent: Atlas's feature visualization against Lucent 0.1.8 (the Lucid
+  recipe), through `atlas.bench.featurevis`: the same units, steps and size,
+  each tool as its users run it (Lucent upsamples to 224 px), both final
+  images judged by the unit's mean activation at 224 px:
+  `lucid_quality_vs_lucent_224` is Atlas's mean over units divided by Lucent's.
+* maco: MACO against horama 0.3.0 (its authors' PyTorch code): the same units,
+  the same steps, the same magnitude (Atlas's, written where horama looks for
+  its download, so both start from one spectrum), horama's defaults otherwise
   (six crops, noise 0.05, NAdam lr 1) and a canvas 1280/224 of the model's
   view for both. Each tool in its ordinary use: Atlas renders a layer's units
   in one batch, horama one unit per call. Both final canvases are judged the
@@ -14,12 +19,19 @@ weights, offline) and its sample photos:
   its -2.5..2.5 range to pixels first). `maco_activation_vs_horama` is Atlas's
   mean over units divided by horama's; `maco_time_vs_horama` Atlas's seconds
   over horama's.
-* Extremal Perturbations against torchray 1.0.0.2 (the paper's authors'),
-  the same images, target class, area and steps: `extremal_mask_iou_vs_torchray`
-  is the median over images of the IoU of the two masks' top `area` fractions.
+* extremal: Extremal Perturbations against torchray 1.0.0.2 (the paper's
+  authors'), the same images, target class, area and steps:
+  `extremal_mask_iou_vs_torchray` is the median over images of the IoU of the
+  two masks' top `area` fractions.
+* quantus: deletion, random logit and model-parameter randomization against
+  Quantus 0.6.0 on the same maps (`atlas.bench.references_quantus`):
+  `quantus_max_abs_diff`, the largest difference over the shared numbers.
+* lrp: Atlas's LRP against zennit's own attributor on the same canonized
+  model (`atlas.bench.references_lrp`): `lrp_conservation_error`, the median
+  over photos of |sum of relevance - logit| / |logit| (EpsilonPlusFlat).
 
-A reference that is not installed is reported as skipped, with how to
-install it, and its figure is printed as `nan`.
+A reference that is not installed, and a pair that was not asked for, is
+reported as skipped (the first with how to install it), its figure `nan`.
 """
 
 from __future__ import annotations
@@ -34,7 +46,11 @@ import numpy as np
 import torch
 
 from atlas import models
+from atlas.bench import featurevis
 from atlas.bench.common import timed
+from atlas.bench.references_lrp import lrp_pair
+from atlas.bench.references_quantus import quantus_pair
+from atlas.errors import AtlasError
 from atlas.featurevis import maco
 from atlas.featurevis import objectives as O
 from atlas.featurevis.param import unit_seed
@@ -46,9 +62,12 @@ from atlas.models import LoadedModel
 HORAMA = "pip install --no-deps horama==0.3.0 einops matplotlib"
 TORCHRAY = "pip install --no-deps torchray==1.0.0.2"
 JUDGE_CROPS = 16  # fixed crops each MACO canvas is judged on
-SUMMARY = {"maco_activation_vs_horama": ".3f", "maco_time_vs_horama": ".3f", "extremal_mask_iou_vs_torchray": ".3f"}
-TARGETS = {"maco_activation_vs_horama": (">=", 1.0), "maco_time_vs_horama": ("<=", 1.0),
-           "extremal_mask_iou_vs_torchray": (">=", 0.7)}
+PAIRS = ("lucent", "maco", "extremal", "quantus", "lrp")  # what `only` picks from, in the order they run
+SUMMARY = {"lucid_quality_vs_lucent_224": ".3f", "maco_activation_vs_horama": ".3f", "maco_time_vs_horama": ".3f",
+           "extremal_mask_iou_vs_torchray": ".3f", "quantus_max_abs_diff": ".2e", "lrp_conservation_error": ".4f"}
+TARGETS = {"lucid_quality_vs_lucent_224": (">=", 1.0), "maco_activation_vs_horama": (">=", 1.0),
+           "maco_time_vs_horama": ("<=", 1.0), "extremal_mask_iou_vs_torchray": (">=", 0.7),
+           "quantus_max_abs_diff": ("<=", 1e-3), "lrp_conservation_error": ("<=", 0.01)}
 
 
 @contextlib.contextmanager
@@ -161,11 +180,7 @@ def extremal_pair(loaded: LoadedModel, images: int, steps: int, area: float = 0.
         return {"extremal_mask_iou_vs_torchray": math.nan}
     from atlas.attribution.base import InputSpace
     from atlas.attribution.extremal import ExtremalPerturbation
-    from atlas.dataset.images import decode, sample_images
-    pixels = [p for p, _ in (decode(r.path, loaded.preprocess) for r in sample_images()[:images]) if p is not None]
-    x = loaded.preprocess.from_uint8(np.stack(pixels))
-    with torch.no_grad():
-        target = loaded.model(x).argmax(1)
+    x, target = photo_batch(loaded, images)
     print(f"Extremal Perturbations: {loaded.name}, {len(x)} photos, area {area}, {steps} steps", flush=True)
     method = ExtremalPerturbation(loaded.model, InputSpace.of(loaded.preprocess), batch=8, area=area, steps=steps)
     ious, ours_s, theirs_s = [], 0.0, 0.0
@@ -184,16 +199,81 @@ def extremal_pair(loaded: LoadedModel, images: int, steps: int, area: float = 0.
             "extremal_torchray_s": theirs_s}
 
 
+def photo_batch(loaded: LoadedModel, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first `count` sample photos in the model's input space, and the model's top-1 class for each."""
+    from atlas.dataset.images import decode, sample_images
+    pixels = [p for p, _ in (decode(r.path, loaded.preprocess) for r in sample_images()[:count]) if p is not None]
+    device = next(loaded.model.parameters()).device
+    x = loaded.preprocess.from_uint8(np.stack(pixels)).to(device)
+    with torch.no_grad():
+        return x, loaded.model(x).argmax(1)
+
+
+def lucent_pair(loaded: LoadedModel, steps: int, units: int, size: int) -> dict:
+    """The Lucid recipe against Lucent on the same units, steps and size: activations both read at 224 px."""
+    try:
+        lucent = featurevis.import_lucent()
+    except AtlasError as exc:
+        print(f"Lucid recipe: skipped, {exc}", flush=True)
+        return {"lucid_quality_vs_lucent_224": math.nan}
+    device = next(loaded.model.parameters()).device
+    chosen = featurevis.pick_units(loaded, units, device)
+    settings = RenderSettings(size=size, steps=steps, lr=featurevis.LR)
+    print(f"Lucid recipe: {loaded.name}, {steps} steps, {size} px (Lucent feeds the model 224 px), Adam lr "
+          f"{featurevis.LR}; units: " + "; ".join(f"{l} {c}" for l, c in chosen.items()), flush=True)
+    ours, theirs = [], []
+    for layer, chans in chosen.items():
+        both = featurevis.render_both(loaded, lucent, layer, chans, settings, device)
+        ours += featurevis.activation(loaded, both.atlas, layer, chans, device, 224).tolist()
+        theirs += [float(featurevis.activation(loaded, p, layer, [c], device, 224)[0])
+                   for c, p in zip(chans, both.lucent)]
+    print(f"Lucid recipe: mean activation at 224 px atlas {np.mean(ours):.4g}, lucent {np.mean(theirs):.4g}; per "
+          f"unit atlas {np.round(ours, 3).tolist()}, lucent {np.round(theirs, 3).tolist()}", flush=True)
+    return {"lucid_quality_vs_lucent_224": float(np.mean(ours) / np.mean(theirs))}
+
+
+def pairs(only: str | tuple[str, ...] | None) -> tuple[str, ...]:
+    """The pairs to run, in PAIRS' order, from a comma-separated string or names (None: all).
+
+    Raises:
+        AtlasError: a name that is not a pair; the message lists them.
+    """
+    names = [p.strip() for p in (only.split(",") if isinstance(only, str) else only or PAIRS) if p.strip()]
+    unknown = [n for n in names if n not in PAIRS]
+    if unknown or not names:
+        raise AtlasError(f"--only: expected some of {', '.join(PAIRS)} (comma-separated), got {only!r}")
+    return tuple(p for p in PAIRS if p in names)
+
+
 def run(steps: int = 64, per_layer: int = 2, size: int = 128, device: str = "cpu", photos: int = 2,
-        extremal_steps: int = 800) -> dict:
-    """Every reference pair; returns the summary figures and what stands behind them.
+        extremal_steps: int = 800, only: str | tuple[str, ...] | None = None, lucent_units: int = 4,
+        check_photos: int = 8) -> dict:
+    """The reference pairs `only` names (default all); returns the summary figures and what stands behind them.
 
     Args:
-        steps, per_layer, size: MACO's steps, units per layer (three layers) and view size.
+        steps, size: feature-visualization steps and view size, the same for both tools (Lucent and MACO pairs).
+        per_layer: MACO's units per layer (three layers).
+        device: torch device.
         photos, extremal_steps: the photos both Extremal Perturbations explain, and their steps.
+        only: the pairs to run, some of PAIRS; the others' figures are NaN.
+        lucent_units: the units the Lucent pair renders.
+        check_photos: the photos the Quantus and LRP pairs explain.
     """
+    chosen = pairs(only)
     loaded = models.load(models.DEFAULT_MODEL).to(torch.device(device))
-    result = {}
-    result.update(maco_pair(loaded, steps, per_layer, size))
-    result.update(extremal_pair(loaded, photos, extremal_steps))
+    result = {key: math.nan for key in SUMMARY}
+    print("references: " + ", ".join(f"{p} {'runs' if p in chosen else 'skipped (not in --only)'}" for p in PAIRS),
+          flush=True)
+    if "lucent" in chosen:
+        result.update(lucent_pair(loaded, steps, lucent_units, size))
+    if "maco" in chosen:
+        result.update(maco_pair(loaded, steps, per_layer, size))
+    if "extremal" in chosen:
+        result.update(extremal_pair(loaded, photos, extremal_steps))
+    if "quantus" in chosen or "lrp" in chosen:
+        x, target = photo_batch(loaded, check_photos)
+        if "quantus" in chosen:
+            result.update(quantus_pair(loaded, x, target))
+        if "lrp" in chosen:
+            result.update(lrp_pair(loaded, x, target))
     return result
