@@ -30,6 +30,28 @@ def test_fused_and_eager_reductions_agree_with_the_definition(channels_last, kin
             assert r["zeros"][1, 2] == 42
 
 
+@pytest.mark.parametrize("fuse", [False, True])
+def test_extreme_positions_are_the_first_of_ties_and_valid_where_a_map_is_nan(fuse):
+    act = torch.zeros(2, 1, 3, 4)
+    act[0, 0, 1, 2] = act[0, 0, 2, 0] = 5.0  # two maxima: the first in reading order (6) counts
+    act[0, 0, 0, 3] = act[0, 0, 2, 3] = -1.0  # two minima: position 3 before 11
+    act[1, 0, 1, 1] = float("nan")
+    r = reduce_positions(act.contiguous(memory_format=torch.channels_last), fuse, "extremes")
+    assert r["pos"][0, 0] == 6 and r["min_pos"][0, 0] == 3
+    assert 0 <= r["pos"][1, 0] < 12 and 0 <= r["min_pos"][1, 0] < 12  # a box can still be cut
+
+
+def test_a_summary_read_between_batches_equals_one_read_at_the_end():
+    act = torch.randn(40, 3, 4, 4, generator=torch.Generator().manual_seed(3))
+    once, often = LayerSummary(3, 5, fuse=False), LayerSummary(3, 5, fuse=False)
+    for a in range(0, 40, 8):
+        for s in (once, often):
+            s.add(act[a:a + 8], torch.arange(a, a + 8), (a, a + 7))
+        often.arrays()  # folds what it holds
+    for key, value in once.arrays().items():
+        np.testing.assert_array_equal(value, often.arrays()[key], err_msg=key)
+
+
 def test_topk_keeps_the_best_and_breaks_ties_by_lower_index():
     t = TopK(2, 3, largest=True)
     values = torch.tensor([[1.0, 5.0, 5.0, 2.0], [0.0, -1.0, 3.0, 3.0]])
