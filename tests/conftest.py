@@ -317,3 +317,12 @@ def _badges(page: str) -> dict[str, list[tuple[str, str]]]:
 def badges_of():
     """`badges_of(page_text)`: per method of an image page, the (state, text) of each badge in its caption."""
     return _badges
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Convolutions this small only lose time to a second thread on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

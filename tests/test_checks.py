@@ -12,13 +12,7 @@ from atlas.attribution.checks import sanity as checks
 from atlas.attribution.checks.similarity import compare, spearman, ssim, unit_scale
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Convolutions this small only lose time to a second thread on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 # --- similarity ---

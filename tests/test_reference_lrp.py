@@ -35,13 +35,7 @@ class BiasOnly(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Convolutions this small only lose time to a second thread on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def test_the_relevance_of_a_bias_only_unit_is_what_conservation_misses():

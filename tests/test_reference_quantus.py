@@ -19,13 +19,7 @@ SIZE = 12  # image side: 144 pixels, 432 colour values
 TOL = 1e-3  # the issue's bound; the shared metrics agree to about 1e-7
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Convolutions this small only lose time to a second thread on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def _pattern(shape, phase: float, scale: float) -> torch.Tensor:
