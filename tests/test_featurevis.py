@@ -100,6 +100,23 @@ def test_redirected_relu_revives_a_dead_unit():
     assert "forward" not in vars(model.relu)  # the override is gone afterwards
 
 
+@pytest.mark.parametrize("upper", [6.0, float("inf")])
+def test_redirected_gradient_fused_equals_its_rule(upper):
+    from atlas.featurevis.redirect import _GRADIENT
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 5, 6, 6, generator=gen) * 4
+    x[0] = -1.0  # image 0: every input below zero, so no ordinary gradient reaches it
+    x[1, :, :3] = 7.0
+    grad = torch.randn(4, 5, 6, 6, generator=gen)
+    x, grad = x.contiguous(memory_format=torch.channels_last), grad.contiguous(memory_format=torch.channels_last)
+    inside = (x > 0) & (x < upper)
+    expected = grad * inside
+    # the dead image gets the gradient wherever a step would raise its inputs, all below zero
+    expected[0] = torch.where(grad[0] > 0, 0.0, grad[0])
+    for fuse in (False, True):
+        assert torch.equal(_GRADIENT(x, grad, upper, fuse=fuse), expected)
+
+
 def test_diversity_groups_do_not_pull_on_each_other():
     x = torch.randn(4, 3, 5, 5, requires_grad=True)
     values = O.diversity("a", [0, 0, 1, 1])({"a": x})

@@ -50,9 +50,11 @@ def _atlas(ctx: Context, records) -> None:
     the running summary written once."""
     for old in (ctx.store.parts / dataset.STAGE).glob("summary*.h5"):
         old.unlink()  # each timed pass starts afresh, as a new build does
-    running = dataset._Running(ctx, {"k": ctx.config.topk})
-    book = dataset._run_range(ctx, records, running.layers, 0, len(records), tqdm(disable=True),
-                              ctx.config.data_batch)
+    running = dataset._Running(ctx, {"k": ctx.config.topk}, ctx.config.fuse)
+    spans = [(0, len(records))]
+    loader = dataset._Loader(ctx, records, spans, ctx.config.data_batch)
+    book = dataset._run_range(ctx, records, running.layers, loader.batches(0, len(records), ctx.config.data_batch),
+                              tqdm(disable=True))
     ctx.store.write_unit(dataset.STAGE, span_key(0, len(records)), book)
     running.save(force=True)
 

@@ -9,12 +9,10 @@ layer costs little more than the forward pass itself.
 
 from __future__ import annotations
 
-import logging
-import warnings
-
 import numpy as np
 import torch
-import torch.fx.experimental._config as fx_config
+
+from atlas.fused import Fused
 
 # Histogram of each image's spatial max, on bins fixed before any data is seen (uniform in
 # asinh(value), covering |value| up to about 1,500), so shards add up exactly.
@@ -75,41 +73,9 @@ KINDS = {
 }
 
 
-class _Reducer:
-    """The reductions, each fused into one pass over the data by torch.compile where it can be.
-
-    Eager PyTorch reads a feature map once per statistic and allocates
-    temporaries the size of it; a compiled kernel reads it once. Each kind
-    returns only what its caller uses (a unit ranked by its pre-activation needs
-    no positions from the activation), so no output costs a pass for nothing.
-    Where compilation is unavailable (no C++ compiler, an unsupported device),
-    it falls back to eager mode, once, with a warning.
-    """
-
-    def __init__(self):
-        self.compiled: dict[str, object] = {}
-        self.failed = False
-
-    def __call__(self, kind: str, x: torch.Tensor, dim: int, fuse: bool) -> tuple[torch.Tensor, ...]:
-        eager = KINDS[kind][0]
-        if not fuse or self.failed:
-            return eager(x, dim)
-        try:
-            if kind not in self.compiled:
-                # compiling for the CPU on a machine without CUDA is expected, not worth a warning
-                logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-                self.compiled[kind] = torch.compile(eager, dynamic=True)
-            # no "duck" sizes: a batch of 32 images of a 32-channel layer must not tie the two sizes
-            # together, or every other layer recompiles (seconds each, on a 2-core CPU)
-            with fx_config.patch(use_duck_shape=False):
-                return self.compiled[kind](x, dim)
-        except Exception as exc:  # any compiler failure: the eager path gives the same numbers
-            self.failed = True
-            warnings.warn(f"fused reductions unavailable ({type(exc).__name__}); using eager mode")
-            return eager(x, dim)
-
-
-_REDUCER = _Reducer()
+# each kind fused into one pass over the map where it can be; a unit ranked by its pre-activation
+# needs no positions from the activation, so no output costs a pass for nothing
+_FUSED = {kind: Fused(fn, "reductions") for kind, (fn, _) in KINDS.items()}
 
 
 def reduce_positions(act: torch.Tensor, fuse: bool = True, kind: str = "all") -> dict[str, torch.Tensor]:
@@ -125,7 +91,7 @@ def reduce_positions(act: torch.Tensor, fuse: bool = True, kind: str = "all") ->
         x, dim = act.reshape(b, c, -1), 2
     else:
         x, dim = act.permute(0, 2, 3, 1).reshape(b, -1, c), 1  # a view when channels-last
-    return dict(zip(KINDS[kind][1], _REDUCER(kind, x, dim, fuse)))
+    return dict(zip(KINDS[kind][1], _FUSED[kind](x, dim, fuse=fuse)))
 
 
 class TopK:
