@@ -36,8 +36,8 @@ from atlas.store import read_attrs
 
 CHECKPOINT_SHARE = 0.1  # at most this share of the pass's time goes to rewriting the running summary
 # Compiling the fused reductions costs up to 15 s on a 2-core CPU (less once the compiler's disk cache
-# holds them) and saves about 15 ms per image there; a pass over fewer images runs them eagerly.
-FUSE_FROM_IMAGES = 256
+# holds them) and saves 15 to 70 ms per image there; a pass over fewer images runs them eagerly.
+FUSE_FROM_IMAGES = 128
 
 
 def run(ctx) -> None:
