@@ -92,10 +92,11 @@ class _Running:
 
 
 def _stream(ctx, records, todo: list[tuple[int, int]], attrs: dict) -> None:
-    running = _Running(ctx, attrs, ctx.config.fuse and sum(b - a for a, b in todo) >= FUSE_FROM_IMAGES)
+    images = sum(b - a for a, b in todo)
+    running = _Running(ctx, attrs, ctx.config.fuse and images >= FUSE_FROM_IMAGES)
     batch = ctx.config.data_batch
     loader = _Loader(ctx, records, todo, batch)
-    with ctx.bar(sum(b - a for a, b in todo), "dataset pass", "img") as bar:
+    with ctx.bar(images, "dataset pass", "img") as bar:
         for first, end in todo:
             start = time.perf_counter()
             book, batch = _fitting_range(ctx, running, loader, first, end, bar, batch)
