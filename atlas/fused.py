@@ -20,10 +20,17 @@ import torch.fx.experimental._config as fx_config
 
 
 class Fused:
-    """`fn`, compiled on first use; `fn` itself where compiling fails or `fuse` is off."""
+    """`fn`, compiled on first use; `fn` itself where compiling fails or `fuse` is off.
 
-    def __init__(self, fn: Callable, what: str):
+    `threads` caps the CPU threads a compiled kernel splits its work over (None: all of
+    them). One thread suits a small kernel that runs beside other processes: a kernel split
+    over every core waits at its end for the slowest, and where other work holds a core
+    (image decoders) that wait is a scheduler time slice, longer than the kernel itself.
+    """
+
+    def __init__(self, fn: Callable, what: str, threads: int | None = None):
         self.fn, self.what = fn, what
+        self.options = {"cpp.threads": threads} if threads else None
         self.compiled: Callable | None = None
         self.failed = False
 
@@ -34,7 +41,7 @@ class Fused:
             if self.compiled is None:
                 # compiling for the CPU on a machine without CUDA is expected, not worth a warning
                 logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-                self.compiled = torch.compile(self.fn, dynamic=True)
+                self.compiled = torch.compile(self.fn, dynamic=True, options=self.options)
             # no "duck" sizes: a batch of 32 images of a 32-channel layer must not tie the two sizes
             # together, or every other layer recompiles (seconds each, on a 2-core CPU)
             with fx_config.patch(use_duck_shape=False):

@@ -75,7 +75,7 @@ KINDS = {
 
 # each kind fused into one pass over the map where it can be; a unit ranked by its pre-activation
 # needs no positions from the activation, so no output costs a pass for nothing
-_FUSED = {kind: Fused(fn, "reductions") for kind, (fn, _) in KINDS.items()}
+_FUSED = {kind: Fused(fn, "reductions", threads=1) for kind, (fn, _) in KINDS.items()}
 
 
 def reduce_positions(act: torch.Tensor, fuse: bool = True, kind: str = "all") -> dict[str, torch.Tensor]:
