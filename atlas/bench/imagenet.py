@@ -119,7 +119,7 @@ def _warm_up(ctx: pipeline.Context) -> None:
     size = ctx.loaded.input_size
     x = torch.rand(ctx.config.attr_batch, 3, size, size, device=ctx.device, requires_grad=True)
     torch.autograd.grad(ctx.loaded.model(x).max(1).values.sum(), x)
-    with torch.no_grad():  # as the pass calls them: without autograd, on maps of up to 4,096 positions and more
+    with torch.no_grad():  # as the pass calls them: without autograd, on small maps and on maps over 4,096 positions
         for side in (8, size):
             for kind in KINDS:
                 reduce_positions(x.detach()[:, :, :side, :side].contiguous(memory_format=torch.channels_last),
