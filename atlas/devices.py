@@ -8,6 +8,8 @@ call starts from it. A unit's result never depends on the batch it ran in.
 
 from __future__ import annotations
 
+import ctypes
+import platform
 from typing import Callable, TypeVar
 
 import torch
@@ -33,6 +35,24 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     if name != "cpu" and not name.startswith(("cuda", "mps")):
         raise AtlasError(f"unknown device {name!r}; expected auto, cpu, cuda, cuda:N or mps")
     return torch.device(name)
+
+
+def keep_host_memory() -> None:
+    """Lets memory this process frees stay with it for the next batch, instead of going back to the system.
+
+    glibc's malloc hands every block over 32 MB (a feature map of a batch, on the CPU)
+    back to the system the moment it is freed, and maps fresh pages for the next batch,
+    which the kernel zero-fills one 4 KB page fault at a time: 2 to 5 million faults per
+    500 images of a dataset pass at 224 px, as much time as the convolutions. Kept, the
+    blocks are reused and a steady pass faults no more. The process then holds on to its
+    peak memory until it exits. Nothing to do where the C library is not glibc.
+    """
+    if platform.libc_ver()[0] != "glibc":
+        return
+    libc = ctypes.CDLL(None)
+    m_trim_threshold, m_mmap_max = -1, -4  # mallopt's parameter numbers (malloc.h)
+    libc.mallopt(m_mmap_max, 0)  # no block gets its own mapping: all come from the reusable heap
+    libc.mallopt(m_trim_threshold, 2**31 - 1)  # the heap's free top goes back only beyond 2 GB
 
 
 def _has_mps() -> bool:

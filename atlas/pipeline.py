@@ -20,7 +20,7 @@ from tqdm import tqdm
 import atlas
 from atlas import attribution, dataset, distributed, featurevis, models, preflight
 from atlas.config import Config
-from atlas.devices import resolve_device
+from atlas.devices import keep_host_memory, resolve_device
 from atlas.errors import AtlasError
 from atlas.layers import LayerInfo, discover, select
 from atlas.store import Store
@@ -72,6 +72,8 @@ def prepare(config: Config, progress: bool = True) -> Context:
     ranks = distributed.from_env()
     device = resolve_device(config.device, ranks.local)
     distributed.start(ranks, device)
+    if device.type == "cpu":  # the feature maps live in host memory: reuse it batch to batch
+        keep_host_memory()
     loaded = models.load(config.model, config.weights).to(device)
     all_layers = discover(loaded.model, loaded.input_size, device)
     layers = select(loaded.model, all_layers, config.layers)

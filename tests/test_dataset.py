@@ -73,7 +73,8 @@ def test_topk_equals_brute_force_and_skips_bad_files(tmp_path, images, config, b
 
 
 def test_units_merge_to_the_single_pass_result(tmp_path, images, config, build_stages):
-    ctx, small = build_stages(config(tmp_path / "a", images, data_unit=3))
+    # the ranges decoded by two worker processes (started from the forkserver), the whole by this one
+    ctx, small = build_stages(config(tmp_path / "a", images, data_unit=3, workers=2))
     _, whole = build_stages(config(tmp_path / "b", images, data_unit=1000))
     done = ctx.store.done("dataset")
     assert len([k for k in done if k.startswith("images/")]) == 6  # 16 files (2 bad) in ranges of 3

@@ -17,7 +17,7 @@ from atlas import models
 from atlas.bench.common import best_time, child_peak, repeated_samples
 from atlas.config import preset
 from atlas.dataset import stage as dataset
-from atlas.dataset.images import ImageDataset
+from atlas.dataset.images import image_loader
 from atlas.dataset.reader import span_key
 from atlas.devices import resolve_device
 from atlas.layers import discover, select
@@ -38,8 +38,8 @@ def _context(model: str, weights: str, n: int, batch: int, workers: int, device:
 
 
 def _plain(ctx: Context, records) -> None:
-    loader = torch.utils.data.DataLoader(ImageDataset(records, ctx.loaded.preprocess, range(len(records))),
-                                         batch_size=ctx.config.data_batch, num_workers=ctx.config.workers)
+    loader = image_loader(records, ctx.loaded.preprocess, range(len(records)), ctx.config.workers,
+                          batch_size=ctx.config.data_batch)
     with torch.no_grad():
         for pixels, _, _ in loader:
             ctx.loaded.model(ctx.loaded.preprocess.from_uint8(pixels).to(ctx.device))

@@ -49,7 +49,7 @@ from timm.data import ImageNetInfo
 from atlas import pipeline, site
 from atlas.bench.common import sync
 from atlas.config import Config, preset
-from atlas.dataset.images import ImageDataset, ImageRecord
+from atlas.dataset.images import ImageRecord, image_loader
 from atlas.dataset.topk import KINDS, reduce_positions
 from atlas.errors import AtlasError
 from atlas.testing.photos import write_photos
@@ -150,8 +150,8 @@ def _build(config: Config, images: int, root: Path, plain: list[Path] | None = N
 def _plain_s(ctx: pipeline.Context, photos: list[Path]) -> float:
     """Seconds of a plain `model(x)` pass over `photos`, decoded as the dataset stage decodes them."""
     records = [ImageRecord(str(p)) for p in photos]
-    loader = torch.utils.data.DataLoader(ImageDataset(records, ctx.loaded.preprocess, range(len(records))),
-                                         batch_size=ctx.config.data_batch, num_workers=ctx.config.workers)
+    loader = image_loader(records, ctx.loaded.preprocess, range(len(records)), ctx.config.workers,
+                          batch_size=ctx.config.data_batch)
 
     def forward(batches: int | None) -> None:
         with torch.no_grad():

@@ -18,11 +18,10 @@ from __future__ import annotations
 import io
 
 import numpy as np
-import torch
 from PIL import Image
 
 from atlas import distributed
-from atlas.dataset.images import ImageDataset
+from atlas.dataset.images import image_loader
 from atlas.dataset.reader import BOOK, CROPS, EXPLAINED, STAGE, decoding_workers, examples, merged_summaries, pixel_key
 
 CROP_MEMORY = 1 << 30  # bytes of raw crops held at once
@@ -129,8 +128,7 @@ def _cut(ctx, records, group: list, lists: dict, pixels_todo: list[tuple[int, np
     pixel_rows = {int(i): (first, row) for first, c in pixels_todo for row, i in enumerate(c)}
     pixels = {first: np.zeros((len(c), ctx.loaded.input_size, ctx.loaded.input_size, 3), np.uint8)
               for first, c in pixels_todo}
-    loader = torch.utils.data.DataLoader(ImageDataset(records, ctx.loaded.preprocess, needed),
-                                         batch_size=16, num_workers=_workers(cfg, len(needed)))
+    loader = image_loader(records, ctx.loaded.preprocess, needed, _workers(cfg, len(needed)), batch_size=16)
     with ctx.bar(len(needed), "dataset examples", "img") as bar:
         for batch, index, reasons in loader:
             for picture, i, reason in zip(batch.numpy(), index.tolist(), reasons):

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from atlas import devices, distributed
 from atlas.dataset import examples
-from atlas.dataset.images import ImageDataset
+from atlas.dataset.images import image_loader
 from atlas.dataset.reader import STAGE, SUMMARY, decoding_workers, done_spans, source_records, span_key
 from atlas.dataset.topk import LayerSummary
 from atlas.dataset.fields import field_centres, receptive_field
@@ -120,9 +120,9 @@ class _Loader:
         batches = [list(range(i, min(i + size, end))) for first, end in todo for i in range(first, end, size)]
         self.shared = iter(self._loader(range(len(records)), batch_sampler=batches)) if batches else None
 
-    def _loader(self, indices: range, **batching) -> torch.utils.data.DataLoader:
-        return torch.utils.data.DataLoader(ImageDataset(self.records, self.ctx.loaded.preprocess, indices),
-                                           num_workers=decoding_workers(self.ctx.config), **batching)
+    def _loader(self, indices: range, **batching):
+        return image_loader(self.records, self.ctx.loaded.preprocess, indices, decoding_workers(self.ctx.config),
+                            **batching)
 
     def batches(self, first: int, end: int, size: int):
         """The batches of images first..end-1, `size` at a time: (pixels, index, skip reasons) each."""
