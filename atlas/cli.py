@@ -242,6 +242,8 @@ def bench_dataset(**o) -> None:
 @click.option("--steps", default=64, show_default=True)
 @click.option("--size", default=128, show_default=True)
 @click.option("--lucent-size", type=int, default=None, help="size Lucent feeds the model (default: its own, 224)")
+@click.option("--upsample/--no-upsample", default=False, show_default=True,
+              help="Atlas shows the model its frames resized up to its input size, as the full preset and Lucent do")
 def bench_featurevis(**o) -> None:
     """Atlas's batched renderer against Lucent 0.1.8 on the same channels."""
     from atlas.bench import featurevis

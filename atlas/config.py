@@ -45,6 +45,7 @@ class Config:
     fv_diversity: int = 4  # images in a unit's diversity set
     fv_diversity_weight: float = 100.0  # weight of the style-difference reward (Lucid's 1e2)
     fv_redirect_steps: int = 16  # first steps with the redirected ReLU gradient (Lucid: 16)
+    fv_upsample: bool = True  # the model sees each image resized up to its input size (Lucent: to 224 px)
     fv_param: str = "fourier"  # "fourier" (Lucid) or "phase" (MACO as horama: phases, natural magnitude, crops)
 
     # --- dataset examples ---
@@ -116,11 +117,12 @@ _UNIT_GRAIN = ("fv_batch", "attr_batch", "attr_chunk", "attr_methods", "fv_views
 
 # The full preset is the reference recipe; the quick one renders every selected
 # layer of the default model on a 2-core CPU in a few minutes: smaller images
-# and far fewer optimizer steps, so its visualizations are rougher.
+# and far fewer optimizer steps, so its visualizations are rougher; the model sees
+# them at their own 56 px, not resized up to its input size (16 times the pixels).
 PRESETS: dict[str, Config] = {
     "full": Config(preset="full"),
     "quick": Config(preset="quick", explain=32, crop_size=64, fv_size=56, fv_steps=20, fv_lr=0.1, fv_batch=64,
-                    fv_loss_points=16, fv_views=("channel",), fv_redirect_steps=6,
+                    fv_loss_points=16, fv_views=("channel",), fv_redirect_steps=6, fv_upsample=False,
                     attr_methods=QUICK_METHODS, attr_steps=32, attr_max_steps=32, attr_samples=16,
                     attr_draws=2, attr_occlusion_stride=1.0, attr_unit_topk=1, attr_check_images=2,
                     attr_check_groups=3, attr_check_points=11),

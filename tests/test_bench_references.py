@@ -143,3 +143,11 @@ def test_an_unknown_pair_is_an_error_that_lists_the_pairs():
         references.pairs("quantus,lpr")
     out = CliRunner().invoke(cli.main, ["bench", "references", "--only", "lpr"])
     assert out.exit_code == 2 and "expected some of lucent, maco" in out.output
+
+
+def test_the_featurevis_units_are_block_outputs_lucent_can_name():
+    """Lucent names a layer by its module: the units are blocks' outputs, never a module's second call
+    (`layer1.0.relu@1`, which the default selection holds for the activations inside a block)."""
+    loaded = models.load("resnet18", models.RANDOM)
+    units = references.featurevis.pick_units(loaded, 8, torch.device("cpu"))
+    assert units == {"layer1.0": [16, 48], "layer2.0": [32, 96], "layer3.1": [64, 192], "layer4.1": [128, 384]}

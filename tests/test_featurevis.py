@@ -216,3 +216,20 @@ def test_the_negative_view_moves_a_channel_silent_at_the_start():
     plain = render(tiny.model, tiny.preprocess, O.channel("relu1", 0), seeds, RenderSettings(size=32, steps=0)).images
     assert np.array_equal(on_post.images, plain)  # flat on the ReLU's output: the image never moves
     assert not np.array_equal(on_pre.images, plain)
+
+
+@pytest.mark.parametrize("upsample", [True, False])
+def test_the_model_sees_the_frame_at_its_input_size(tiny, upsample):
+    """Lucent's upsampling: every step's frame and the final image reach the model at its input side
+    (the tiny model's 32 px) when smaller; without it, at their own side."""
+    seen = []
+    handle = tiny.model.register_forward_pre_hook(lambda _m, args: seen.append(tuple(args[0].shape[-2:])))
+    settings = RenderSettings(size=12, steps=3, loss_points=1, robustness=RenderSettings().robustness.scaled(0.1),
+                              upsample=upsample)
+    try:
+        render(tiny.model, tiny.preprocess, O.channel("conv2", 0), [5], settings)
+    finally:
+        handle.remove()
+    frame = settings.view
+    assert frame < tiny.preprocess.size == 32
+    assert set(seen) == ({(32, 32)} if upsample else {(frame, frame), (12, 12)}), seen

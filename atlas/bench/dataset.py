@@ -19,7 +19,7 @@ from atlas.config import preset
 from atlas.dataset import stage as dataset
 from atlas.dataset.images import image_loader
 from atlas.dataset.reader import span_key
-from atlas.devices import resolve_device
+from atlas.devices import keep_host_memory, resolve_device
 from atlas.layers import discover, select
 from atlas.pipeline import Context
 from atlas.store import Store
@@ -27,6 +27,8 @@ from atlas.store import Store
 
 def _context(model: str, weights: str, n: int, batch: int, workers: int, device: str, root: Path) -> Context:
     dev = resolve_device(device)
+    if dev.type == "cpu":  # as a build does (pipeline.prepare)
+        keep_host_memory()
     loaded = models.load(model, weights).to(dev)
     layers = select(loaded.model, discover(loaded.model, loaded.input_size, dev))
     cfg = preset("quick").replace(model=model, data_batch=batch, workers=workers, data_unit=max(n, 1),

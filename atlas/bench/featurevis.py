@@ -17,8 +17,11 @@ same machine, under these rules:
   fresh copy of it for each Lucent call, because Lucent never removes its
   forward hooks and they would pile up from call to call. Lucent runs as its
   users get it: it upsamples images below 224 px to 224 before the model
-  (`lucent_size=None`); Atlas feeds the model the image at its own size.
-  `lucent_size=128` turns Lucent's upsampling off for an equal-input run. Atlas
+  (`lucent_size=None`). Atlas feeds the model its frame at the rendered size
+  (`upsample=False`, as the quick preset does): the headline compares the
+  tools at the size both render. `upsample=True` resizes Atlas's frames up to
+  the model's input size as its full preset does (and as Lucent), for an
+  equal-input run; `lucent_size=128` turns Lucent's upsampling off. Atlas
   keeps its own defaults otherwise (the redirected ReLU of its first steps,
   which Lucent 0.1.8 lacks, is part of its cost and of its quality).
 * Noise: Atlas's call for a layer and Lucent's calls for the same units run
@@ -28,13 +31,13 @@ same machine, under these rules:
 * Quality: each tool's final image is quantized to uint8 the same way, fed
   through the model without transforms, and the target channel's mean
   activation is read with Atlas's `Capture`, twice: at the image's own size
-  (the image as an atlas shows it, and what Atlas optimizes) and upsampled to
-  224 px (what Lucent optimizes). Each ratio is the mean over units of Atlas's
+  (the image as an atlas shows it) and upsampled to 224 px (what Lucent
+  optimizes, and Atlas with `upsample=True`). Each ratio is the mean over units of Atlas's
   value divided by the mean of Lucent's; the headline is the first, and both
   are printed.
 * Overhead: Atlas's time per image and step on the deepest layer (which needs
   the whole network), divided by a plain forward and backward to the input per
-  image at the same batch size and image size.
+  image at the same batch size and the size the model sees.
 
 Lucent is a benchmark-only dependency:
     pip install --no-deps torch-lucent==0.1.8 && pip install kornia ipython decorator
@@ -90,7 +93,11 @@ def import_lucent():
 def pick_units(loaded: LoadedModel, channels: int, device: torch.device) -> Units:
     """`channels` units over block outputs at evenly spaced depths, deepest block included."""
     chosen = select(loaded.model, discover(loaded.model, loaded.input_size, device))
-    blocks = [l for l in chosen if l.kind != "Conv2d"] or chosen
+    modules = dict(loaded.model.named_modules())
+    # a block is a module made of modules (a Bottleneck, an inverted residual), called once; Lucent names
+    # layers by module, so a layer's second call (`relu@1`) is not one it can hook
+    blocks = [l for l in chosen if l.call == 0 and "@" not in l.name
+              and next(modules[l.module].children(), None) is not None] or chosen
     n_layers = max(1, min(DEPTHS, channels, len(blocks)))
     layers = [blocks[round(i)] for i in np.linspace(0, len(blocks) - 1, n_layers)]
     # deeper layers take the remainder: they are the ones that cost the most per step
@@ -202,19 +209,19 @@ def _forward_backward(loaded: LoadedModel, batch: int, size: int, device: torch.
     return best_time(step, repeats=5) / batch
 
 
-def _warm_up(loaded: LoadedModel, lucent, units: Units, size: int, device: torch.device,
+def _warm_up(loaded: LoadedModel, lucent, units: Units, settings: RenderSettings, device: torch.device,
              model_size: int | None) -> None:
     """A few steps of each tool, so neither pays first-call costs inside the timings."""
-    layer = list(units)[-1]
+    layer, size = list(units)[-1], settings.size
     render(loaded.model, loaded.preprocess, channel(layer, units[layer]), list(range(len(units[layer]))),
-           RenderSettings(size=size, steps=2, lr=LR), device)
+           RenderSettings(**{**settings.__dict__, "steps": 2}), device)
     _lucent_one(lucent, loaded.model, layer, units[layer][0], size, 2, 0, model_size)
     _lucent_batched(lucent, loaded.model, [(l, c) for l, cs in units.items() for c in cs], size, 2, 0,
                     model_size)
 
 
 def run(model: str = "resnet50", weights: str = models.RANDOM, channels: int = 16, steps: int = 64,
-        size: int = 128, device: str = "cpu", lucent_size: int | None = None) -> dict:
+        size: int = 128, device: str = "cpu", lucent_size: int | None = None, upsample: bool = False) -> dict:
     """Renders the same units with Atlas and Lucent; prints details, returns the three ratios.
 
     Args:
@@ -225,6 +232,7 @@ def run(model: str = "resnet50", weights: str = models.RANDOM, channels: int = 1
         size: image side in pixels, the same for both tools.
         device: torch device.
         lucent_size: the size Lucent feeds the model (None: its default, 224 for small images).
+        upsample: Atlas shows the model its frames resized up to the model's input size (as Lucent).
 
     Returns:
         speedup_vs_lucent (channels per second, Atlas over one-at-a-time Lucent),
@@ -239,8 +247,8 @@ def run(model: str = "resnet50", weights: str = models.RANDOM, channels: int = 1
     print(f"{model} ({loaded.weights_id}), {channels} units, {size} px, {steps} steps, Adam lr {LR}, "
           f"{torch.get_num_threads()} threads, {dev}", flush=True)
     print("units: " + "; ".join(f"{l} {c}" for l, c in units.items()), flush=True)
-    _warm_up(loaded, lucent, units, size, dev, lucent_size)
-    settings = RenderSettings(size=size, steps=steps, lr=LR)
+    settings = RenderSettings(size=size, steps=steps, lr=LR, upsample=upsample)
+    _warm_up(loaded, lucent, units, settings, dev, lucent_size)
     atlas_s, lucent_s, atlas_q, lucent_q, atlas_q224, lucent_q224 = {}, {}, [], [], [], []
     for layer, chans in units.items():
         both = render_both(loaded, lucent, layer, chans, settings, dev, lucent_size)
@@ -259,7 +267,8 @@ def run(model: str = "resnet50", weights: str = models.RANDOM, channels: int = 1
     print(f"  lucent batched (all {len(flat)} units, one param, summed objective): {batched_total:.1f} s",
           flush=True)
     deepest = list(units)[-1]
-    fb = _forward_backward(loaded, len(units[deepest]), size, dev)
+    seen = max(settings.view, loaded.input_size) if upsample else settings.view  # the side the model sees
+    fb = _forward_backward(loaded, len(units[deepest]), seen, dev)
     per_image_step = atlas_s[deepest] / (steps * len(units[deepest]))
     result = {
         "speedup_vs_lucent": lucent_total / atlas_total,
@@ -290,6 +299,6 @@ def run(model: str = "resnet50", weights: str = models.RANDOM, channels: int = 1
           f"quality ratio at {size} px {result['quality_vs_lucent_at_size']:.3f}, upsampled to 224 px "
           f"{result['quality_vs_lucent_at_224']:.3f}", flush=True)
     print(f"atlas {result['atlas_ms_per_image_step_deepest']:.1f} ms per image-step on {deepest} (batch "
-          f"{len(units[deepest])}); plain forward+backward {result['forward_backward_ms_per_image']:.1f} ms "
-          f"per image", flush=True)
+          f"{len(units[deepest])}); plain forward+backward at {seen} px {result['forward_backward_ms_per_image']:.1f} "
+          f"ms per image", flush=True)
     return result

@@ -37,6 +37,9 @@ class RenderSettings:
     robustness: Robustness = field(default_factory=Robustness)
     crops: maco.Crops = field(default_factory=maco.Crops)  # MACO's transforms (param "phase")
     keep_canvas: bool = False  # MACO: return the whole canvas instead of resizing it to `size` (benchmarks)
+    # Lucid recipe: the model sees the transformed frame resized up to its input size, as Lucent feeds it 224 px,
+    # so a unit is driven at the scale of the photos it learned from (and of its dataset examples)
+    upsample: bool = True
 
     @property
     def view(self) -> int:
@@ -53,7 +56,8 @@ class RenderSettings:
         if self.param == "fourier":
             return {"size": self.size, "steps": self.steps, "lr": self.lr, "optimizer": "Adam",
                     "parameterization": "fourier 1/f, decorrelated colour, sigmoid",
-                    "transforms": self.robustness.describe(), "redirected_relu_steps": self.redirect_steps}
+                    "transforms": self.robustness.describe(), "redirected_relu_steps": self.redirect_steps,
+                    "model_view": "resized up to the model's input side" if self.upsample else "the frame as it is"}
         return {"size": self.size, "canvas": self.canvas, "view": self.view, "steps": self.steps, "lr": maco.LR,
                 "optimizer": "NAdam", "parameterization": "MACO: fourier phase only (standardized), magnitude of "
                 "natural photos in decorrelated colour, image standardized, colour recorrelated, sigmoid",
@@ -107,7 +111,8 @@ def render(model: nn.Module, preprocess: Preprocess, objective: Objective, seeds
                 view = _model_input(preprocess, maco.cut(image, boxes, settings.view))
                 view = view + maco.noise(view.shape, gens, settings.crops).to(view)
             else:
-                view = _model_input(preprocess, random_affine(image, gens, settings.robustness))
+                view = _model_input(preprocess, _model_side(random_affine(image, gens, settings.robustness),
+                                                            preprocess, settings))
             with redirected_relus(model, step < settings.redirect_steps), _autocast(device):
                 values = seen(capture.run(view))
             optimizer.zero_grad(set_to_none=True)
@@ -121,7 +126,7 @@ def render(model: nn.Module, preprocess: Preprocess, objective: Objective, seeds
             image = to_rgb(params)
             # MACO's canvas is judged on its centre crop at the crops' mean size, and stored whole at `size`
             seen_final = maco.cut(image, maco.centre_box(len(seeds), settings.canvas, settings.crops),
-                                  settings.view) if is_maco else image
+                                  settings.view) if is_maco else _model_side(image, preprocess, settings)
             acts = capture.run(_model_input(preprocess, seen_final))
             final = objective(acts).float().cpu().numpy()
     if is_maco:
@@ -138,6 +143,15 @@ def _resize(images: torch.Tensor, side: int) -> torch.Tensor:
     if images.shape[-1] == side:
         return images
     return F.interpolate(images, size=(side, side), mode="bilinear", align_corners=False, antialias=True)
+
+
+def _model_side(frame: torch.Tensor, preprocess: Preprocess, settings: RenderSettings) -> torch.Tensor:
+    """The Lucid recipe's frame as the model sees it: resized up to the model's input side where smaller
+    and `settings.upsample` asks for it (bilinear, corners aligned, as Lucent's upsampling)."""
+    side = preprocess.size
+    if not settings.upsample or frame.shape[-1] >= side:
+        return frame
+    return F.interpolate(frame, size=(side, side), mode="bilinear", align_corners=True)
 
 
 def _alpha(energy: torch.Tensor, side: int) -> np.ndarray:

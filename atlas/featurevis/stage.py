@@ -37,7 +37,7 @@ def settings_of(config) -> RenderSettings:
     robustness = Robustness().scaled(min(1.0, config.fv_size / LUCID_SIZE))
     return RenderSettings(size=config.fv_size, steps=config.fv_steps, lr=config.fv_lr,
                           loss_points=config.fv_loss_points, redirect_steps=config.fv_redirect_steps,
-                          param=config.fv_param, robustness=robustness)
+                          param=config.fv_param, robustness=robustness, upsample=config.fv_upsample)
 
 
 def images_per_channel(view: str, config) -> int:
@@ -133,7 +133,8 @@ class _Renderer:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.ctx.device)
         before = torch.cuda.memory_allocated(self.ctx.device)
-        probe = RenderSettings(size=self.settings.size, steps=1, lr=self.settings.lr, loss_points=1)
+        probe = RenderSettings(size=self.settings.size, steps=1, lr=self.settings.lr, loss_points=1,
+                               param=self.settings.param, upsample=self.settings.upsample)
         render(self.ctx.loaded.model, self.ctx.loaded.preprocess, O.channel(layer, [0, 0]), [0, 1], probe,
                self.ctx.device)
         per_image = max(1, (torch.cuda.max_memory_allocated(self.ctx.device) - before) // 2)

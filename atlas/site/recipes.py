@@ -25,7 +25,9 @@ RECIPES = (
            "Fourier parameterization with 1/f scaling, decorrelated colour, sigmoid; Lucid's transforms (pad 12, "
            "crop 8, scale 0.9-1.1, rotation from Lucid's list, crop 4) composed into one warp per image; Adam "
            "lr 0.05; redirected ReLU for the first 16 steps. Each image draws its own transforms (Lucid: one "
-           "scale per batch), so the view keeps its scale-1 side; no upsampling to 224 px."),
+           "scale per batch), so the view keeps its scale-1 side. The model sees each transformed frame resized "
+           "up to its input size (224 px for most), as Lucent feeds it, so a unit is driven at the scale of "
+           "the photos it learned from (the quick preset: the frame as it is)."),
     Recipe("negative view", "Lucid: the channel minimized on the pre-ReLU tensor", "",
            "minimizes the unit's pre-activation where its output is an activation's (so a unit silent on the "
            "start image still moves), the unit itself otherwise."),
