@@ -118,3 +118,14 @@ def test_topk_of_a_hand_set_channel_is_known_by_construction(tmp_path, build_sta
         # green never varies: every image ties, so the lowest indices win both lists
         assert top["index"][1].tolist() == [0, 1, 2]
         assert not f["layers/probe/stats/dead"][...].any()
+
+
+def test_decoding_workers_are_the_cores_unless_the_images_are_few():
+    import os
+    from atlas.config import Config
+    from atlas.dataset.reader import decoding_workers
+    cores = len(os.sched_getaffinity(0))
+    assert decoding_workers(Config(workers=None), 1_000_000) == cores
+    assert decoding_workers(Config(workers=None), 63) == 0  # decoded here: a process start costs more
+    assert decoding_workers(Config(workers=None), 64 * cores - 1) == cores - 1
+    assert decoding_workers(Config(workers=3), 10) == 3  # as given

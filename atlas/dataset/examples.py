@@ -128,7 +128,8 @@ def _cut(ctx, records, group: list, lists: dict, pixels_todo: list[tuple[int, np
     pixel_rows = {int(i): (first, row) for first, c in pixels_todo for row, i in enumerate(c)}
     pixels = {first: np.zeros((len(c), ctx.loaded.input_size, ctx.loaded.input_size, 3), np.uint8)
               for first, c in pixels_todo}
-    loader = image_loader(records, ctx.loaded.preprocess, needed, _workers(cfg, len(needed)), batch_size=16)
+    loader = image_loader(records, ctx.loaded.preprocess, needed, decoding_workers(cfg, len(needed)),
+                          batch_size=16)
     with ctx.bar(len(needed), "dataset examples", "img") as bar:
         for batch, index, reasons in loader:
             for picture, i, reason in zip(batch.numpy(), index.tolist(), reasons):
@@ -149,11 +150,6 @@ def _cut(ctx, records, group: list, lists: dict, pixels_todo: list[tuple[int, np
             "layer": name, "side": side, "k": cfg.topk, "quality": CROP_QUALITY,
             "format": "one JPEG strip per unit: its k examples side by side, each its receptive-field box "
                       "around the arg-max resized to side x side; grey where fewer than k images were seen"})
-
-
-def _workers(cfg, n: int) -> int:
-    """The pass's decoding processes, fewer for a few images (starting a process costs more)."""
-    return min(decoding_workers(cfg), n // 64)
 
 
 def _references(lists: dict) -> dict[int, list]:

@@ -40,11 +40,16 @@ def source_records(cfg, class_names: list[str]) -> list[ImageRecord]:
     return list_images(cfg.data, class_names, cfg.labels)[:cfg.max_images]
 
 
-def decoding_workers(cfg) -> int:
-    """Decoding processes: the configured number, else one per core this process may use."""
+IMAGES_PER_WORKER = 64  # a decoding process pays for its start (about a second) only over this many images
+
+
+def decoding_workers(cfg, images: int) -> int:
+    """Decoding processes for reading `images` images: the configured number, else one per core this
+    process may use but none for fewer than IMAGES_PER_WORKER images each (this process decodes them)."""
     if cfg.workers is not None:
         return cfg.workers
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(cores, images // IMAGES_PER_WORKER)
 
 
 def span_key(first: int, end: int) -> str:

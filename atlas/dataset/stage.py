@@ -118,11 +118,11 @@ class _Loader:
     def __init__(self, ctx, records, todo: list[tuple[int, int]], size: int):
         self.ctx, self.records, self.size = ctx, records, size
         batches = [list(range(i, min(i + size, end))) for first, end in todo for i in range(first, end, size)]
+        self.workers = decoding_workers(ctx.config, sum(end - first for first, end in todo))
         self.shared = iter(self._loader(range(len(records)), batch_sampler=batches)) if batches else None
 
     def _loader(self, indices: range, **batching):
-        return image_loader(self.records, self.ctx.loaded.preprocess, indices, decoding_workers(self.ctx.config),
-                            **batching)
+        return image_loader(self.records, self.ctx.loaded.preprocess, indices, self.workers, **batching)
 
     def batches(self, first: int, end: int, size: int):
         """The batches of images first..end-1, `size` at a time: (pixels, index, skip reasons) each."""
