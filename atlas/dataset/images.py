@@ -340,7 +340,9 @@ def image_loader(records: list[ImageRecord], preprocess: Preprocess, indices, wo
     every core. Once a forward pass has grown the heap to its working size (1.3 GB for
     a batch of 32 at 224 px), that cost 10 to 25 s per loader on a 2-core virtual
     machine: more than decoding 1,000 images. The server starts once per process (about
-    3 s); each loader's workers then start in a fraction of a second.
+    3 s); each loader's workers then start in a fraction of a second. As under any
+    forkserver or spawn start, a script that builds an atlas must guard its entry point
+    (`if __name__ == "__main__":`): the workers import the script's module.
     """
     context = None
     if workers and "forkserver" in multiprocessing.get_all_start_methods():
