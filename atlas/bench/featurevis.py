@@ -95,9 +95,9 @@ def pick_units(loaded: LoadedModel, channels: int, device: torch.device) -> Unit
     chosen = select(loaded.model, discover(loaded.model, loaded.input_size, device))
     modules = dict(loaded.model.named_modules())
     # a block is a module made of modules (a Bottleneck, an inverted residual), called once; Lucent names
-    # layers by module, so a layer's second call (`relu@1`) is not one it can hook
-    blocks = [l for l in chosen if l.call == 0 and "@" not in l.name
-              and next(modules[l.module].children(), None) is not None] or chosen
+    # layers by module, so one call of a module called several times (`relu@1`) is not one it can hook
+    blocks = [l for l in chosen if "@" not in l.name and next(modules[l.module].children(), None) is not None] \
+        or chosen
     n_layers = max(1, min(DEPTHS, channels, len(blocks)))
     layers = [blocks[round(i)] for i in np.linspace(0, len(blocks) - 1, n_layers)]
     # deeper layers take the remainder: they are the ones that cost the most per step

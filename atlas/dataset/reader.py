@@ -40,7 +40,7 @@ def source_records(cfg, class_names: list[str]) -> list[ImageRecord]:
     return list_images(cfg.data, class_names, cfg.labels)[:cfg.max_images]
 
 
-IMAGES_PER_WORKER = 64  # a decoding process pays for its start (about a second) only over this many images
+IMAGES_PER_WORKER = 64  # images over which a decoding process repays its start (the first loader's: about 3 s)
 
 
 def decoding_workers(cfg, images: int) -> int:
