@@ -298,7 +298,7 @@ def bench_site(n_images: int, explain: int, max_layers: int | None) -> None:
 @click.option("--per-layer", default=2, show_default=True, help="MACO units per layer (three layers)")
 @click.option("--lucent-units", default=4, show_default=True, help="units the Lucent pair renders")
 @click.option("--size", default=128, show_default=True, help="feature-visualization side; MACO's view follows")
-@click.option("--photos", default=2, show_default=True, help="photos both Extremal Perturbations explain")
+@click.option("--photos", default=3, show_default=True, help="photos both Extremal Perturbations explain")
 @click.option("--extremal-steps", default=800, show_default=True, help="Extremal Perturbations steps (paper: 800)")
 @click.option("--check-photos", default=8, show_default=True, help="photos the Quantus and LRP pairs explain")
 @click.option("--device", default="cpu", show_default=True)

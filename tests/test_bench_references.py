@@ -37,6 +37,15 @@ def test_the_maco_pair_renders_both_tools_on_the_same_units(lite0):
     assert result["maco_atlas_s"] > 0 and result["maco_horama_s"] > 0
 
 
+def test_the_extremal_pair_runs_both_counts_and_torchray_against_itself(lite0, capsys):
+    pytest.importorskip("torchray")
+    result = references.extremal_pair(lite0, images=1, steps=2)
+    for key in ("extremal_mask_iou_vs_torchray", "extremal_torchray_self_iou", "extremal_image_area_iou"):
+        assert 0 <= result[key] <= 1
+    assert result["extremal_mask_iou_vs_torchray"] > 0.95  # two steps: the trajectories have not parted yet
+    assert "torchray against itself" in capsys.readouterr().out
+
+
 def test_a_missing_reference_is_a_recorded_skip(lite0, monkeypatch, capsys):
     import builtins
     real = builtins.__import__

@@ -8,6 +8,7 @@ from atlas.featurevis import maco
 from atlas.featurevis import objectives as O
 from atlas.featurevis.render import RenderSettings, render
 from atlas.featurevis.transforms import Robustness
+from atlas.models import IMAGENET_MEAN, IMAGENET_STD
 
 
 def _colour_correlation(images: torch.Tensor) -> np.ndarray:
@@ -46,8 +47,11 @@ def test_preconditioner_is_horamas():
     mag = maco.magnitude(size)
     phase = maco.init_phase([3], size)
     theirs = horama.maco_preconditioner(mag, phase[0], (-2.5, 2.5), "cpu")
-    ours = maco.to_rgb(phase, mag)[0] * 5 - 2.5  # Atlas keeps [0, 1] and normalizes as the model does
+    pixels = maco.to_rgb(phase, mag)[0]  # Atlas keeps pixels; an ImageNet-normalized model sees horama's values
+    ours = (pixels - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1)
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    low, high = maco.pixel_range()
+    assert (low < 0).all() and (high[:2] > 1).all() and (high - low - 5 * torch.tensor(IMAGENET_STD)).abs().max() < 1e-6
 
 
 def test_crops_are_macos_and_crop_major():

@@ -13,9 +13,14 @@ def test_the_smooth_mask_is_torchrays(side, step, sigma):
     # torchray's 9 x 9 neighbourhood of a pixel is centred on its cell when sigma is a multiple of the step
     # (the paper's 21 = 3 x 7); otherwise torchray shifts it by the margin, where Atlas keeps it centred
     param = torch.rand(3, 1, -(-side // step), -(-side // step), generator=torch.Generator().manual_seed(side))
-    ours = SmoothMask(side, side, step, sigma)(param)
-    theirs, _ = torchray.MaskGenerator((side, side), step, sigma).generate(param)
-    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+    theirs, frame = torchray.MaskGenerator((side, side), step, sigma).generate(param)
+    smooth = SmoothMask(side, side, step, sigma, margin=True)
+    pairs = [(SmoothMask(side, side, step, sigma)(param), theirs), (smooth(param), frame),  # frame: margin too
+             (smooth.crop(smooth(param)), theirs)]
+    for ours, reference in pairs:
+        if side == 224:  # the paper's geometry: to the last bit
+            assert torch.equal(ours, reference)
+        torch.testing.assert_close(ours, reference, atol=1e-6, rtol=0)
 
 
 def test_the_blur_pyramid_and_its_reading_are_torchrays():
@@ -35,19 +40,24 @@ class Centre(torch.nn.Module):
         return torch.stack([energy, 0.5 * x.mean(dim=(1, 2, 3))], dim=1) * 100
 
 
-def test_the_optimization_matches_torchrays_where_the_area_counts_the_same():
-    """torchray counts the area over the mask's whole frame, its margin included; Atlas over the image.
+def test_the_optimization_is_torchrays_where_the_area_counts_the_same():
+    """With the area counted over torchray's frame, Atlas's optimization is torchray's, step for step.
 
-    Given torchray's geometry (its blur does not scale with the input), the two
-    optimizations keep the same region (IoU of the masks above one half), and
-    torchray's mask keeps more of the image than the nominal area, Atlas's
-    about the nominal area.
+    torchray returns the mask made before its last update, so it runs one iteration more. Counting
+    the area over the image instead (Atlas's default), the mask keeps about its nominal area of the
+    image, torchray's more (its margin is mostly off).
     """
     x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(2))
-    method = ExtremalPerturbation(Centre(), area=0.1, steps=300)
-    method.geometry = lambda h, w: (1, 3.0, 20.0)
-    ours = method.explain(x, 0)
-    theirs, _ = torchray.extremal_perturbation(Centre(), x, 0, areas=[0.1], max_iter=300, step=1, sigma=3.0)
-    a, b = ours.maps.sum(1)[0] > 0.5, theirs[0, 0] > 0.5
-    assert (a & b).sum() / (a | b).sum() > 0.8
-    assert a.float().mean() < b.float().mean()
+    theirs, _ = torchray.extremal_perturbation(Centre(), x, 0, areas=[0.1], max_iter=301, step=1, sigma=3.0)
+    same = ExtremalPerturbation(Centre(), area=0.1, steps=300, area_over="frame")
+    same.geometry = lambda h, w: (1, 3.0, 20.0)  # torchray's: its blur does not scale with the input
+    ours = same.explain(x, 0).maps.sum(1, keepdim=True)
+    torch.testing.assert_close(ours, theirs, atol=1e-3, rtol=0)
+    own = ExtremalPerturbation(Centre(), area=0.1, steps=300)
+    own.geometry = same.geometry
+    mask = own.explain(x, 0).maps.sum(1)[0]
+    assert abs(float(mask.mean()) - 0.1) < abs(float(theirs.mean()) - 0.1)
+    assert float(theirs.mean()) > 0.11
+    assert own.params["area_over"] == "image" and same.params["area_over"] == "frame"
+    with pytest.raises(ValueError, match="area_over"):
+        ExtremalPerturbation(Centre(), area_over="margin")

@@ -23,10 +23,15 @@ for a 224 px input:
 
 Where Atlas differs, on purpose: the area is counted over the image, where
 torchray also counts the mask's margin outside it (mostly off, so torchray's
-masks keep more of the image than their nominal area); and step, sigma
-and blur scale with the input side / 224, so other input sizes get the same
-mask geometry. Each image has its own mask and SGD works element by element,
-so images optimized together do not interact; nothing is random.
+masks keep more of the image than their nominal area: about 0.15 of it for
+0.1); `area_over="frame"` counts as torchray does, and then each step is
+torchray's (the mask to the last bit at 224 px; torchray returns the mask made
+before its last update). Step, sigma and blur scale with the input side / 224,
+so other input sizes get the same mask geometry. Each image has its own mask
+and SGD works element by element, so images optimized together do not
+interact; nothing is random. The optimization is chaotic all the same: a
+change of 1e-6 in the input changes which region wins on some photos
+(docs/references.md), for torchray as for Atlas.
 """
 
 from __future__ import annotations
@@ -50,35 +55,66 @@ class SmoothMask:
         step: pixels between parameters.
         sigma: the bumps' size in pixels.
         coldness: the smooth maximum's inverse temperature (infinite: the plain max).
+        margin: also compute the mask on torchray's frame around the image: round(sigma) px before
+            it, and after it as far as torchray's padded grid reaches (15 px at 224 px).
     """
 
     def __init__(self, height: int, width: int, step: int = 7, sigma: float = 21.0, coldness: float = 20.0,
-                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+                 margin: bool = False, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
         self.height, self.width, self.step, self.coldness = height, width, step, coldness
         self.grid = (math.ceil(height / step), math.ceil(width / step))
         self.radius = 1 + math.ceil(sigma / step)  # grid points each way that reach a pixel
+        self.margin = round(sigma) if margin else 0
+        reach = 1 + math.ceil(2 * sigma / step) - self.radius  # torchray's padding beyond the bumps' radius
+        rows, cols = (self._axis(side, cells, reach) for side, cells in zip((height, width), self.grid))
+        # cells beyond the grid (parameters fixed at zero) that the frame's pixels sit in
+        self.before = [max(0, -int(a[0] // step)) for a in (rows, cols)]
+        self.after = [max(0, int(a[-1] // step) - (g - 1)) for a, g in zip((rows, cols), self.grid)]
+        # where the frame starts in the parameters' upsampled grid, and each pixel's cell as upsampling places it
+        self.start = [b * step + int(a[0]) for a, b in zip((rows, cols), self.before)]
+        cells = [b + g + a for b, g, a in zip(self.before, self.grid, self.after)]
+        cell_rows, cell_cols = (self._cells(n)[o:o + len(a)] - b
+                                for n, o, a, b in zip(cells, self.start, (rows, cols), self.before))
         near = torch.arange(-self.radius, self.radius + 1)
-        rows, cols = torch.arange(height), torch.arange(width)
-        # the grid rows (columns) near each pixel row (column), and the pixel's offset from each
-        dy = (rows[:, None] - step * (rows[:, None] // step + near)).double()  # [H, n]
-        dx = (cols[:, None] - step * (cols[:, None] // step + near)).double()  # [W, n]
-        d = torch.sqrt(dy[:, None, :, None] ** 2 + dx[None, :, None, :] ** 2)  # [H, W, n, n]
-        bump = torch.exp(-2 * (d / sigma - 0.5).clamp(min=0) ** 2)
-        self.weight = bump.flatten(2).permute(2, 0, 1).to(device, dtype).contiguous()  # [n * n, H, W]
-        self.cell_rows = (rows // step).to(device)
-        self.cell_cols = (cols // step).to(device)
+        # each pixel's offset from the grid points near it, rows [H', n] and columns [W', n]
+        dy = (rows[:, None] - step * (cell_rows[:, None] + near)).float()
+        dx = (cols[:, None] - step * (cell_cols[:, None] + near)).float()
+        # in float32, operation for operation as torchray, so that the masks agree to the last bit
+        d = torch.sqrt(dy[:, None, :, None] ** 2 + dx[None, :, None, :] ** 2)  # [H', W', n, n]
+        bump = torch.exp(-2 * ((d / sigma - 0.5).clamp(min=0) ** 2))
+        self.weight = bump.flatten(2).permute(2, 0, 1).to(device, dtype).contiguous()  # [n * n, H', W']
+        self.shape = (len(rows), len(cols))
+
+    def _cells(self, count: int) -> torch.Tensor:
+        """The cell of each of count * step upsampled positions, as nearest upsampling assigns them."""
+        index = torch.arange(count, dtype=torch.float32).view(1, 1, count, 1)
+        return F.interpolate(index, scale_factor=(self.step, 1), mode="nearest").view(-1).long()
+
+    def _axis(self, side: int, cells: int, reach: int) -> torch.Tensor:
+        """The pixel coordinates (the image's first pixel at 0) along one side of the frame."""
+        if not self.margin:
+            return torch.arange(side)
+        return torch.arange(self.step * (cells + 2 * reach - 1) + 1) - self.margin
 
     def __call__(self, param: torch.Tensor) -> torch.Tensor:
-        """Masks [B, 1, H, W] in [0, 1] from parameters [B, 1, *self.grid]."""
+        """Masks [B, 1, H', W'] in [0, 1] from parameters [B, 1, *self.grid]: the image, or its frame (`margin`)."""
         side = 2 * self.radius + 1
-        # every cell's side x side neighbouring parameters (zero beyond the grid): [B, side^2, gh, gw]
-        near = F.unfold(param, side, padding=self.radius).view(param.shape[0], side * side, *self.grid)
-        values = near.index_select(2, self.cell_rows).index_select(3, self.cell_cols) * self.weight
+        param = F.pad(param, (self.before[1], self.after[1], self.before[0], self.after[0]))
+        # every cell's side x side neighbouring parameters (zero beyond the grid), one value per pixel
+        near = F.unfold(param, side, padding=self.radius).view(param.shape[0], side * side, *param.shape[-2:])
+        near = F.interpolate(near, scale_factor=self.step, mode="nearest")
+        (top, left), (h, w) = self.start, self.shape
+        values = near[..., top:top + h, left:left + w] * self.weight
         if math.isinf(self.coldness):
             mask = values.amax(1, keepdim=True)
         else:
             mask = (values * torch.softmax(self.coldness * values, dim=1)).sum(1, keepdim=True)
         return mask.clamp(0, 1)
+
+    def crop(self, frame: torch.Tensor) -> torch.Tensor:
+        """The image's part of a mask from __call__."""
+        m = self.margin
+        return frame[..., m:m + self.height, m:m + self.width]
 
 
 def blur_pyramid(x: torch.Tensor, levels: int, max_blur: float) -> torch.Tensor:
@@ -105,11 +141,12 @@ def perturbed(pyramid: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """The image where the mask is 1, its most blurred level where it is 0, levels between in between."""
     levels = pyramid.shape[1]
     w = mask * (levels - 1)  # [B, 1, H, W]
-    low = w.detach().floor().clamp(max=levels - 2).long()
+    low = w.detach().floor().long()
     frac = w - low
     index = low[:, None].expand(-1, 1, pyramid.shape[2], -1, -1)  # [B, 1, C, H, W]
     y0 = pyramid.gather(1, index)[:, 0]
-    y1 = pyramid.gather(1, index + 1)[:, 0]
+    # at a mask of exactly 1 both ends are the image (no gradient toward blurring it), as in torchray
+    y1 = pyramid.gather(1, (index + 1).clamp(max=levels - 1))[:, 0]
     return (1 - frac) * y0 + frac * y1
 
 
@@ -128,6 +165,9 @@ class ExtremalPerturbation(Attribution):
             at most MEMORY_BATCH, the mask's intermediate tensors being large.
         area: fraction of the image the mask keeps (paper: 0.1; also 0.025-0.2).
         steps: optimization steps (paper: 800).
+        area_over: what the area is a fraction of: "image" (Atlas's default, the area the caption
+            states) or "frame", torchray's count over the mask's frame, its margin around the image
+            included (the margin being mostly off, the mask keeps more of the image than `area`).
     """
 
     name = "extremal_perturbation"
@@ -135,15 +175,18 @@ class ExtremalPerturbation(Attribution):
     LAMBDA, LAMBDA_GROWTH = 300.0, 1.0035  # the area regularizer's weight at the first step, and its growth per step
     STEP, SIGMA, MAX_BLUR, LEVELS, COLDNESS = 7, 21.0, 20.0, 8, 20.0  # at a 224 px input
     MEMORY_BATCH = 8
+    AREA_OVER = ("image", "frame")
 
     def __init__(self, model: nn.Module, space: InputSpace | None = None, batch: int = 64,
-                 area: float = 0.1, steps: int = 800):
+                 area: float = 0.1, steps: int = 800, area_over: str = "image"):
         super().__init__(model, space, min(batch, self.MEMORY_BATCH))
         if not 0 < area < 1:
             raise ValueError(f"area: expected a fraction of the image in (0, 1), got {area}")
         if steps < 1:
             raise ValueError(f"steps: expected a positive number of optimizer steps, got {steps}")
-        self.area, self.steps = area, steps
+        if area_over not in self.AREA_OVER:
+            raise ValueError(f"area_over: expected one of {', '.join(self.AREA_OVER)}, got {area_over!r}")
+        self.area, self.steps, self.area_over = area, steps, area_over
 
     @property
     def params(self):
@@ -151,7 +194,7 @@ class ExtremalPerturbation(Attribution):
                 "momentum": self.MOMENTUM, "lambda": self.LAMBDA, "lambda_growth": self.LAMBDA_GROWTH,
                 "mask_step_px_at_224": self.STEP, "mask_sigma_px_at_224": self.SIGMA,
                 "max_blur_px_at_224": self.MAX_BLUR, "levels": self.LEVELS, "coldness": self.COLDNESS,
-                "jitter": "flip every other step", "area_over": "the image"}
+                "jitter": "flip every other step", "area_over": self.area_over}
 
     def geometry(self, height: int, width: int) -> tuple[int, float, float]:
         """(step, sigma, max_blur) in pixels for an input of this size."""
@@ -168,26 +211,27 @@ class ExtremalPerturbation(Attribution):
         """The optimized masks [b, 1, H, W] and the logit they preserve / the original [b]."""
         h, w = x.shape[-2:]
         step, sigma, max_blur = self.geometry(h, w)
-        smooth = SmoothMask(h, w, step, sigma, self.COLDNESS, x.device, x.dtype)
+        smooth = SmoothMask(h, w, step, sigma, self.COLDNESS, self.area_over == "frame", x.device, x.dtype)
         pyramid = blur_pyramid(x, self.LEVELS, max_blur)
         param = torch.ones((x.shape[0], 1, *smooth.grid), device=x.device, dtype=x.dtype, requires_grad=True)
         optimizer = torch.optim.SGD([param], lr=self.LR, momentum=self.MOMENTUM, dampening=self.MOMENTUM)
-        ref = self._reference(h * w, x)
+        ref = self._reference(smooth.weight[0].numel(), x)
         weight = self.LAMBDA
         for step_index in range(self.steps):
             with torch.enable_grad():
-                mask = smooth(param)
+                frame = smooth(param)  # the image, or with "frame" the margin around it too
+                mask = smooth.crop(frame)
                 image = perturbed(pyramid, mask)
                 if step_index % 2 == 0:
                     image = image.flip(-1)
                 logit = self._logit(image, target)
-                regul = (mask.flatten(1).sort(dim=1).values - ref).pow(2).mean(dim=1)
+                regul = (frame.flatten(1).sort(dim=1).values - ref).pow(2).mean(dim=1)
                 # Gradient of the mask only: the model's parameters keep no .grad.
                 param.grad = torch.autograd.grad(-(logit - weight * regul).sum(), param)[0]
             optimizer.step()
             param.data.clamp_(0, 1)
             weight *= self.LAMBDA_GROWTH
-        mask = smooth(param.detach())
+        mask = smooth.crop(smooth(param.detach()))
         kept = self._logit(perturbed(pyramid, mask), target) / self._logit(x, target)
         return mask, kept
 

@@ -22,13 +22,19 @@ Biases take no relevance here (zennit's `zero_params="bias"`), so every rule
 conserves: the map sums to the target logit, and the relative difference
 (`completeness`, shown as the conservation error) measures only what the
 canonization missed, as a path method's completeness measures its integral.
-It also measures what the rules cannot place: a unit that fires on its
-(folded) bias alone has no positive contribution for z+ to divide by, so its
-relevance is lost. On the default EfficientNet-Lite0, whose depthwise
-convolutions and linear bottlenecks are neither VGG- nor ResNet-like, that
-loses most of the logit (EpsilonPlusFlat keeps about a tenth), and the γ rule,
-made for non-negative inputs, blows up on the signed inputs of its
-bottlenecks; the conservation error and the sanity checks show both.
+
+Where Atlas differs from zennit's composites, on purpose: a convolution unit
+that fires on its (folded) bias alone has no positive contribution for z+ to
+divide its relevance by, and zennit's ZPlus drops it. On the default
+EfficientNet-Lite0 that is most of the logit (its depthwise convolutions see
+3 x 3 windows of a sparse ReLU6 map, often all zero): zennit's EpsilonPlusFlat
+keeps about 7 % of it. Atlas's z+ rule (`ZPlusOrFlat`) hands such a unit's
+relevance to its receptive field by the flat rule (evenly over the inputs it
+sees, as the composites treat the first layer, whose inputs carry no
+evidence of their own), so the map conserves the logit; every other unit is
+z+ as zennit computes it. `dead_units="drop"` gives zennit's rule. The γ rule,
+made for non-negative inputs, still blows up on the signed inputs of the
+linear bottlenecks; the conservation error and the sanity checks show it.
 """
 
 from __future__ import annotations
@@ -44,15 +50,50 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 from zennit.canonizers import SequentialMergeBatchNorm
 from zennit.composites import EpsilonGammaBox, EpsilonPlusFlat
+from zennit.core import BasicHook, ParamMod, Stabilizer
 from zennit.layer import Sum
+from zennit.rules import ClampMod, zero_bias
+from zennit.types import Convolution
 from zennit.torchvision import ResNetCanonizer, VGGCanonizer
 from torchvision.models import VGG, ResNet
 
 from atlas.attribution.base import Attribution, Explanation, InputSpace
 
 COMPOSITES = ("epsilon_plus_flat", "epsilon_gamma_box")
+DEAD_UNITS = ("flat", "drop")  # what z+ does with a unit that has no positive contribution
+STABILIZER = 1e-6  # zennit's default: z+ below it counts as no positive contribution
+
+
+class ZPlusOrFlat(BasicHook):
+    """z+ (zennit's ZPlus: x+ w+ and x- w-), and the flat rule for units whose z+ is below the stabilizer.
+
+    zennit's ZPlus divides by the stabilized z+ and so drops (nearly all of) such a unit's
+    relevance; here it goes to the unit's receptive field, evenly over the inputs it sees.
+    """
+
+    def __init__(self, stabilizer: float = STABILIZER, zero_params=None):
+        stabilize = Stabilizer.ensure(stabilizer)
+
+        def mapper(out_grad, outputs):
+            plus, flat = outputs[0] + outputs[1], outputs[2]
+            dead = plus.abs() < stabilizer
+            g = torch.where(dead, 0.0, out_grad / stabilize(plus))
+            return [g, g, torch.where(dead, out_grad / stabilize(flat), 0.0)]
+
+        super().__init__(
+            input_modifiers=[lambda x: x.clamp(min=0), lambda x: x.clamp(max=0), torch.ones_like],
+            param_modifiers=[ClampMod(min=0.0, zero_params=zero_params),
+                             ClampMod(max=0.0, zero_params=zero_bias(zero_params)),
+                             ParamMod(lambda p, _: torch.ones_like(p), zero_params=zero_bias(zero_params),
+                                      require_params=False)],
+            output_modifiers=[lambda out: out] * 3,
+            gradient_mapper=mapper,
+            reducer=lambda inputs, grads: inputs[0] * grads[0] + inputs[1] * grads[1] + grads[2],
+        )
 _ADDS = {operator.add, operator.iadd, torch.add}
 _FOLDABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+_ACTIVATIONS = {torch.relu: nn.ReLU, torch.nn.functional.relu: nn.ReLU, "relu": nn.ReLU,
+                torch.nn.functional.relu6: nn.ReLU6}  # functions and tensor methods fx records
 
 
 class LRP(Attribution):
@@ -62,14 +103,19 @@ class LRP(Attribution):
         composite: "epsilon_plus_flat" or "epsilon_gamma_box".
         epsilon: the ε rule's stabilizer (dense layers).
         gamma: the γ rule's weight of positive contributions (EpsilonGammaBox's convolutions).
+        dead_units: EpsilonPlusFlat's convolution units with no positive contribution: "flat" hands
+            their relevance to their receptive field (`ZPlusOrFlat`), "drop" loses it (zennit's ZPlus).
     """
 
     def __init__(self, model: nn.Module, space: InputSpace | None = None, batch: int = 64,
-                 composite: str = "epsilon_plus_flat", epsilon: float = 1e-6, gamma: float = 0.25):
+                 composite: str = "epsilon_plus_flat", epsilon: float = 1e-6, gamma: float = 0.25,
+                 dead_units: str = "flat"):
         super().__init__(model, space, batch)
         if composite not in COMPOSITES:
             raise ValueError(f"composite: expected one of {', '.join(COMPOSITES)}, got {composite!r}")
-        self.composite, self.epsilon, self.gamma = composite, epsilon, gamma
+        if dead_units not in DEAD_UNITS:
+            raise ValueError(f"dead_units: expected one of {', '.join(DEAD_UNITS)}, got {dead_units!r}")
+        self.composite, self.epsilon, self.gamma, self.dead_units = composite, epsilon, gamma, dead_units
         self.name = f"lrp_{composite}"
         self._canonical: Canonical | None = None
 
@@ -77,7 +123,7 @@ class LRP(Attribution):
     def params(self) -> dict:
         canon = self._canonical.describe() if self._canonical else "not yet built"
         return {**super().params, "composite": self.composite, "epsilon": self.epsilon,
-                **({"gamma": self.gamma} if self.composite == "epsilon_gamma_box" else {}),
+                **({"gamma": self.gamma} if self.composite == "epsilon_gamma_box" else {"dead_units": self.dead_units}),
                 "zero_params": "bias", "canonization": canon}
 
     def _explain(self, inputs, target):
@@ -93,7 +139,8 @@ class LRP(Attribution):
     def _relevance(self, x: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Relevance of every input value for each row's target logit, and that logit."""
         if self.composite == "epsilon_plus_flat":
-            composite = EpsilonPlusFlat(epsilon=self.epsilon, zero_params="bias",
+            rules = [(Convolution, ZPlusOrFlat(zero_params="bias"))] if self.dead_units == "flat" else []
+            composite = EpsilonPlusFlat(epsilon=self.epsilon, zero_params="bias", layer_map=rules,
                                         canonizers=self._canonical.canonizers())
         else:
             composite = EpsilonGammaBox(low=self.space.lo(x).expand_as(x), high=self.space.hi(x).expand_as(x),
@@ -111,8 +158,9 @@ class Canonical:
     """A copy of a model ready for LRP, and the zennit canonizers still to apply around each pass."""
 
     def __init__(self, module: nn.Module, zennit: str | None, sums: int = 0, folded: int = 0,
-                 traced: str | None = None):
+                 traced: str | None = None, activations: int = 0):
         self.module, self.zennit, self.sums, self.folded, self.traced = module, zennit, sums, folded, traced
+        self.activations = activations
 
     def canonizers(self) -> list:
         """Fresh zennit canonizers (they hold the state they undo), or none where the copy is canonized already."""
@@ -131,7 +179,8 @@ class Canonical:
         if self.traced:
             return (f"torch.fx failed ({self.traced}); zennit SequentialMergeBatchNorm only, "
                     f"residual sums not canonized")
-        return f"torch.fx: {self.sums} residual sums as zennit Sum, {self.folded} BatchNorms folded"
+        line = f"torch.fx: {self.sums} residual sums as zennit Sum, {self.folded} BatchNorms folded"
+        return line + (f", {self.activations} functional activations as modules" if self.activations else "")
 
 
 def canonize(model: nn.Module, example: torch.Tensor) -> Canonical:
@@ -156,9 +205,10 @@ def canonize(model: nn.Module, example: torch.Tensor) -> Canonical:
         return Canonical(clone, "sequential", traced=f"{type(exc).__name__}: {reason}")
     sums = _explicit_sums(traced)
     folded = _fold_batchnorms(traced)
+    activations = _activation_modules(traced)
     traced.graph.lint()
     traced.recompile()
-    return Canonical(traced.eval(), None, sums=sums, folded=folded)
+    return Canonical(traced.eval(), None, sums=sums, folded=folded, activations=activations)
 
 
 class _Tracer(torch.fx.Tracer):
@@ -193,6 +243,29 @@ def _explicit_sums(gm: torch.fx.GraphModule) -> int:
             summed = gm.graph.call_module(name, (stacked,))
         summed.meta = dict(node.meta)  # the shape a later sum compares against
         node.replace_all_uses_with(summed)
+        gm.graph.erase_node(node)
+        count += 1
+    return count
+
+
+def _activation_modules(gm: torch.fx.GraphModule) -> int:
+    """Replaces each functional ReLU or ReLU6 by a module, so relevance passes it as it passes one; returns how many.
+
+    LRP counts the activation as part of its unit: relevance goes through it unchanged (zennit's Pass rule,
+    which hooks modules only). Where the gradient carries it instead, relevance reaching an inactive input
+    is lost; the flat rule of `ZPlusOrFlat` sends relevance to exactly such inputs.
+    """
+    count = 0
+    for node in list(gm.graph.nodes):
+        kind = _ACTIVATIONS.get(node.target) if node.op in ("call_function", "call_method") else None
+        if kind is None or len(node.args) != 1:
+            continue
+        name = f"lrp_activation_{count}"
+        gm.add_submodule(name, kind())
+        with gm.graph.inserting_before(node):
+            module = gm.graph.call_module(name, (node.args[0],))
+        module.meta = dict(node.meta)
+        node.replace_all_uses_with(module)
         gm.graph.erase_node(node)
         count += 1
     return count

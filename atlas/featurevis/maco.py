@@ -4,7 +4,7 @@ The image's Fourier magnitude is fixed to the mean spectrum of natural photos
 in Lucid's decorrelated colour space; only the phase is optimized (NAdam, lr
 1.0). Each step the phase is standardized, the image made from it is
 standardized, its colours are recorrelated and a sigmoid squashes it to
-[0, 1]. Instead of Lucid's pad, jitter, scale and rotation the model sees
+MACO's value range. Instead of Lucid's pad, jitter, scale and rotation the model sees
 several random crops of the image each step (a quarter to 30 % of its side,
 centred near its middle, resized to the model's view) with Gaussian and
 uniform noise. The gradient's magnitude on the image, summed over the steps,
@@ -16,8 +16,11 @@ authors: six crops per step, crop sides drawn from 0.25-0.30 of the image
 (horama's code draws rand * (b1 - b0) + b1 from its box_size (0.20, 0.25)),
 centres N(0.5, 0.15), each crop cut by roi_align at twice the view's side and
 resized by antialiased bicubic interpolation, noise 0.05 in the model's input
-space. Horama downloads its magnitude (ImageNet's); Atlas computes the same
-statistic from its embedded photos, offline.
+space, and the sigmoid spanning -2.5 to 2.5 in ImageNet's normalized input
+space: pixels from about -0.16 to 1.06, which the model sees as they are
+and the stored image clips to [0, 1]. Horama downloads its magnitude
+(ImageNet's); Atlas computes the same statistic from its embedded photos,
+offline.
 """
 
 from __future__ import annotations
@@ -30,9 +33,11 @@ import torch
 import torch.nn.functional as F
 
 from atlas.featurevis.objectives import Objective
-from atlas.featurevis.param import COLOR_SQRT
+from atlas.featurevis.param import COLOR_SQRT, recorrelate
+from atlas.models.preprocess import IMAGENET_MEAN, IMAGENET_STD
 
 LR = 1.0  # NAdam's learning rate on the phases
+VALUE_RANGE = 2.5  # the sigmoid spans -/+ this in ImageNet's normalized input space (horama's values_range)
 CANVAS_PER_VIEW = 1280 / 224  # horama's image side over the model's view side
 
 
@@ -74,19 +79,32 @@ def init_phase(seeds: list[int], size: int) -> torch.Tensor:
 
 
 def _standardize(x: torch.Tensor) -> torch.Tensor:
-    """Zero mean, unit standard deviation per image (over colour and positions)."""
-    dims = tuple(range(1, x.dim()))
-    x = x - x.mean(dim=dims, keepdim=True)
-    return x / (x.std(dim=dims, keepdim=True) + 1e-4)
+    """Zero mean, unit standard deviation per image (over colour and positions).
+
+    Image by image: a whole tensor's mean and std are twice as fast on a CPU as the same over dimensions.
+    """
+    shape = (-1,) + (1,) * (x.dim() - 1)
+    mean = torch.stack([t.mean() for t in x]).view(shape)
+    std = torch.stack([t.std() for t in x]).view(shape)
+    return (x - mean) / (std + 1e-4)
 
 
 def to_rgb(phase: torch.Tensor, mag: torch.Tensor) -> torch.Tensor:
-    """Images in [0, 1], [B, 3, S, S], from phases [B, 3, S, S//2+1] and the fixed magnitude."""
+    """Images [B, 3, S, S] from phases [B, 3, S, S//2+1] and the fixed magnitude, in MACO's value range:
+    pixels a little beyond [0, 1] (`pixel_range`), clipped where they are stored."""
     phase = _standardize(phase)
     spectrum = torch.complex(torch.cos(phase) * mag, torch.sin(phase) * mag)
     image = _standardize(torch.fft.irfft2(spectrum, s=(mag.shape[-2], mag.shape[-2])))
-    image = torch.einsum("bchw,dc->bdhw", image, recorrelation().to(image))
-    return torch.sigmoid(image)
+    image = recorrelate(image, recorrelation().to(image))
+    low, high = (v.view(1, 3, 1, 1).to(image) for v in pixel_range())
+    return low + (high - low) * torch.sigmoid(image)
+
+
+def pixel_range() -> tuple[torch.Tensor, torch.Tensor]:
+    """MACO's value range, -2.5 to 2.5 in ImageNet's normalized input space (horama's `values_range`), as
+    pixels: mean -/+ 2.5 std per colour, from about -0.16 to 1.06. The same pixels for every model."""
+    mean, std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
+    return mean - VALUE_RANGE * std, mean + VALUE_RANGE * std
 
 
 def crop_boxes(gens: list[torch.Generator], side: int, crops: Crops) -> torch.Tensor:

@@ -39,11 +39,11 @@ RECIPES = (
            "Optimization (MACO), NeurIPS 2023", "horama 0.3.0, its authors' PyTorch MACO (tests)",
            "MACO as horama: only the Fourier phases are optimized (standardized, NAdam lr 1.0), the magnitude is "
            "the mean spectrum of natural photos in decorrelated colour (the embedded photos': horama downloads "
-           "ImageNet's), the image standardized, its colours recorrelated, a sigmoid; six random crops a step "
+           "ImageNet's), the image standardized, its colours recorrelated, a sigmoid spanning -2.5..2.5 in ImageNet's "
+           "normalized input space (pixels from -0.16 to 1.06, clipped when stored); six random crops a step "
            "(0.25-0.30 of the side, centres N(0.5, 0.15)) with noise 0.05. The canvas is 1280/224 of the model's "
            "view, as horama's, stored at the view size; the picture is faded by the transparency map (the "
-           "gradient's magnitude summed over the steps). Atlas keeps pixels in [0, 1] and normalizes them as the "
-           "model does (horama: a sigmoid onto -2.5..2.5)."),
+           "gradient's magnitude summed over the steps). Crops and noise come from one generator per image."),
     Recipe("top dataset examples", "Microscope; NetDissect (Bau et al. 2017): the top images by spatial max",
            "a brute-force pass (tests)",
            "one streaming pass; ranked by the spatial max, of the pre-activation where the unit's output is an "
@@ -71,15 +71,19 @@ RECIPES = (
            "zennit's two composites (ε 1e-6 on dense layers; z+ or γ 0.25 on convolutions; flat or bounded z^B "
            "first layer) on a canonized copy: zennit's canonizers for torchvision ResNets and VGGs, otherwise "
            "torch.fx turns each residual sum into zennit's Sum and folds every BatchNorm after a convolution "
-           "(timm's BatchNormAct2d too). Biases take no relevance, so the map sums to the logit; the "
-           "conservation error is shown like completeness."),
+           "(timm's BatchNormAct2d too) and makes functional ReLUs modules. Biases take no relevance; a "
+           "convolution unit that fires on its bias alone, which zennit's z+ drops, hands its relevance to its "
+           "receptive field by the flat rule, so the map sums to the logit; the conservation error is shown like "
+           "completeness."),
     Recipe("occlusion", "Zeiler and Fergus 2014", "Captum's Occlusion (tests)",
            "a patch an eighth of the side, stride half a patch, filled with the normalization mean."),
     Recipe("Extremal Perturbations", "Fong, Patrick, Vedaldi, ICCV 2019", "torchray 1.0.0.2 (tests)",
            "the paper's recipe: smooth-max-of-bumps masks (step 7 px, sigma 21 px), an 8-level blur pyramid up "
            "to 20 px, SGD lr 0.01 momentum 0.9 for 800 steps, the area weight from 300 up by x1.0035 a step, a "
            "left-right flip every other step; 10 % of the image. The area counts over the image (torchray also "
-           "counts a margin); sizes scale with the input side / 224. Each image's area and kept logit are shown."),
+           "counts a margin around it, which keeps about 0.15 of the image for 0.1; counted as torchray does, "
+           "the mask is torchray's to the last bit); sizes scale with the input side / 224. Each image's area "
+           "and kept logit are shown."),
     Recipe("model-parameter randomization", "Adebayo et al., Sanity Checks for Saliency Maps, NeurIPS 2018",
            "",
            "cascading from the logits and one group at a time; BatchNorm reset whole (running statistics too, as "
