@@ -72,6 +72,29 @@ def test_crops_are_macos_and_crop_major():
     torch.testing.assert_close(alone[:, 1:], boxes[7::50, 1:])
 
 
+def test_the_crop_is_roi_align_then_bicubic_in_values_and_gradients():
+    from torchvision.ops import roi_align
+
+    def horamas(images, boxes, view):
+        big = roi_align(images, boxes, output_size=(2 * view, 2 * view))
+        return torch.nn.functional.interpolate(big, size=(view, view), mode="bicubic", align_corners=True,
+                                               antialias=True)
+    images = torch.rand(2, 3, 160, 160, requires_grad=True)
+    drawn = maco.crop_boxes([torch.Generator().manual_seed(s) for s in (1, 2)], 160, maco.Crops())
+    odd = torch.tensor([[0, -30.0, -12.5, 40.2, 61.0],  # over the top-left corner
+                        [1, 130.0, 140.5, 190.0, 200.0],  # over the bottom-right corner
+                        [0, 50.3, 60.7, 50.6, 61.0],  # under a pixel
+                        [1, 0.0, 0.0, 160.0, 160.0],  # the whole canvas: several samples per bin
+                        [0, 10.0, 20.0, 90.0, 100.0]])
+    for boxes in (drawn, odd):
+        ours, theirs = maco.cut(images, boxes, 24), horamas(images, boxes, 24)
+        torch.testing.assert_close(ours, theirs, atol=2e-5, rtol=0)
+        weights = torch.randn_like(ours)
+        mine, = torch.autograd.grad((ours * weights).sum(), images)
+        ref, = torch.autograd.grad((theirs * weights).sum(), images)
+        torch.testing.assert_close(mine, ref, atol=1e-4, rtol=1e-4)
+
+
 def test_over_crops_averages_the_objective_per_image():
     acts = {"a": torch.arange(2 * 3 * 4 * 1 * 1, dtype=torch.float32).reshape(6, 4, 1, 1)}
     objective = O.channel("a", [1, 2])  # image 0 -> channel 1, image 1 -> channel 2

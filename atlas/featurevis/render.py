@@ -108,7 +108,8 @@ def render(model: nn.Module, preprocess: Preprocess, objective: Objective, seeds
             if is_maco:
                 image.retain_grad()
                 boxes = maco.crop_boxes(gens, settings.canvas, settings.crops)
-                view = _model_input(preprocess, maco.cut(image, boxes, settings.view))
+                view = _model_input(preprocess, maco.cut(image, boxes, settings.view,
+                                                             maco.band(settings.canvas, settings.crops)))
                 view = view + maco.noise(view.shape, gens, settings.crops).to(view)
             else:
                 view = _model_input(preprocess, _model_side(random_affine(image, gens, settings.robustness),
