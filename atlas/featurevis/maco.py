@@ -160,10 +160,21 @@ def cut(images: torch.Tensor, boxes: torch.Tensor, view: int, band: int | None =
         return shrink @ m.to(images), first[:, None] + torch.arange(width)
     ay, ys = matrix(rows, lows[0])
     ax, xs = matrix(cols, lows[1])
-    # [n, rows, colour * columns]: plain batched products, which autograd computes alike in any batch
-    patches = images.contiguous()[boxes[:, 0].long()[:, None, None], :, ys[:, :, None], xs[:, None, :]].transpose(2, 3)
+    # each image's crops are gathered from that image alone, so that the gradients its crops sum into it
+    # add up in the same order in any batch; then plain batched products, which autograd computes alike
+    owner = boxes[:, 0].long()
+    order = torch.argsort(owner, stable=True)
+    parts = [images[b][:, ys[rows, :, None], xs[rows, None, :]] for b, rows in
+             zip(*_groups(owner[order], order))]
+    patches = torch.cat(parts, 1).permute(1, 2, 0, 3)[torch.argsort(order)]
     rows_done = torch.bmm(ay, patches.reshape(n, width, 3 * width)).reshape(n, view * 3, width)
     return torch.bmm(rows_done, ax.transpose(1, 2)).reshape(n, view, 3, view).transpose(1, 2)
+
+
+def _groups(sorted_owner: torch.Tensor, order: torch.Tensor) -> tuple[list[int], list[torch.Tensor]]:
+    """The images that own crops, and the rows of each one's crops, from the rows sorted by owner."""
+    owners, counts = torch.unique_consecutive(sorted_owner, return_counts=True)
+    return owners.tolist(), list(torch.split(order, counts.tolist()))
 
 
 def _samples(start: torch.Tensor, end: torch.Tensor, side: int, out: int):
