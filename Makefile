@@ -15,7 +15,7 @@ DATA ?=
 WEIGHTS ?=
 ARGS ?=
 
-.PHONY: install install-test atlas test serve clean publish
+.PHONY: install install-test atlas compare test serve clean publish
 MODE ?= gh-pages
 
 # install: what building an atlas needs; install-test adds the tests' references on top
@@ -44,6 +44,11 @@ atlas: install
 		$(if $(LAYERS),--layers '$(LAYERS)') $(if $(DATA),--data '$(DATA)') \
 		$(if $(WEIGHTS),--weights '$(WEIGHTS)') $(ARGS)
 	@echo "open $(OUT)/index.html, or run: make serve"
+
+# compare two stores built on the same images: make compare A=atlas-data/x.h5 B=atlas-data/y.h5
+compare: install
+	@test -n '$(A)' -a -n '$(B)' || { echo "usage: make compare A=atlas-data/x.h5 B=atlas-data/y.h5"; exit 2; }
+	$(VENV)/bin/atlas compare '$(A)' '$(B)' --out '$(OUT)'
 
 test: install-test
 	$(PY) -m pytest -q

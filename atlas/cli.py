@@ -152,6 +152,19 @@ def _print_report(report: dict, site_dir: Path, quiet: bool) -> None:
 
 
 @main.command()
+@click.argument("store_a", type=click.Path())
+@click.argument("store_b", type=click.Path())
+@click.option("--out", "-o", type=click.Path(), default=str(Config.site_dir), show_default=True, help="site folder")
+def compare(store_a: str, store_b: str, out: str) -> None:
+    """Compare two stores built on the same images: linear CKA between layers, units matched by correlation."""
+    from atlas.compare import compare as run
+    report = run(Path(store_a), Path(store_b), Path(out))
+    click.echo(f"{report['a']} vs {report['b']} on {report['images']} images: {report['layers']} layers, "
+               f"{report['unmatched']} of {report['units']} units without a counterpart ({report['seconds']:.1f} s)")
+    click.echo(f"comparison: {report['index']}")
+
+
+@main.command()
 @click.argument("site_dir", type=click.Path(exists=True, file_okay=False), default=str(Config.site_dir))
 @click.option("--mode", type=click.Choice(["gh-pages", "docs"]), default="gh-pages", show_default=True)
 @click.option("--repo", type=click.Path(exists=True, file_okay=False), default=".", show_default=True)
@@ -271,6 +284,16 @@ def bench_projection(**o) -> None:
     from atlas.bench import projection
     _summary("projection", projection.run(**o), {"seconds_per_channel": ".1f", "total_hours": ".1f",
                                                  "channels": "d"})
+
+
+@bench.command("circuits")
+@click.option("--model", default="efficientnet_lite0", show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--channels", default=16, show_default=True, help="first channels of each layer given unit passes")
+def bench_circuits(**o) -> None:
+    """Unit passes with circuit inputs against without, and `atlas compare` of trained and random weights."""
+    from atlas.bench import circuits
+    _summary("circuits", circuits.run(**o), {"unit_pass_overhead": ".3f", "compare_seconds": ".1f"})
 
 
 @bench.command("scale")

@@ -75,6 +75,10 @@ class Config:
     attr_check_images: int = 8  # dataset images the sanity checks run on
     attr_check_groups: int = 8  # parameter groups of the randomization test, from the logits down
     attr_check_points: int = 21  # points of each deletion / insertion curve
+    attr_blocks_units: int = 8  # building blocks: strongest units kept per image and layer (0: no building blocks)
+    attr_blocks_nmf_layers: int = 1  # deepest spatial layers whose activation is factorized into neuron groups
+    attr_blocks_groups: int = 4  # neuron groups per image (Building Blocks of Interpretability: a handful)
+    attr_blocks_nmf_iter: int = 200  # NMF iterations at most (scikit-learn's default)
 
     seed: int = 0  # root of every per-unit seed
 

@@ -49,6 +49,10 @@ RANGES = (
     ("attr_check_images", "the attr_check_images setting", 0, None),
     ("attr_check_groups", "the attr_check_groups setting", 1, None),
     ("attr_check_points", "the attr_check_points setting", 2, None),
+    ("attr_blocks_units", "the attr_blocks_units setting", 0, None),
+    ("attr_blocks_nmf_layers", "the attr_blocks_nmf_layers setting", 0, None),
+    ("attr_blocks_groups", "the attr_blocks_groups setting", 1, None),
+    ("attr_blocks_nmf_iter", "the attr_blocks_nmf_iter setting", 1, None),
 )
 
 

@@ -16,7 +16,7 @@ MAX_LINES = 400
 TOP_LEVEL = {
     "__init__.py", "__main__.py", "cli.py", "config.py", "pipeline.py", "preflight.py", "distributed.py",
     "devices.py", "errors.py", "layers.py", "fused.py",
-    "models/", "store/", "featurevis/", "dataset/", "attribution/", "site/", "bench/", "testing/",
+    "models/", "store/", "featurevis/", "dataset/", "attribution/", "site/", "compare/", "bench/", "testing/",
 }
 
 

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from atlas import pipeline
 from atlas.attribution.base import InputSpace
 from atlas.attribution.gradients import SmoothGrad
+from atlas.attribution.units import UnitAttribution
 from atlas.layers import Capture
 
 METHODS = ("gradient", "smoothgrad", "smoothgrad_sq", "vargrad", "integrated_gradients", "grad_cam",
@@ -171,3 +172,31 @@ def test_gradient_attribution_matches_autograd(tmp_path, images, config, build_s
         expected = x.grad.sum(1).numpy()
         np.testing.assert_allclose(maps, expected, rtol=2e-3, atol=1e-3 * np.abs(expected).max())
         assert f["attribution/gradient/maps"].attrs["method"] == "gradient"
+
+
+def test_circuits_come_from_the_unit_passes_and_the_kernels_from_the_weights(built):
+    ctx, path = built
+    names = [l.name for l in ctx.layers]
+    with h5py.File(path) as f:
+        for before, layer in zip(names, names[1:]):
+            g = f[f"layers/{layer}/circuits"]
+            inputs = g["inputs"]
+            assert inputs.shape == (f[f"layers/{layer}"].attrs["channels"], f[f"layers/{before}"].attrs["channels"])
+            assert inputs.attrs["from"] == before and np.isfinite(inputs[...]).any()
+        assert "circuits" not in f[f"layers/{names[0]}"]
+        # relu1 -> conv2 -> relu2: one convolution, so the slices are its weights
+        kernel = f["layers/relu2/circuits/kernel"]
+        assert kernel.attrs["conv"] == "conv2" and kernel.attrs["from"] == "relu1"
+        np.testing.assert_allclose(kernel[...], ctx.loaded.model.conv2.weight.numpy(), rtol=1e-3, atol=1e-4)
+        # a unit's stored inputs: the mean over its top images of activation x gradient of its peak
+        channel, k = 3, f["layers/relu2/unit_attribution"].attrs["k"]
+        rows = f["layers/relu2/topk/index"][channel, :k]
+        x = ctx.loaded.preprocess.from_uint8(f["dataset/images"][sorted(rows)])
+        source = next(l for l in ctx.layers if l.name == "relu1")
+        _, each = UnitAttribution(ctx.loaded.model, next(l for l in ctx.layers if l.name == "relu2"), 8,
+                                  source).pairs(x, torch.full((len(rows),), channel))
+        np.testing.assert_allclose(inputs_of(f, "relu2")[channel], each.mean(0).numpy(), rtol=1e-3, atol=1e-5)
+
+
+def inputs_of(f: h5py.File, layer: str) -> np.ndarray:
+    return f[f"layers/{layer}/circuits/inputs"][...]

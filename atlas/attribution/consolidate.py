@@ -13,7 +13,7 @@ import numpy as np
 
 from atlas.attribution.maps import DIAGNOSTICS
 from atlas.store import Store, read_attrs
-from atlas.store.schema import ATTRIBUTION, CHECKS, DATASET, LAYERS, UNIT_ATTRIBUTION
+from atlas.store.schema import ATTRIBUTION, BLOCKS, CHECKS, CIRCUITS, DATASET, LAYERS, UNIT_ATTRIBUTION
 
 STAGE = ATTRIBUTION
 _PER_IMAGE = {"target": (np.int64, -1), "score": (np.float32, np.nan), "label_target": (np.int64, -1),
@@ -43,6 +43,11 @@ def consolidate(store: Store, f: h5py.File) -> dict:
             _write_check(f, rest, part, search)
         elif kind == "unit":
             moves[key] = _write_unit_part(f, part)
+            _write_inputs(f, part)
+        elif kind == "kernel":
+            _write_kernel(f, part)
+        elif kind == BLOCKS:
+            _write_blocks(f, part, source)
         else:
             if kind not in groups:
                 groups[kind] = _create(f, kind, source.size, part)
@@ -101,6 +106,63 @@ def _write_unit_part(f: h5py.File, part) -> dict:
     if "scale" in part:
         layer[UNIT_ATTRIBUTION]["scale"][a["first"]:a["end"]] = part["scale"][...]
     return {"maps": (layer[UNIT_ATTRIBUTION]["maps"].name, int(a["first"]), int(a["end"]) - int(a["first"]))}
+
+
+def _write_inputs(f: h5py.File, part) -> None:
+    """A range of units' circuit inputs into /layers/<layer>/circuits/inputs [C, C_from]."""
+    a = read_attrs(part)
+    layer = f[LAYERS].get(a["layer"])
+    if layer is None or "inputs" not in part:
+        return
+    g = layer.require_group(CIRCUITS)
+    if "inputs" not in g:
+        shape = (int(layer.attrs["channels"]), part["inputs"].shape[1])
+        g.create_dataset("inputs", shape, np.float32, fillvalue=np.nan)
+        g["inputs"].attrs.update({"from": a["inputs_from"], "method": a["inputs_method"], "k": a["k"]})
+    g["inputs"][a["first"]:a["end"]] = part["inputs"][...]
+
+
+def _write_kernel(f: h5py.File, part) -> None:
+    """A layer's kernel slices from the previous selected layer (where one convolution connects them)."""
+    a = read_attrs(part)
+    layer = f[LAYERS].get(a["layer"])
+    if layer is None or "kernel" not in part:
+        return
+    g = layer.require_group(CIRCUITS)
+    if "kernel" in g:
+        del g["kernel"]
+    g.create_dataset("kernel", data=part["kernel"][...])
+    g["kernel"].attrs.update({k: a[k] for k in ("conv", "norm", "from")})
+
+
+_BLOCK_FILL = {"target": -1, "logit": np.nan, "units": -1, "contribution": np.nan, "total": np.nan}
+_GROUP_FILL = {"maps": np.nan, "units": -1, "weights": np.nan}
+
+
+def _write_blocks(f: h5py.File, part, source: np.ndarray) -> None:
+    """One chunk's building blocks into /blocks/ at its rows of the explained set; a part computed for
+    another choice of layers than the first is left out (the next run computes it again)."""
+    a = read_attrs(part)
+    if BLOCKS not in f:
+        g = f.create_group(BLOCKS)
+        g.attrs.update({k: json.dumps(v) if isinstance(v, list) else v for k, v in a.items() if k != "written"})
+        for k, fill in _BLOCK_FILL.items():
+            g.create_dataset(k, (source.size, *part[k].shape[1:]), part[k].dtype, fillvalue=fill)
+        for j, layer in enumerate(a["nmf_layers"]):
+            nmf = g.create_group(f"nmf/{layer}")
+            nmf.attrs["layer"] = layer
+            for k, fill in _GROUP_FILL.items():
+                d = part[f"nmf/{j}/{k}"]
+                nmf.create_dataset(k, (source.size, *d.shape[1:]), d.dtype, fillvalue=fill)
+    g = f[BLOCKS]
+    if json.loads(g.attrs["layers"]) != a["layers"] or g.attrs["k"] != a["k"]:
+        return
+    rows = np.searchsorted(source, part["index"][...])
+    for k in _BLOCK_FILL:
+        g[k][np.sort(rows)] = part[k][...][np.argsort(rows)]
+    for j, layer in enumerate(a["nmf_layers"]):
+        for k in _GROUP_FILL:
+            g[f"nmf/{layer}/{k}"][np.sort(rows)] = part[f"nmf/{j}/{k}"][...][np.argsort(rows)]
 
 
 def _write_check(f: h5py.File, name: str, part, source: np.ndarray) -> None:

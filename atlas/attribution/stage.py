@@ -8,7 +8,12 @@ atomically:
   * `<method>/<chunk>`: one method's maps of one chunk of explained images
     (a pixel part of the dataset stage), for the top-1 class and for the true
     class where the label is known;
-  * `unit/<layer>/<first channel>`: unit attributions of a range of channels;
+  * `unit/<layer>/<first channel>`: unit attributions of a range of channels, and
+    their circuit inputs from the previous selected layer (same backward passes);
+  * `kernel/<layer>`: the kernel slices from the previous selected layer, where one
+    convolution connects the two (empty where none does);
+  * `blocks/<chunk>`: the building blocks of one chunk of explained images (units'
+    shares of the top-1 logit per selected layer, neuron groups of the deepest);
   * `skipped/<method>`: a method that does not apply to the model, and why;
   * `checks/<method>` and `checks/random`: the sanity checks of one method on
     the checked images, and the random-order control.
@@ -21,8 +26,11 @@ import torch
 
 from atlas import distributed
 from atlas.attribution.base import Attribution, InputSpace
+from atlas.attribution.blocks import pending, run_blocks
 from atlas.attribution.checks import sanity
 from atlas.attribution.checks.ablation import fractions
+from atlas.attribution.circuits import METHOD as CIRCUIT_METHOD
+from atlas.attribution.circuits import kernel_slices
 from atlas.attribution.maps import run_maps
 from atlas.attribution.methods import check, get, settings
 from atlas.attribution.units import UnitAttribution, unit_maps
@@ -32,6 +40,7 @@ from atlas.store.schema import ATTRIBUTION, RANDOM_CONTROL
 
 STAGE = ATTRIBUTION
 UNIT_CHANNELS = 128  # channels per unit-attribution work unit
+KERNEL = "kernel/"  # the kernel slices' parts: kernel/<layer>
 
 
 def run(ctx) -> None:
@@ -49,8 +58,12 @@ def run(ctx) -> None:
     # a rank takes whole data units, so the SmoothGrad variants of a unit share their samples
     run_maps(ctx, images, [(m, d) for d in ctx.ranks.shard(data_units) for m in cfg.attr_methods
                            if f"{m}/{d}" not in done and f"skipped/{m}" not in done], make_method)
+    if cfg.attr_blocks_units:
+        run_blocks(ctx, images, pending(ctx.store, ctx.layers, ctx.ranks.shard(data_units), done))
     if cfg.attr_unit_topk:
         _run_units(ctx, images, done)
+        if ctx.ranks.main:
+            _run_kernels(ctx, done)
     distributed.barrier()  # every rank's skipped methods are known before the checks
     skipped = {key.split("/", 1)[1] for key in ctx.store.done(STAGE) if key.startswith("skipped/")}
     if cfg.attr_check_images and len(images.explained):
@@ -91,21 +104,44 @@ def _run_units(ctx, images: DatasetImages, done: set[str]) -> None:
     examples = top_examples(ctx.store, [layer for layer in ctx.layers if any(t[0] is layer for t in todo)],
                             ctx.loaded.input_size)
     todo = [t for t in todo if t[0].name in examples]  # a layer added after the dataset pass has none yet
+    source = _sources(ctx)
     with ctx.bar(sum(e - a for _, a, e in todo), "unit attributions", "ch") as bar:
         for layer, first, end in todo:
             bar.set_postfix_str(layer.name)
             index, boxes, _ = examples[layer.name]
             k = min(cfg.attr_unit_topk, index.shape[1])
-            method = UnitAttribution(ctx.loaded.model, layer, chunk(ctx))
-            maps = unit_maps(method, images.inputs, index[first:end, :k], boxes[first:end, :k],
-                             range(first, end), cfg.attr_unit_size)
+            method = UnitAttribution(ctx.loaded.model, layer, chunk(ctx), source[layer.name])
+            maps, inputs = unit_maps(method, images.inputs, index[first:end, :k], boxes[first:end, :k],
+                                     range(first, end), cfg.attr_unit_size)
             peak = np.nanmax(np.abs(maps), axis=(2, 3), initial=0) if maps.size else np.zeros(maps.shape[:2])
             scale = np.where(np.isfinite(peak) & (peak > 0), peak, 1).astype(np.float32)
             arrays = {"maps": (maps / scale[..., None, None]).astype(np.float16), "scale": scale}
+            circuit = {}
+            if inputs is not None:
+                arrays["inputs"] = inputs
+                circuit = {"inputs_from": source[layer.name].name, "inputs_method": CIRCUIT_METHOD}
             ctx.store.write_unit(STAGE, _unit_key(layer.name, first), arrays, {
                 **method.params, "layer": layer.name, "first": first, "end": end, "k": k,
-                "size": cfg.attr_unit_size})
+                "size": cfg.attr_unit_size, **circuit})
             bar.update(end - first)
+
+
+def _sources(ctx) -> dict:
+    """Each selected layer's previous selected layer (None for the first): where its circuit inputs are."""
+    return {layer.name: ctx.layers[i - 1] if i else None for i, layer in enumerate(ctx.layers)}
+
+
+def _run_kernels(ctx, done: set[str]) -> None:
+    """The kernel slices between neighbouring selected layers one convolution connects: one part per
+    layer (`kernel/<layer>`; an empty one records that no single convolution connects it)."""
+    source = _sources(ctx)
+    todo = [l for l in ctx.layers if source[l.name] is not None and f"{KERNEL}{l.name}" not in done]
+    example = torch.zeros(1, 3, ctx.loaded.input_size, ctx.loaded.input_size, device=ctx.device)
+    for layer in todo:
+        found = kernel_slices(ctx.loaded.model, source[layer.name].name, layer.name,
+                              example.contiguous(memory_format=torch.channels_last))
+        arrays, attrs = ({"kernel": found[0].numpy().astype(np.float16)}, found[1]) if found else ({}, {})
+        ctx.store.write_unit(STAGE, f"{KERNEL}{layer.name}", arrays, {"layer": layer.name, **attrs})
 
 
 def _unit_key(layer: str, first: int) -> str:

@@ -4,7 +4,9 @@ The target is the channel's spatial maximum (the score its top-k is ranked
 by), not a logit. The map is gradient x input of that maximum, cut to the
 crop box the site shows around the arg-max and resized to a fixed side, so a
 unit page can lay it over its example crops. The forward pass stops at the
-layer, so a unit in an early layer costs a fraction of a full pass.
+layer, so a unit in an early layer costs a fraction of a full pass. The same
+backward pass gives the unit's circuit inputs from the previous selected layer
+(circuits.py).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from atlas.attribution.base import Attribution
+from atlas.attribution.taps import Taps
 from atlas.layers import Capture, LayerInfo
 
 METHOD = "gradient_x_input"
@@ -29,13 +32,15 @@ class UnitAttribution(Attribution):
         model: the network.
         layer: the layer whose channels are explained.
         batch: pairs per forward pass (halved on out-of-memory).
+        source: the previous selected layer, whose channels' inputs to the unit (activation x gradient,
+            summed over positions) come out of the same backward pass; None for none.
     """
 
     name = METHOD
 
-    def __init__(self, model: nn.Module, layer: LayerInfo, batch: int = 64):
+    def __init__(self, model: nn.Module, layer: LayerInfo, batch: int = 64, source: LayerInfo | None = None):
         super().__init__(model, None, batch)
-        self.layer = layer
+        self.layer, self.source = layer, source
 
     @property
     def params(self) -> dict:
@@ -43,15 +48,20 @@ class UnitAttribution(Attribution):
 
     def _attribute(self, inputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """`target` holds a channel of the layer per image (not a class)."""
-        return torch.cat(self.chunked(lambda a, b: self._pairs(inputs[a:b], target[a:b]), inputs.shape[0]))
+        return torch.cat(self.chunked(lambda a, b: self.pairs(inputs[a:b], target[a:b])[0], inputs.shape[0]))
 
-    def _pairs(self, x: torch.Tensor, channel: torch.Tensor) -> torch.Tensor:
+    def pairs(self, x: torch.Tensor, channel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The maps [n, 3, H, W] and the source layer's inputs to each unit [n, C_source] (None without a
+        source, or where the unit does not depend on it)."""
         x = x.detach().requires_grad_(True)
-        with torch.enable_grad(), Capture(self.model, [self.layer.name], fn=lambda a: a, stop=True) as cap:
+        taps = Taps(self.model, [self.source.name] if self.source is not None else [])
+        with torch.enable_grad(), taps, Capture(self.model, [self.layer.name], fn=lambda a: a, stop=True) as cap:
             act = cap.run(x)[self.layer.name]
             peak = act[torch.arange(x.shape[0]), channel].flatten(1).amax(1)
-            (g,) = torch.autograd.grad(peak.sum(), x)
-        return g * x.detach()
+            grads = torch.autograd.grad(peak.sum(), [x, *taps.zeros.values()], allow_unused=True)
+        if len(grads) < 2 or grads[1] is None:  # no source, or the unit does not depend on it
+            return grads[0] * x.detach(), None
+        return grads[0] * x.detach(), taps.contribution(self.source.name, grads[1])
 
 
 def crop_maps(maps: torch.Tensor, boxes: np.ndarray, size: int) -> np.ndarray:
@@ -68,8 +78,8 @@ def crop_maps(maps: torch.Tensor, boxes: np.ndarray, size: int) -> np.ndarray:
 
 
 def unit_maps(method: UnitAttribution, pixels: Callable[[np.ndarray], torch.Tensor], index: np.ndarray,
-              boxes: np.ndarray, channels: range, size: int) -> np.ndarray:
-    """Unit attributions of the top images of a range of channels.
+              boxes: np.ndarray, channels: range, size: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """Unit attributions of the top images of a range of channels, and the units' circuit inputs.
 
     Args:
         method: the unit attribution bound to the model and layer.
@@ -80,14 +90,25 @@ def unit_maps(method: UnitAttribution, pixels: Callable[[np.ndarray], torch.Tens
         size: side of each stored map.
 
     Returns:
-        float32 [C_range, K, size, size], NaN where there is no image.
+        float32 [C_range, K, size, size], NaN where there is no image; and float32 [C_range, C_source],
+        each unit's inputs from the source layer averaged over its top images (NaN for a unit without
+        images), or None without a source layer or where the layer does not depend on it.
     """
     out = np.full((*index.shape, size, size), np.nan, np.float32)
+    total: np.ndarray | None = None
     rows, cols = np.nonzero(index >= 0)
     for a in range(0, rows.size, method.batch):
         r, c = rows[a:a + method.batch], cols[a:a + method.batch]
         x = pixels(index[r, c])
-        channel = torch.as_tensor(np.asarray(channels)[r], device=x.device)
-        maps = method.attribute(x, channel).sum(1)
-        out[r, c] = crop_maps(maps, boxes[r, c], size)
-    return out
+        x, channel = method.prepare(x, torch.as_tensor(np.asarray(channels)[r], device=x.device))
+        parts = method.chunked(lambda i, j: method.pairs(x[i:j], channel[i:j]), x.shape[0])
+        out[r, c] = crop_maps(torch.cat([m for m, _ in parts]).sum(1), boxes[r, c], size)
+        if all(inputs is not None for _, inputs in parts):
+            got = torch.cat([inputs for _, inputs in parts]).cpu().numpy()
+            total = np.zeros((index.shape[0], got.shape[1]), np.float64) if total is None else total
+            np.add.at(total, r, got)
+    if total is None:
+        return out, None
+    count = (index >= 0).sum(1)[:, None]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return out, np.where(count > 0, total / count, np.nan).astype(np.float32)

@@ -12,11 +12,12 @@ from __future__ import annotations
 import h5py
 import numpy as np
 
-from atlas.dataset.reader import CROPS, EXPLAINED, PIXELS, STAGE, done_spans, examples, merged_summaries
+from atlas.dataset.reader import CROPS, EXPLAINED, MEANS, PIXELS, STAGE, done_spans, examples, merged_summaries
 from atlas.dataset.topk import HIST_EDGES, LayerSummary
 from atlas.store import Store, read_attrs
 from atlas.store.files import write_bytes
 from atlas.store.schema import BOTTOMK, DATASET, LAYERS, TOPK
+from atlas.store.schema import MEANS as MEANS_DATASET
 from atlas.store.schema import STATS as STATS_GROUP
 
 GROUP_OF = {"top": TOPK, "bottom": BOTTOMK}  # the merged lists' groups in /layers/<layer>/
@@ -33,6 +34,7 @@ def consolidate(store: Store, f: h5py.File) -> dict:
         return {}
     source, attrs = _write_search(store, f, spans)
     moves = _write_explained(store, f, source)
+    _write_means(store, f)
     layers = [_Layer(name, g) for name, g in f[LAYERS].items()]
     summaries, summary_attrs = merged_summaries(store, layers)
     attrs = {**summary_attrs, **attrs}
@@ -104,6 +106,30 @@ def _write_explained(store: Store, f: h5py.File, source: np.ndarray) -> dict:
         images[first:first + len(pixels)] = pixels[...]
         moves[key] = {"images": (images.name, first, len(pixels))}
     return moves
+
+
+def _write_means(store: Store, f: h5py.File) -> None:
+    """/layers/<layer>/means: float16 [E, C] in /dataset/explained order, when the means parts cover
+    every explained image (a store built before they existed has none; the dataset stage adds them)."""
+    if "explained" not in f[DATASET]:
+        return
+    rows = len(f[DATASET]["explained"])
+    covered = 0
+    for _, part in store.units(STAGE, MEANS):
+        covered += len(part["index"])
+    if covered != rows:
+        return
+    for _, part in store.units(STAGE, MEANS):
+        first = int(part.attrs["first"])
+        for name, group in f[LAYERS].items():
+            if name not in part:
+                continue
+            means = part[f"{name}/mean"]
+            if MEANS_DATASET not in group:
+                ds = group.create_dataset(MEANS_DATASET, (rows, means.shape[1]), np.float16)
+                ds.attrs.update({"of": "each explained image's spatial mean of every channel, the activation "
+                                       "as the model's forward pass produced it", "rows": "/dataset/explained"})
+            group[MEANS_DATASET][first:first + len(means)] = means[...]
 
 
 # how each list ranks its images and what its values are, for a unit without and with a known pre-activation

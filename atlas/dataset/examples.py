@@ -5,9 +5,11 @@ The explained set is chosen once, deterministically, from what the pass saw
 unit's top or bottom example, or explained, are decoded again, in source
 order: each unit's example crops (its receptive-field box around the arg-max)
 are cut at the side the site shows them and kept as one JPEG strip per unit
-and list (`crops/<layer>`), and the explained images' model-view pixels are
-kept whole (`pixels/<first>`). Nothing else of an image's pixels is stored, so
-the store grows with the units and the explained set, not with the search set.
+and list (`crops/<layer>`), the explained images' model-view pixels are kept
+whole (`pixels/<first>`), and from those pixels every unit's spatial mean on
+each explained image (`means/<first>`, means.py). Nothing else of an image's
+pixels is stored, so the store grows with the units and the explained set,
+not with the search set.
 
 Layers are cut in groups whose raw crops fit in CROP_MEMORY, each group
 reading its own example images, so memory does not grow with the model either.
@@ -22,6 +24,7 @@ from PIL import Image
 
 from atlas import distributed
 from atlas.dataset.images import image_loader
+from atlas.dataset.means import write_means
 from atlas.dataset.reader import BOOK, CROPS, EXPLAINED, STAGE, decoding_workers, examples, merged_summaries, pixel_key
 
 CROP_MEMORY = 1 << 30  # bytes of raw crops held at once
@@ -57,7 +60,7 @@ def choose(classes: np.ndarray, counts: np.ndarray, n: int) -> np.ndarray:
 
 
 def run(ctx, records, attrs: dict) -> None:
-    """Chooses the explained set, then writes the pixel and crop parts not done yet."""
+    """Chooses the explained set, then writes the pixel, crop and means parts not done yet."""
     store, cfg = ctx.store, ctx.config
     done = store.done(STAGE)
     todo_layers = [l for l in ctx.layers if f"{CROPS}{l.name}" not in done]
@@ -80,6 +83,9 @@ def run(ctx, records, attrs: dict) -> None:
         mine = [[]]
     for g, group in enumerate(mine):
         _cut(ctx, records, group, {l.name: lists[l.name] for l in group}, pixels_todo if g == 0 else [])
+    distributed.barrier()
+    if ctx.ranks.main:  # read back from the pixel parts: the stored pixels are what every stage sees
+        write_means(ctx, chunks)
     distributed.barrier()
 
 

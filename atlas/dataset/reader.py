@@ -10,6 +10,7 @@ The stage's parts, by key:
                            attributions, checks and a page, and how they were chosen
     pixels/<first>         the model's view of explained images [first, first + n)
     crops/<layer>          each unit's top and bottom example crops, one JPEG strip per unit
+    means/<first>          every unit's spatial mean on explained images [first, first + n)
 
 The attribution stage reads images and top examples here, straight from the
 parts (before any consolidation), and never opens those parts itself.
@@ -31,6 +32,7 @@ from atlas.store.schema import DATASET
 
 STAGE = DATASET
 BOOK, SUMMARY, EXPLAINED, PIXELS, CROPS = "images/", "summary/", "explained", "pixels/", "crops/"
+MEANS = "means/"  # activation summaries of the explained images, chunked like the pixel parts
 REFERENCES = 64  # explained images Expected Gradients draws its baselines from
 CACHE = 256  # decoded images kept for unit attributions, which revisit a layer's top images
 
@@ -58,6 +60,10 @@ def span_key(first: int, end: int) -> str:
 
 def pixel_key(first: int) -> str:
     return f"{PIXELS}{first:06d}"
+
+
+def means_key(first: int) -> str:
+    return f"{MEANS}{first:06d}"
 
 
 def done_spans(store: Store, done: set[str]) -> set[str]:

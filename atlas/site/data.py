@@ -15,12 +15,13 @@ import numpy as np
 
 from atlas.errors import AtlasError
 from atlas.store import read_attrs
-from atlas.store.schema import (ATTRIBUTION, BOTTOMK, CHECKS, CLASSES, DATASET, FEATUREVIS, LAYERS, RANDOM_CONTROL,
-                                 STATS, TOPK, UNIT_ATTRIBUTION, VIEWS, view_dataset)
+from atlas.store.schema import (ATTRIBUTION, BLOCKS, BOTTOMK, CHECKS, CLASSES, DATASET, FEATUREVIS, LAYERS,
+                                 RANDOM_CONTROL, STATS, TOPK, UNIT_ATTRIBUTION, VIEWS, view_dataset)
 
 _SAFE = re.compile(r"[A-Za-z0-9._]")
 # Names the site itself uses inside a model folder or at the site root.
-RESERVED = frozenset({"images", "static", "index.html", "404.html", "about.html", "summary.json"})
+RESERVED = frozenset({"images", "static", "index.html", "404.html", "about.html", "summary.json", "compare"})
+COMPARISONS = "compare"  # <model>/compare/<other>/: `atlas compare` of the model with another; kept by re-renders
 
 
 def slug(name: str) -> str:
@@ -251,6 +252,26 @@ def read_checks(f: h5py.File) -> dict | None:
     return {"images": np.asarray(images, np.int64), "fractions": fractions, "attrs": attrs,
             "caveats": caveats if isinstance(caveats, dict) else {}, "threshold": attrs.get("threshold"),
             "methods": methods, "random": random}
+
+
+def read_blocks(f: h5py.File) -> dict | None:
+    """The building blocks of the explained images (every array of /blocks is small, so all of it is
+    read), with `drawn`: per layer of theirs, which channels have a `channel` visualization (the
+    picture the site shows for a unit). None when the store has no building blocks.
+    """
+    g = f.get(BLOCKS)
+    if not isinstance(g, h5py.Group) or not isinstance(g.get("units"), h5py.Dataset):
+        return None
+    tree = _tree(g)
+    drawn = {}
+    for name in tree["attrs"].get("layers", []):
+        layer = f[LAYERS].get(name) if LAYERS in f else None
+        fv = layer.get(FEATUREVIS) if layer is not None else None
+        channels = int(layer.attrs.get("channels", 0)) if layer is not None else 0
+        rendered = fv is not None and isinstance(fv.get("channel"), h5py.Dataset)
+        done = fv.get(view_dataset("channel", "finite")) if rendered else None
+        drawn[name] = done[()].astype(bool) if done is not None else np.full(channels, rendered)
+    return {**tree, "drawn": drawn}
 
 
 def unit_attribution(g: h5py.Group) -> tuple[h5py.Dataset | None, dict]:

@@ -55,9 +55,9 @@ def _map_item(dataset: dict, checks: dict | None, i: int, column: int, method: s
 
 
 def image_context(model: Model, dataset: dict, checks: dict | None, i: int, methods: list[str],
-                  sprite: dict | None) -> dict:
+                  sprite: dict | None, blocks: dict | None = None) -> dict:
     """The page of the explained image in /dataset row i: the image, label, top-5 predictions, every
-    attribution map, grouped by family."""
+    attribution map, grouped by family, and its building blocks (`site.blocks.blocks_context`)."""
     label = int(dataset["labels"][i])
     pos = dataset["position"][i]
     predictions = [{"name": class_name(model, int(k)), "prob": float(p), "correct": int(k) == label}
@@ -78,6 +78,7 @@ def image_context(model: Model, dataset: dict, checks: dict | None, i: int, meth
     return {"title": f"image {i}", "index": i, "path": dataset["paths"][i],
             "label": class_name(model, label) if label >= 0 else None, "predictions": predictions,
             "families": families, "sprite": sprite, "target": target, "label_target": label_target,
+            "blocks": blocks,
             "colorbar": img.colorbar_css(True), "colorbar_unsigned": img.colorbar_css(False), "under": img.UNDER,
             "methods_missing": not model.methods, "has_checks": checks is not None,
             "skipped_methods": sorted(dataset["skipped_methods"].items()),

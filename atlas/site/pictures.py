@@ -195,6 +195,11 @@ def heatmap(values: np.ndarray, signed: bool = True) -> tuple[np.ndarray, float]
     return _SEQ_LUT[np.clip(values / scale * 255, 0, 255).astype(np.uint8)], scale
 
 
+def sequential(values: np.ndarray) -> np.ndarray:
+    """Colours values in [0, 1] (clipped; NaN as 0) with the unsigned colormap, on that fixed scale: uint8 [..., 3]."""
+    return _SEQ_LUT[np.clip(np.rint(np.nan_to_num(np.asarray(values, np.float64)) * 255), 0, 255).astype(np.uint8)]
+
+
 def resize_map(values: np.ndarray, side: int) -> np.ndarray:
     """A float map [H, W] averaged (or stretched) to [side, side]; a NaN spreads to the pixels it touches."""
     values = np.asarray(values, np.float32)

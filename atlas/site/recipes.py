@@ -93,6 +93,17 @@ RECIPES = (
            "pixels ordered by the colour-summed signed map, or by its magnitude where the sign is no evidence "
            "(gradient, SmoothGrad, Guided Backprop, Guided Grad-CAM); mean and blur replacement; the curves in "
            "class probability, as RISE reports them."),
+    Recipe("circuits by attribution (unit pages)", "Olah et al., Zoom In: An Introduction to Circuits, Distill 2020",
+           "autograd on a hand-set model (tests)",
+           "a unit's input from each channel of the previous selected layer: activation x gradient of the "
+           "unit's spatial maximum, summed over positions, averaged over its top images, in the same backward "
+           "pass as its pixel attribution; works through residual sums and concatenations. Outputs are the "
+           "transpose: the unit's column in the next layer's inputs."),
+    Recipe("circuits by weights (kernel slices)", "Voss et al., Visualizing Weights, Distill 2021",
+           "the convolution's weights (tests)",
+           "where one ungrouped convolution connects the two layers (only normalization and activation after "
+           "it): the kernel slice W[c, j], scaled by the BatchNorm's gamma / sqrt(var + eps), so its sign is "
+           "what the network passes on."),
 )
 
 

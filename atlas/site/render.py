@@ -11,6 +11,7 @@
     site/<model>/checks-strips.avif      its randomization strips, one sprite
 
     site/<model>/search.js               the search box's index of the model
+    site/<model>/compare/<other>/        `atlas compare` with another model (kept by a render)
 
 Every file is written in place through a temporary name and an atomic rename,
 and only when its content differs from what is there: a crash never leaves a
@@ -37,11 +38,14 @@ import atlas
 from atlas.config import MAX_SITE_MB
 from atlas.errors import AtlasError
 from atlas.site import about, image_pages, pages
+from atlas.site import blocks as site_blocks
 from atlas.site import checks as checks_page
+from atlas.site import circuits as site_circuits
 from atlas.site import pictures as img
 from atlas.site.budget import Plan, plan_views
-from atlas.site.data import (Layer, Model, crops, pictures, read_checks, read_dataset, read_layer_arrays,
-                             read_model, unit_attribution)
+from atlas.site.comparisons import listed_comparisons
+from atlas.site.data import (COMPARISONS, Layer, Model, crops, pictures, read_blocks, read_checks, read_dataset,
+                             read_layer_arrays, read_model, unit_attribution)
 from atlas.site.writer import SiteWriter, folder_bytes, site_sizes, size_table
 from atlas.store import open_store
 from atlas.store.schema import (ATTRIBUTION, BOTTOMK, DATASET, FEATUREVIS, LAYERS, SECONDARY_VIEWS, TOPK,
@@ -70,6 +74,11 @@ def _environment() -> jinja2.Environment:
     env.filters["num3"] = lambda value: pages.fmt(value, 3)
     env.globals.update(csp=markupsafe.Markup(CSP), version=atlas.__version__)  # a constant, safe as is
     return env
+
+
+def environment() -> jinja2.Environment:
+    """The site's jinja2 environment (autoescaped, strict), for pages written beside a render's."""
+    return _environment()
 
 
 def render(store_path: str | Path, site_dir: str | Path, progress: bool = True,
@@ -106,7 +115,7 @@ def render(store_path: str | Path, site_dir: str | Path, progress: bool = True,
                   desc=f"site {model.name}") as bar:
             writer = SiteWriter(final, env, depth=1, search=[f"{model.slug}/search.js"], bar=bar)
             plan, note = _render_model(f, model, writer, others, int(max_site_mb * 1e6))
-    removed = writer.remove_others()
+    removed = writer.remove_others(keep=COMPARISONS)  # written by `atlas compare`, not by a render
     root = write_site_root(site_dir, env)
     site_bytes = site_sizes(site_dir)
     return {"model": model.name, "folder": str(final), "pages": writer.pages + root["pages"],
@@ -155,15 +164,20 @@ def _render_model(f: h5py.File, model: Model, w: SiteWriter, others: int,
     note = plan.describe(_stored_side(model))
     views_line = pages.views_line(model, note)
     extra: dict[str, dict] = {}
+    drawn = {l.name: site_circuits.rendered(f[LAYERS][l.name]) for l in model.layers}
+    after = site_circuits.read_circuits(f[LAYERS][model.layers[0].name]) if model.layers else None
     for i, layer in enumerate(model.layers):
         group = f[LAYERS][layer.name]
+        here = after  # each layer's circuits are read once: as its inputs, then as the layer before's outputs
+        after = site_circuits.read_circuits(f[LAYERS][model.layers[i + 1].name]) if i + 1 < len(model.layers) else None
         arrays = read_layer_arrays(group)
         if model.n_images == 0:  # examples point into /dataset: without it they cannot be shown
             arrays = {k: v for k, v in arrays.items() if not k.startswith((f"{TOPK}/", f"{BOTTOMK}/"))}
         sheets = _render_pictures(layer, arrays, pictures(group), w, plan.scale)
         preview = f"{layer.slug}/preview.{img.PICTURE_EXT}" if sheets else None
         extra[layer.name] = pages.layer_summary(arrays, preview)
-        _render_layer(model, i, arrays, sheets, dataset, group, w, views_line, plan.crop_side)
+        _render_layer(model, i, arrays, sheets, dataset, group, w, views_line, plan.crop_side,
+                      lambda c: site_circuits.unit_circuits(model, i, c, here, after, drawn))
     w.page("index.html", "model.html", **pages.model_context(model, extra, checks))
     w.page("about.html", "about.html", **about.about_context(f, model, dataset, checks, note))
     strips = checks_page.strip_sprite(checks, dataset)
@@ -227,13 +241,15 @@ def _render_pictures(layer: Layer, arrays: dict, stored: dict[str, h5py.Dataset]
 
 
 def _render_layer(model: Model, i: int, arrays: dict, sheets: list[dict], dataset: dict | None,
-                  group: h5py.Group, w: SiteWriter, views_line: str | None, crop_side: int | None = None) -> None:
+                  group: h5py.Group, w: SiteWriter, views_line: str | None, crop_side: int | None = None,
+                  circuits=lambda c: None) -> None:
     """Writes the layer's grid page, and each unit's page with its example and attribution strips.
 
     Unit-attribution maps and example crops are read SHEET_UNITS channels at a time.
 
     Args:
         crop_side: pixels of one example crop in the site (None: as stored).
+        circuits: channel -> the unit's circuits section (site/circuits.py), or None.
     """
     layer = model.layers[i]
     w.page(f"{layer.slug}/index.html", "layer.html", **pages.layer_context(model, i, arrays, sheets))
@@ -253,7 +269,8 @@ def _render_layer(model: Model, i: int, arrays: dict, sheets: list[dict], datase
                 fired["params"] = params
             strip = _examples_strip(layer, c, {n: s[c - start] for n, s in strips.items()}, arrays, w, crop_side)
             w.page(f"{layer.slug}/{c}.html", "unit.html",
-                   **pages.unit_context(model, i, c, arrays, dataset, views_line, fired, maps is not None, strip))
+                   **pages.unit_context(model, i, c, arrays, dataset, views_line, fired, maps is not None, strip),
+                   circuits=circuits(c))
 
 
 def _examples_strip(layer: Layer, c: int, stored: dict[str, np.ndarray], arrays: dict, w: SiteWriter,
@@ -293,6 +310,7 @@ def _render_images(f: h5py.File, model: Model, dataset: dict, checks: dict | Non
     signed = [checks_page.is_signed(m, dataset["attribution"][m]["params"]) for m in methods]
     groups = {m: f[ATTRIBUTION][m] for m in methods}
     images = f[DATASET]["images"] if rows else None
+    blocks = read_blocks(f)
     for start in range(0, len(rows), _CHUNK):
         pixels = images[start:start + _CHUNK]
         maps = {m: g["maps"][start:start + _CHUNK] for m, g in groups.items()}
@@ -311,8 +329,9 @@ def _render_images(f: h5py.File, model: Model, dataset: dict, checks: dict | Non
                 sheet, scales = img.map_sprite(cells, signed, side)
                 sprite = {"src": f"{i}-maps.{img.PICTURE_EXT}", "scales": scales, "rows": len(cells)}
                 w.write(f"images/{sprite['src']}", img.encode(sheet, "heat"), "attributions")
+            building = site_blocks.image_blocks(model, blocks, pos, i, picture, w)
             w.page(f"images/{i}.html", "image.html",
-                   **image_pages.image_context(model, dataset, checks, i, methods, sprite))
+                   **image_pages.image_context(model, dataset, checks, i, methods, sprite, building))
     for number, context in enumerate(image_pages.image_index_contexts(model, dataset)):
         w.page(image_pages.image_index_name(number), "images.html", **context)
 
@@ -320,7 +339,8 @@ def _render_images(f: h5py.File, model: Model, dataset: dict, checks: dict | Non
 def write_site_root(site_dir: str | Path, env: jinja2.Environment | None = None) -> dict:
     """(Re)writes the site's index of models, shared assets, `.nojekyll` and `404.html`.
 
-    The index lists every `<model>/summary.json` found in `site_dir`.
+    The index lists every `<model>/summary.json` found in `site_dir`, and every comparison
+    (`<model>/compare/<other>/compare.json`, written by `atlas compare`).
 
     Args:
         site_dir: the site folder.
@@ -339,7 +359,8 @@ def write_site_root(site_dir: str | Path, env: jinja2.Environment | None = None)
         if asset.is_file():
             w.write(f"static/{asset.name}", asset.read_bytes(), "html")
     w.write(".nojekyll", b"", "html")
-    w.page("index.html", "index.html", models=models, crumbs=[], title="Model atlases")
+    w.page("index.html", "index.html", models=models, comparisons=listed_comparisons(site_dir), crumbs=[],
+           title="Model atlases")
     w.page("404.html", "404.html")
     return {"pages": w.pages, "changed": w.changed}
 

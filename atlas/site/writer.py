@@ -61,11 +61,14 @@ class SiteWriter:
         os.replace(tmp, path)
         self.changed += 1
 
-    def remove_others(self) -> int:
-        """Deletes every file under `base` that this writer did not write; returns how many."""
+    def remove_others(self, keep: str | None = None) -> int:
+        """Deletes every file under `base` that this writer did not write, except under the folder
+        `keep`; returns how many."""
         removed = 0
         for path in sorted(self.base.rglob("*"), reverse=True):
             rel = path.relative_to(self.base).as_posix()
+            if keep is not None and (rel == keep or rel.startswith(f"{keep}/")):
+                continue
             if path.is_file() and rel not in self.kept:
                 path.unlink()
                 removed += 1

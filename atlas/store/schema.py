@@ -10,12 +10,14 @@ changed here changes everywhere. docs/store.md describes the layout they make:
         featurevis/<view>[_objective|_loss|_seed|_peak|_done], quality
         topk/, bottomk/         index, value, box, crops
         stats/                  mean, std, max, zero_fraction, dead, hist, hist_edges
+        means                   spatial mean of every channel on each explained image
         unit_attribution/       maps, scale, index
     /dataset/                   paths, labels, top5, top5_prob, skipped_*, source_index (the search set);
                                 explained, images (the explained set)
     /attribution/<method>/      maps, label_maps, targets, info (rows of the explained set)
     /attribution/skipped        methods that do not apply to the model, and why
     /checks/<method>/           randomization, deletion, insertion, ...
+    /blocks/                    target, logit, units, contribution, total; nmf/<layer>/ (rows of the explained set)
 """
 
 from __future__ import annotations
@@ -30,12 +32,15 @@ LAYERS = "layers"
 DATASET = "dataset"  # also the dataset stage's name: its parts folder
 ATTRIBUTION = "attribution"  # also the attribution stage's name
 CHECKS = "checks"
+BLOCKS = "blocks"  # image building blocks; also the prefix of their attribution work units
 # inside /layers/<layer>/
 FEATUREVIS = "featurevis"  # also the feature-visualization stage's name
 TOPK = "topk"
 BOTTOMK = "bottomk"
 STATS = "stats"
+MEANS = "means"  # /layers/<layer>/means: each explained image's spatial mean of every channel (for comparisons)
 UNIT_ATTRIBUTION = "unit_attribution"
+CIRCUITS = "circuits"  # /layers/<layer>/circuits/: inputs (by attribution) and kernel (by weights)
 
 # Root attributes stored as JSON (decoded by read_attrs); the others are plain HDF5 scalars.
 # The stages, in pipeline order; each is a package of the same name with run(ctx) and consolidate(store, h5).
