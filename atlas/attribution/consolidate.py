@@ -110,13 +110,11 @@ def _write_unit_part(f: h5py.File, part) -> dict:
 
 def _write_inputs(f: h5py.File, part) -> None:
     """A range of units' circuit inputs into /layers/<layer>/circuits/inputs [C, C_from]."""
-    a = read_attrs(part)
-    layer = f[LAYERS].get(a["layer"])
-    if layer is None or "inputs" not in part:
+    g, a = _circuits(f, part, "inputs")
+    if g is None:
         return
-    g = layer.require_group(CIRCUITS)
     if "inputs" not in g:
-        shape = (int(layer.attrs["channels"]), part["inputs"].shape[1])
+        shape = (int(f[LAYERS][a["layer"]].attrs["channels"]), part["inputs"].shape[1])
         g.create_dataset("inputs", shape, np.float32, fillvalue=np.nan)
         g["inputs"].attrs.update({"from": a["inputs_from"], "method": a["inputs_method"], "k": a["k"]})
     g["inputs"][a["first"]:a["end"]] = part["inputs"][...]
@@ -124,15 +122,22 @@ def _write_inputs(f: h5py.File, part) -> None:
 
 def _write_kernel(f: h5py.File, part) -> None:
     """A layer's kernel slices from the previous selected layer (where one convolution connects them)."""
-    a = read_attrs(part)
-    layer = f[LAYERS].get(a["layer"])
-    if layer is None or "kernel" not in part:
+    g, a = _circuits(f, part, "kernel")
+    if g is None:
         return
-    g = layer.require_group(CIRCUITS)
     if "kernel" in g:
         del g["kernel"]
     g.create_dataset("kernel", data=part["kernel"][...])
     g["kernel"].attrs.update({k: a[k] for k in ("conv", "norm", "from")})
+
+
+def _circuits(f: h5py.File, part, array: str) -> tuple[h5py.Group | None, dict]:
+    """The circuits group of the part's layer, where the store has the layer and the part `array`."""
+    a = read_attrs(part)
+    layer = f[LAYERS].get(a["layer"])
+    if layer is None or array not in part:
+        return None, a
+    return layer.require_group(CIRCUITS), a
 
 
 _BLOCK_FILL = {"target": -1, "logit": np.nan, "units": -1, "contribution": np.nan, "total": np.nan}
