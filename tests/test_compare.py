@@ -12,7 +12,7 @@ import torch
 from atlas import models
 from atlas.compare import compare
 from atlas.compare.run import analyse
-from atlas.compare.similarity import cka, cka_matrix, correlation, match_units
+from atlas.compare.similarity import chance, cka, cka_matrix, correlation, match_units
 from atlas.compare.stores import read_side
 from atlas.errors import AtlasError
 
@@ -53,6 +53,15 @@ def test_cka_is_invariant_to_rotation_and_scale_and_one_on_itself():
     assert matched.all()
     best, r, matched = match_units(correlation(np.ones((40, 1)), x))
     assert best[0] == -1 and np.isnan(r[0]) and not matched[0]  # a dead unit has no counterpart
+
+
+def test_the_chance_level_of_a_best_correlation_falls_with_more_images():
+    rng = np.random.default_rng(0)
+    few, many = rng.normal(size=(32, 1100)), rng.normal(size=(600, 1100))
+    # independent units: on 32 images some of 1,000 correlate above 0.5 with any unit by chance
+    assert chance(few[:, :100], few[:, 100:]) > 0.6 > chance(many[:, :100], many[:, 100:]) > 0
+    assert np.isnan(chance(np.ones((32, 3)), few[:, :10]))
+    assert chance(few[:, :100], few[:, 100:]) == chance(few[:, :100], few[:, 100:])  # seeded
 
 
 def test_a_model_against_itself_is_the_identity(stores, tmp_path):

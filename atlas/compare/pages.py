@@ -66,7 +66,8 @@ def summary(cmp: Comparison) -> dict:
     return {"a": side(cmp.a), "b": side(cmp.b), "images": len(cmp.a.images), "measure": MEASURE,
             "threshold": cmp.threshold, "cka": [[_number(v) for v in row] for row in cmp.cka],
             "layers": [{"layer": m.layer, "other": m.other, "cka": _number(m.cka), "mean_r": _number(m.mean_r),
-                        "units": len(m.r), "unmatched": m.unmatched, "page": page_name(m.layer)}
+                        "units": len(m.r), "unmatched": m.unmatched, "chance": _number(m.chance),
+                        "page": page_name(m.layer)}
                        for m in cmp.layers]}
 
 
@@ -95,7 +96,7 @@ def _unit(side: Side, key: str, layer: str, c: int, sheets: _Sheets, site: Path,
 
 def _layer_row(m: LayerMatch) -> dict:
     return {"layer": m.layer, "other": m.other, "cka": m.cka, "mean_r": m.mean_r, "units": len(m.r),
-            "unmatched": m.unmatched, "href": page_name(m.layer)}
+            "unmatched": m.unmatched, "chance": m.chance, "href": page_name(m.layer)}
 
 
 def _neighbour(cmp: Comparison, i: int) -> dict | None:

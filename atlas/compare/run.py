@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from atlas.compare.pages import write_comparison
-from atlas.compare.similarity import MATCH_THRESHOLD, best_layer, cka_matrix, correlation, match_units
+from atlas.compare.similarity import MATCH_THRESHOLD, best_layer, chance, cka_matrix, correlation, match_units
 from atlas.compare.stores import Side, pair_slug, read_side, restrict, shared_images
 from atlas.site.data import COMPARISONS
 from atlas.site.render import write_site_root
@@ -29,7 +29,8 @@ class LayerMatch:
     cka: float
     best: np.ndarray  # int [C]: B's unit correlating best with each unit, -1 for a constant unit
     r: np.ndarray  # float [C]: that correlation (NaN for a constant unit)
-    matched: np.ndarray  # bool [C]: r reaches the threshold
+    matched: np.ndarray  # bool [C]: r reaches the threshold and the chance level
+    chance: float  # the best r a unit reaches with the images shuffled (`similarity.chance`)
 
     @property
     def mean_r(self) -> float:
@@ -57,8 +58,10 @@ def analyse(a: Side, b: Side, threshold: float = MATCH_THRESHOLD) -> Comparison:
     matches = []
     for i, name in enumerate(a.layers):
         j = best_layer(cka[i], name, b.layers)
-        best, r, matched = match_units(correlation(a.means[name], b.means[b.layers[j]]), threshold)
-        matches.append(LayerMatch(name, b.layers[j], float(cka[i, j]), best, r, matched))
+        x, y = a.means[name], b.means[b.layers[j]]
+        level = chance(x, y)
+        best, r, matched = match_units(correlation(x, y), max(threshold, level) if np.isfinite(level) else threshold)
+        matches.append(LayerMatch(name, b.layers[j], float(cka[i, j]), best, r, matched, level))
     return Comparison(a, b, cka, matches, threshold)
 
 

@@ -15,7 +15,9 @@ product, in float64.
 Units are compared by Pearson correlation over the images. A unit's
 counterpart is the unit of the other model's most CKA-similar layer that
 correlates best with it (the highest r: a unit that rises where it falls
-responds to the opposite, so it is no counterpart).
+responds to the opposite, so it is no counterpart), provided that r beats
+both a fixed threshold and the chance level: the best r units reach with
+the images shuffled, which on few images and wide layers is high.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from __future__ import annotations
 import numpy as np
 
 MATCH_THRESHOLD = 0.5  # a best correlation below this (or NaN: a constant unit) is "no counterpart"
+NULL_DRAWS = 4  # shuffles of the images the chance level of a best correlation is measured on
+CHANCE_QUANTILE = 0.99  # a counterpart must correlate better than this share of best correlations by chance
 TIE = 1e-9  # CKA values this close are a tie, broken in favour of the layer of the same name
 
 
@@ -74,6 +78,24 @@ def correlation(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     NaN in the rows and columns of constant units.
     """
     return np.clip(standardized(x).T @ standardized(y), -1.0, 1.0)
+
+
+def chance(x: np.ndarray, y: np.ndarray, seed: int = 0) -> float:
+    """The best correlation a unit of x [n, p] reaches among the units of y [n, q] by chance on these n
+    images: the CHANCE_QUANTILE quantile, over x's units, of their best r against y with the images of y
+    shuffled (NULL_DRAWS seeded shuffles). With few images and many units it is high (for independent
+    Gaussian units, 32 images and 1,000 units: 0.70; 1,000 images: 0.14), and a match below it means nothing. NaN where every unit is constant.
+    """
+    sx, sy = standardized(x), standardized(y)
+    rng = np.random.default_rng(seed)
+    bests = []
+    for _ in range(NULL_DRAWS):
+        r = sx.T @ sy[rng.permutation(len(sy))]
+        filled = np.where(np.isnan(r), -np.inf, r)
+        best = filled.max(axis=1) if r.shape[1] else np.full(len(r), -np.inf)
+        bests.append(best[np.isfinite(best)])
+    pooled = np.concatenate(bests) if bests else np.zeros(0)
+    return float(np.quantile(pooled, CHANCE_QUANTILE)) if pooled.size else float("nan")
 
 
 def best_layer(row: np.ndarray, name: str, names: list[str]) -> int:

@@ -104,6 +104,18 @@ RECIPES = (
            "where one ungrouped convolution connects the two layers (only normalization and activation after "
            "it): the kernel slice W[c, j], scaled by the BatchNorm's gamma / sqrt(var + eps), so its sign is "
            "what the network passes on."),
+    Recipe("building blocks (image pages)", "Olah et al., The Building Blocks of Interpretability, Distill 2018",
+           "autograd on hand-set models (tests)",
+           "each selected layer's units ranked by activation x gradient of the top-1 logit, summed over "
+           "positions (one backward pass per batch for every layer), as a share of the logit; the deepest "
+           "layer's activation clipped at 0 and factorized by scikit-learn's NMF (nndsvda, seeded) into 4 "
+           "neuron groups. No feature visualization of a group's direction yet."),
+    Recipe("comparisons (atlas compare)", "Kornblith et al., Similarity of Neural Network Representations "
+           "Revisited, ICML 2019 (linear CKA)", "a permuted copy of a model and the model itself (tests)",
+           "linear CKA of every unit's spatial mean on the explained images both stores hold; each unit "
+           "matched to the best-correlated unit (Pearson r) of the most similar layer, a counterpart only "
+           "above r = 0.5 and above the layer's chance level (the 99th percentile of best r with the images "
+           "shuffled)."),
 )
 
 

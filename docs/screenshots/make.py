@@ -1,4 +1,5 @@
-"""Screenshots of a rendered atlas for the README: index, layer, unit, image and checks pages.
+"""Screenshots of a rendered atlas for the README: index, layer, unit, image and checks pages, a unit's
+circuits, an image's building blocks, and a comparison (where `atlas compare` has written one).
 
     atlas render atlas-data/efficientnet_lite0.h5 --out site
     python docs/screenshots/make.py site docs/screenshots
@@ -24,15 +25,25 @@ from test_browser import launch  # noqa: E402  (the browser settings the tests u
 SIZE = {"width": 1000, "height": 700}
 
 
-def pages(site: Path) -> dict[str, Path]:
-    """The pages to shoot: the site index, and of the first model a middle layer, its unit 0, image 0, checks."""
+def pages(site: Path) -> dict[str, Path | tuple[Path, str]]:
+    """The pages to shoot: the site index, and of the first model a middle layer, its unit 0, image 0,
+    checks; (page, selector) shoots from that section of a page down."""
     summary = json.loads(next(iter(sorted(site.glob("*/summary.json")))).read_text())
     model = site / summary["slug"]
     layers = sorted((p for p in model.iterdir() if (p / "index.html").is_file() and p.name != "images"),
                     key=lambda p: p.name)
     layer = layers[len(layers) // 2]
-    return {"index": site / "index.html", "layer": layer / "index.html", "unit": layer / "0.html",
-            "image": model / "images" / "0.html", "checks": model / "checks.html"}
+    shots = {"index": site / "index.html", "layer": layer / "index.html", "unit": layer / "0.html",
+             "image": model / "images" / "0.html", "checks": model / "checks.html",
+             "circuits": (layer / "0.html", "section.circuits"),
+             "blocks": (model / "images" / "0.html", "section.blocks")}
+    comparison = next(iter(sorted(model.glob("compare/*/index.html"))), None)
+    if comparison is not None:
+        pages_of = sorted(p for p in comparison.parent.glob("*.html") if p.name != "index.html")
+        shots["compare"] = comparison
+        if pages_of:
+            shots["compare-layer"] = pages_of[len(pages_of) // 2]
+    return shots
 
 
 MAX_BYTES = 150_000
@@ -57,8 +68,11 @@ def main(site: Path, out: Path) -> None:
     with sync_playwright() as p:
         browser = launch(p)
         page = browser.new_page(viewport=SIZE)
-        for name, path in pages(site).items():
+        for name, where in pages(site).items():
+            path, section = where if isinstance(where, tuple) else (where, None)
             page.goto(path.as_uri(), wait_until="load")
+            if section is not None:
+                page.evaluate(f"document.querySelector({json.dumps(section)}).scrollIntoView()")
             data = optimize(page.screenshot())
             (out / f"{name}.png").write_bytes(data)
             print(f"{name}.png {len(data) // 1024} KB  ({path.relative_to(site)})")
