@@ -46,6 +46,7 @@ class Config:
     fv_diversity_weight: float = 100.0  # weight of the style-difference reward (Lucid's 1e2)
     fv_redirect_steps: int = 16  # first steps with the redirected ReLU gradient (Lucid: 16)
     fv_upsample: bool = True  # the model sees each image resized up to its input size (Lucent: to 224 px)
+    fv_directions: bool = True  # also render each neuron group of the building blocks (after attribution)
     fv_param: str = "fourier"  # "fourier" (Lucid) or "phase" (MACO as horama: phases, natural magnitude, crops)
 
     # --- dataset examples ---
@@ -117,7 +118,7 @@ class Config:
 _PATH_FIELDS = ("weights", "data", "labels", "store_dir", "site_dir")  # what `to_dict(public=True)` shortens
 
 # Fields that decide how work is cut or which units exist, not what a unit holds.
-_UNIT_GRAIN = ("fv_batch", "attr_batch", "attr_chunk", "attr_methods", "fv_views")
+_UNIT_GRAIN = ("fv_batch", "attr_batch", "attr_chunk", "attr_methods", "fv_views", "fv_directions")
 
 # The full preset is the reference recipe; the quick one renders every selected
 # layer of the default model on a 2-core CPU in a few minutes: smaller images
@@ -126,7 +127,7 @@ _UNIT_GRAIN = ("fv_batch", "attr_batch", "attr_chunk", "attr_methods", "fv_views
 PRESETS: dict[str, Config] = {
     "full": Config(preset="full"),
     "quick": Config(preset="quick", explain=32, crop_size=64, fv_size=56, fv_steps=20, fv_lr=0.1, fv_batch=64,
-                    fv_loss_points=16, fv_views=("channel",), fv_redirect_steps=6, fv_upsample=False,
+                    fv_loss_points=16, fv_views=("channel",), fv_directions=False, fv_redirect_steps=6, fv_upsample=False,
                     attr_methods=QUICK_METHODS, attr_steps=32, attr_max_steps=32, attr_samples=16,
                     attr_draws=2, attr_occlusion_stride=1.0, attr_unit_topk=1, attr_check_images=2,
                     attr_check_groups=3, attr_check_points=11),

@@ -99,8 +99,12 @@ def run_stages(ctx: Context, stages: Iterable[str]) -> Path:
     Under torchrun every rank runs its share of each stage, and all wait for the
     slowest before the next stage, which reads the earlier stage's parts.
     """
-    for stage in [s for s in STAGES if s in set(stages)]:
+    wanted = [s for s in STAGES if s in set(stages)]
+    for stage in wanted:
         STAGE_PACKAGES[stage].run(ctx)
+        distributed.barrier()
+    if featurevis.STAGE in wanted and ctx.config.fv_directions and wanted[-1] != featurevis.STAGE:
+        featurevis.run_directions(ctx)  # the neuron groups a later stage of this run has just found
         distributed.barrier()
     return distributed.on_main(lambda: consolidate(ctx.store))
 

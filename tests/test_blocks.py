@@ -55,7 +55,7 @@ def test_neuron_groups_find_two_disjoint_groups():
     act[[0, 1, 2], :, :2] = np.array([1.0, 0.5, 0.8])[:, None, None]  # left half: channels 0-2
     act[[3, 4], :, 2:] = np.array([0.7, 1.0])[:, None, None]  # right half: channels 3-4
     act[5] = -1  # negative everywhere: clipped away
-    maps, channels, weights = neuron_groups(act, 2, max_iter=500)
+    maps, channels, weights, directions = neuron_groups(act, 2, max_iter=500)
     assert maps.shape == (2, 4, 4) and (maps >= 0).all() and (weights >= 0).all()
     left = int(np.argmax(maps[:, 0, 0]))
     right = 1 - left
@@ -67,16 +67,18 @@ def test_neuron_groups_find_two_disjoint_groups():
         basis[g, channels[g]] = weights[g]
     rebuilt = np.einsum("ghw,gc->chw", maps, basis)
     np.testing.assert_allclose(rebuilt, np.maximum(act, 0), atol=1e-3)
+    np.testing.assert_allclose(directions, basis, atol=1e-6)  # the whole direction: here 5 channels at most
 
 
 def test_neuron_groups_keep_the_configured_count():
     act = np.random.default_rng(0).random((10, 3, 3)).astype(np.float32)
-    maps, channels, weights = neuron_groups(act, 4)
-    assert maps.shape == (4, 3, 3) and channels.shape == weights.shape == (4, 5)
+    maps, channels, weights, directions = neuron_groups(act, 4)
+    assert maps.shape == (4, 3, 3) and channels.shape == weights.shape == (4, 5) and directions.shape == (4, 10)
+    np.testing.assert_allclose(np.take_along_axis(directions, channels, 1), weights, rtol=1e-6)
     assert (maps >= 0).all() and np.isclose(weights.max(1), 1).all()
     totals = maps.sum((1, 2))
     assert (np.diff(totals) <= 1e-6).all()  # strongest group first
-    silent, _, none = neuron_groups(-act, 4)
+    silent, _, none, _ = neuron_groups(-act, 4)
     assert not silent.any() and not none.any()
 
 
@@ -101,7 +103,7 @@ def test_nmf_layers_are_the_deepest_spatial_ones(tiny):
 @pytest.fixture(scope="module")
 def built(tmp_path_factory, images, config, build_stages):
     tmp = tmp_path_factory.mktemp("blocks")
-    cfg = config(tmp, images, explain=5, attr_blocks_groups=3)
+    cfg = config(tmp, images, explain=5, attr_blocks_groups=3, fv_directions=True)
     ctx, store = build_stages(cfg, ("featurevis", "dataset", "attribution"))
     return ctx, store
 
@@ -128,6 +130,29 @@ def test_stage_writes_and_consolidates_the_blocks(built):
         assert g.attrs["method"].startswith("activation x gradient") and g.attrs["groups"] == 3
 
 
+def test_each_neuron_group_gets_a_feature_visualization_of_its_direction(built):
+    from atlas.featurevis import objectives as O
+    from atlas.featurevis.param import unit_seed
+    from atlas.featurevis.render import render as render_fv
+    from atlas.featurevis.stage import settings_of
+    ctx, store = built
+    with h5py.File(store, "r") as f:
+        d = f["directions/block"]
+        explained = f["dataset/source_index"][()][f["dataset/explained"][()]]
+        np.testing.assert_array_equal(np.sort(d["index"][()]), np.sort(explained))
+        assert d["images"].shape == (5, 3, 32, 32, 3) and d["images"].dtype == np.uint8
+        row = int(np.flatnonzero(d["index"][()] == explained[0])[0])
+        vectors = f["blocks/nmf/block/directions"][0].astype(np.float32)  # the first explained image's groups
+        done, objective = d["done"][row], d["objective"][row]
+    assert done.all() == bool((np.abs(vectors).sum(1) > 0).all()) and done.any()
+    # the rendered image raises the direction's objective above the start image's
+    g = int(np.flatnonzero(done)[0])
+    seed = unit_seed(ctx.loaded.spec, "block", int(explained[0]) * 3 + g, ctx.config.seed, "direction")
+    start = render_fv(ctx.loaded.model, ctx.loaded.preprocess, O.direction("block", torch.as_tensor(vectors[g:g + 1])),
+                      [seed], settings_of(ctx.config.replace(fv_steps=0)))
+    assert objective[g] > start.objective[0]
+
+
 def test_resume_skips_done_chunks(built, build_stages):
     ctx, store = built
     parts = sorted((ctx.store.parts / "attribution").glob("blocks*.h5"))
@@ -149,5 +174,6 @@ def test_image_page_shows_the_building_blocks(built, tmp_path, crawl):
     assert page.index("<a href=\"../block/index.html\">block</a>") < page.index("relu1</a>")  # deepest first
     assert f'src="{row}-groups-0.' in page and any((model / "images").glob(f"{row}-groups-0.*"))
     assert len(re.findall(r'class="swatch"', page)) == 3
+    assert len(re.findall(rf'class="direction" src="{row}-groups-0-\d\.', page)) == 3  # each group's direction
     assert f'title="block unit {groups[0][0]}, weight' in page
     crawl(model / "images" / f"{row}.html")

@@ -77,7 +77,7 @@ def strongest(values: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def neuron_groups(act: np.ndarray, groups: int, seed: int = 0, max_iter: int = 200,
-                  units: int = GROUP_UNITS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                  units: int = GROUP_UNITS) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Factorizes one image's activation into neuron groups by non-negative matrix factorization.
 
     Args:
@@ -90,18 +90,21 @@ def neuron_groups(act: np.ndarray, groups: int, seed: int = 0, max_iter: int = 2
     Returns:
         (maps float32 [G, H, W]: each group's strength per position, in activation units;
         channels int32 [G, units] and weights float32 [G, units] in [0, 1]: each group's strongest
-        channels and their weights, the group's largest weight being 1). Groups are ordered by their
-        total strength; a group that cannot be found (a silent image, fewer positions or channels
-        than groups) has a zero map, channels -1 and weights 0.
+        channels and their weights, the group's largest weight being 1; directions float32 [G, C]: each
+        group's weight on every channel, the direction in channel space a feature visualization of the
+        group maximizes). Groups are ordered by their total strength; a group that cannot be found (a
+        silent image, fewer positions or channels than groups) has a zero map and direction, channels -1
+        and weights 0.
     """
     c, h, w = act.shape
     x = np.maximum(act.reshape(c, h * w).T, 0).astype(np.float64)  # [positions, channels]
     maps = np.zeros((groups, h, w), np.float32)
     channels = np.full((groups, units), -1, np.int32)
     weights = np.zeros((groups, units), np.float32)
+    directions = np.zeros((groups, c), np.float32)
     g = min(groups, h * w, c)
     if g == 0 or x.max() <= 0:
-        return maps, channels, weights
+        return maps, channels, weights, directions
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         nmf = NMF(n_components=g, init="nndsvda", random_state=seed, max_iter=max_iter)
@@ -113,10 +116,10 @@ def neuron_groups(act: np.ndarray, groups: int, seed: int = 0, max_iter: int = 2
     order = np.argsort(-spatial.sum(0), kind="stable")
     k = min(units, c)
     for j, group in enumerate(order):
-        maps[j] = spatial[:, group].reshape(h, w)
+        maps[j], directions[j] = spatial[:, group].reshape(h, w), basis[group]
         top = np.argsort(-basis[group], kind="stable")[:k]
         channels[j, :k], weights[j, :k] = top, basis[group, top]
-    return maps, channels, weights
+    return maps, channels, weights, directions
 
 
 def nmf_layers(layers: list[LayerInfo], count: int) -> list[LayerInfo]:
@@ -171,6 +174,7 @@ def _chunk_arrays(ctx, images, index: np.ndarray, grouped: list[LayerInfo], bar)
         out[f"nmf/{j}/maps"] = np.zeros((n, g, layer.height, layer.width), np.float16)
         out[f"nmf/{j}/units"] = np.full((n, g, GROUP_UNITS), -1, np.int32)
         out[f"nmf/{j}/weights"] = np.zeros((n, g, GROUP_UNITS), np.float32)
+        out[f"nmf/{j}/directions"] = np.zeros((n, g, layer.channels), np.float16)
     for a in range(0, n, cfg.attr_batch):
         rows = slice(a, min(n, a + cfg.attr_batch))
         target = torch.as_tensor(out["target"][rows], device=ctx.device)
@@ -182,8 +186,8 @@ def _chunk_arrays(ctx, images, index: np.ndarray, grouped: list[LayerInfo], bar)
             out["total"][rows, col] = values.sum(1)
         for j, layer in enumerate(grouped):
             for r, act in enumerate(acts[layer.name].float().cpu().numpy()):
-                maps, units, weights = neuron_groups(act, g, cfg.seed, cfg.attr_blocks_nmf_iter)
-                out[f"nmf/{j}/maps"][a + r] = maps
+                maps, units, weights, directions = neuron_groups(act, g, cfg.seed, cfg.attr_blocks_nmf_iter)
+                out[f"nmf/{j}/maps"][a + r], out[f"nmf/{j}/directions"][a + r] = maps, directions
                 out[f"nmf/{j}/units"][a + r], out[f"nmf/{j}/weights"][a + r] = units, weights
         bar.update(rows.stop - rows.start)
     return out

@@ -141,7 +141,7 @@ def _circuits(f: h5py.File, part, array: str) -> tuple[h5py.Group | None, dict]:
 
 
 _BLOCK_FILL = {"target": -1, "logit": np.nan, "units": -1, "contribution": np.nan, "total": np.nan}
-_GROUP_FILL = {"maps": np.nan, "units": -1, "weights": np.nan}
+_GROUP_FILL = {"maps": np.nan, "units": -1, "weights": np.nan, "directions": np.nan}
 
 
 def _write_blocks(f: h5py.File, part, source: np.ndarray) -> None:

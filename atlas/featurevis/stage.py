@@ -5,6 +5,8 @@ Views: `channel` (maximize the channel's mean), `negative` (minimize it),
 channel pushed apart in style). A work unit is one view of a contiguous
 channel range of one layer, rendered as one batch; its key,
 `<view>/<layer>/<first>-<end>`, says what it holds, so resume opens no part.
+In the full preset the neuron groups of the building blocks get theirs too
+(directions.py), once the attribution stage has found them.
 
 Faults are handled per unit: a batch that runs out of GPU memory is split in
 halves (each half its own unit), and an image whose objective turns NaN or
@@ -20,6 +22,8 @@ import torch
 from atlas import devices, distributed
 from atlas.errors import AtlasError
 from atlas.featurevis import objectives as O
+from atlas.featurevis.directions import consolidate_directions, is_direction_key
+from atlas.featurevis.directions import run_directions as directions_of
 from atlas.featurevis.param import unit_seed
 from atlas.featurevis.render import Rendered, RenderSettings, render
 from atlas.featurevis.transforms import Robustness
@@ -78,7 +82,7 @@ def plan(layers, views, done: set[str], batch_of) -> list[tuple[str, str, list[i
     `batch_of(view)` is how many channels one batch of that view holds.
     """
     rendered: dict[tuple[str, str], set[int]] = {}
-    for key in done:
+    for key in (k for k in done if not is_direction_key(k)):
         view, layer, first, end = parse_key(key)
         rendered.setdefault((view, layer), set()).update(range(first, end))
     units = []
@@ -114,6 +118,12 @@ def run(ctx) -> None:
                                      {**renderer.settings.provenance(), "view": view,
                                       "objective": objective_of(view, layer, part[:1], cfg, pres[layer]).name})
                 bar.update(len(part))
+    directions_of(ctx, renderer.settings)  # the neuron groups the attribution stage has factorized so far
+
+
+def run_directions(ctx) -> None:
+    """Renders the neuron groups' directions the attribution stage has found since (directions.py)."""
+    directions_of(ctx, settings_of(ctx.config))
 
 
 class _Renderer:
@@ -208,7 +218,10 @@ def consolidate(store: Store, f: h5py.File) -> dict:
         Where each part's pictures went (`Moves`): the parts hand them over to the store.
     """
     moves = {}
+    consolidate_directions(store, f)
     for key, part in store.units(STAGE):
+        if is_direction_key(key):
+            continue
         view, layer, first, end = parse_key(key)
         if layer not in f[LAYERS]:
             continue  # a layer no longer selected

@@ -112,7 +112,20 @@ def image_blocks(model: Model, blocks: dict | None, pos: int, index: int, photo:
         w: the model folder's SiteWriter.
     """
     context = blocks_context(model, blocks, pos, f"{index}-groups-{{j}}.{img.PICTURE_EXT}")
-    for group in context["groups"] if context else []:
+    for j, group in enumerate(context["groups"] if context else []):
         picture = groups_picture(photo, blocks["nmf"][group["layer"]]["maps"][pos])
         w.write(f"images/{group['src']}", img.encode(picture, "heat"), "attributions")
+        _direction_pictures(group, blocks.get("directions", {}).get(group["layer"]), pos, f"{index}-groups-{j}", w)
     return context
+
+
+def _direction_pictures(group: dict, directions: dict | None, pos: int, stem: str, w) -> None:
+    """Writes each neuron group's direction visualization where the store has one, and links it."""
+    row = directions["rows"].get(pos) if directions else None
+    if row is None:
+        return
+    images, done = directions["images"][row], directions["done"][row]
+    for g in group["groups"]:
+        if done[g["number"] - 1]:
+            g["fv"] = f"{stem}-{g['number']}.{img.PICTURE_EXT}"
+            w.write(f"images/{g['fv']}", img.encode(images[g["number"] - 1]), "featurevis")

@@ -15,7 +15,7 @@ import numpy as np
 
 from atlas.errors import AtlasError
 from atlas.store import read_attrs
-from atlas.store.schema import (ATTRIBUTION, BLOCKS, BOTTOMK, CHECKS, CLASSES, DATASET, FEATUREVIS, LAYERS,
+from atlas.store.schema import (ATTRIBUTION, BLOCKS, BOTTOMK, CHECKS, CLASSES, DATASET, DIRECTIONS, FEATUREVIS, LAYERS,
                                  RANDOM_CONTROL, STATS, TOPK, UNIT_ATTRIBUTION, VIEWS, view_dataset)
 
 _SAFE = re.compile(r"[A-Za-z0-9._]")
@@ -271,7 +271,22 @@ def read_blocks(f: h5py.File) -> dict | None:
         rendered = fv is not None and isinstance(fv.get("channel"), h5py.Dataset)
         done = fv.get(view_dataset("channel", "finite")) if rendered else None
         drawn[name] = done[()].astype(bool) if done is not None else np.full(channels, rendered)
-    return {**tree, "drawn": drawn}
+    return {**tree, "drawn": drawn, "directions": _directions(f)}
+
+
+def _directions(f: h5py.File) -> dict[str, dict]:
+    """Per factorized layer, the feature visualizations of its neuron groups' directions (unread) and
+    the row of each explained image (by its position in the explained set) among them."""
+    g = f.get(DIRECTIONS)
+    if not isinstance(g, h5py.Group) or DATASET not in f or "explained" not in f[DATASET]:
+        return {}
+    explained = f[DATASET]["source_index"][...][f[DATASET]["explained"][...]]
+    position = {int(s): pos for pos, s in enumerate(explained)}
+    out = {}
+    for layer, d in g.items():
+        rows = {position[int(s)]: row for row, s in enumerate(d["index"][...]) if int(s) in position}
+        out[layer] = {"images": d["images"], "done": d["done"][...], "rows": rows}
+    return out
 
 
 def unit_attribution(g: h5py.Group) -> tuple[h5py.Dataset | None, dict]:

@@ -109,7 +109,8 @@ RECIPES = (
            "each selected layer's units ranked by activation x gradient of the top-1 logit, summed over "
            "positions (one backward pass per batch for every layer), as a share of the logit; the deepest "
            "layer's activation clipped at 0 and factorized by scikit-learn's NMF (nndsvda, seeded) into 4 "
-           "neuron groups. No feature visualization of a group's direction yet."),
+           "neuron groups; in the full preset each group's direction (its channel weights) rendered with the "
+           "stage's feature-visualization recipe."),
     Recipe("comparisons (atlas compare)", "Kornblith et al., Similarity of Neural Network Representations "
            "Revisited, ICML 2019 (linear CKA)", "a permuted copy of a model and the model itself (tests)",
            "linear CKA of every unit's spatial mean on the explained images both stores hold; each unit "

@@ -32,6 +32,7 @@ LAYERS = "layers"
 DATASET = "dataset"  # also the dataset stage's name: its parts folder
 ATTRIBUTION = "attribution"  # also the attribution stage's name
 CHECKS = "checks"
+DIRECTIONS = "directions"  # /directions/<layer>/: feature visualizations of the neuron groups' directions
 BLOCKS = "blocks"  # image building blocks; also the prefix of their attribution work units
 # inside /layers/<layer>/
 FEATUREVIS = "featurevis"  # also the feature-visualization stage's name
