@@ -99,7 +99,7 @@ def _groups(layer, blocks: dict, pos: int, src: str) -> dict:
     for g, (channels, weights) in enumerate(zip(nmf["units"][pos], nmf["weights"][pos])):
         units = [_unit(layer, int(c), drawn) | {"weight": float(w)} for c, w in zip(channels, weights) if c >= 0]
         if units:
-            found.append({"colour": PALETTE[g % len(PALETTE)], "number": g + 1, "units": units})
+            found.append({"colour": PALETTE[g % len(PALETTE)], "number": g + 1, "units": units, "fv": None})
     return {"layer": layer.name, "href": f"../{layer.slug}/index.html", "src": src, "groups": found,
             "shape": f"{layer.height}×{layer.width}"}
 
