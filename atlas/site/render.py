@@ -67,18 +67,14 @@ def templates_dir() -> Path:
                      f"{package.parent / 'templates'}); reinstall Atlas")
 
 
-def _environment() -> jinja2.Environment:
+def environment() -> jinja2.Environment:
+    """The site's jinja2 environment (autoescaped, strict): a render's pages and those written beside them."""
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(templates_dir()), autoescape=True,
                              undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     env.filters["num"] = pages.fmt
     env.filters["num3"] = lambda value: pages.fmt(value, 3)
     env.globals.update(csp=markupsafe.Markup(CSP), version=atlas.__version__)  # a constant, safe as is
     return env
-
-
-def environment() -> jinja2.Environment:
-    """The site's jinja2 environment (autoescaped, strict), for pages written beside a render's."""
-    return _environment()
 
 
 def render(store_path: str | Path, site_dir: str | Path, progress: bool = True,
@@ -105,7 +101,7 @@ def render(store_path: str | Path, site_dir: str | Path, progress: bool = True,
     """
     start = time.perf_counter()
     site_dir = Path(site_dir)
-    env = _environment()
+    env = environment()
     with open_store(store_path) as f:
         model = read_model(f)
         final = site_dir / model.slug
@@ -350,7 +346,7 @@ def write_site_root(site_dir: str | Path, env: jinja2.Environment | None = None)
         pages: pages written; changed: files whose content changed.
     """
     site_dir = Path(site_dir)
-    env = env or _environment()
+    env = env or environment()
     models = _rendered_models(site_dir)
     search = [f"{m['slug']}/search.js" for m in models
               if isinstance(m.get("slug"), str) and (site_dir / m["slug"] / "search.js").is_file()]
