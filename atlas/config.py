@@ -127,7 +127,8 @@ _UNIT_GRAIN = ("fv_batch", "attr_batch", "attr_chunk", "attr_methods", "fv_views
 PRESETS: dict[str, Config] = {
     "full": Config(preset="full"),
     "quick": Config(preset="quick", explain=32, crop_size=64, fv_size=56, fv_steps=20, fv_lr=0.1, fv_batch=64,
-                    fv_loss_points=16, fv_views=("channel",), fv_directions=False, fv_redirect_steps=6, fv_upsample=False,
+                    fv_loss_points=16, fv_views=("channel",), fv_directions=False, fv_redirect_steps=6,
+                    fv_upsample=False,
                     attr_methods=QUICK_METHODS, attr_steps=32, attr_max_steps=32, attr_samples=16,
                     attr_draws=2, attr_occlusion_stride=1.0, attr_unit_topk=1, attr_check_images=2,
                     attr_check_groups=3, attr_check_points=11),

@@ -84,7 +84,8 @@ def chance(x: np.ndarray, y: np.ndarray, seed: int = 0) -> float:
     """The best correlation a unit of x [n, p] reaches among the units of y [n, q] by chance on these n
     images: the CHANCE_QUANTILE quantile, over x's units, of their best r against y with the images of y
     shuffled (NULL_DRAWS seeded shuffles). With few images and many units it is high (for independent
-    Gaussian units, 32 images and 1,000 units: 0.70; 1,000 images: 0.14), and a match below it means nothing. NaN where every unit is constant.
+    Gaussian units, 32 images and 1,000 units: 0.70; 1,000 images: 0.14), and a match below it means
+    nothing. NaN where every unit is constant.
     """
     sx, sy = standardized(x), standardized(y)
     rng = np.random.default_rng(seed)

@@ -6,8 +6,8 @@ renders, for every group, the image that maximizes the activation's dot
 product with that direction, averaged over positions (`objectives.direction`),
 with the stage's settings: Olah et al.'s building blocks show each group so.
 It runs after the attribution stage, on the groups its parts hold; a work unit
-(`directions/<chunk>`) is one chunk of explained images, every group of every
-factorized layer of it. A group that was not found (a silent image) stays
+(`directions/<chunk>/<layer>`) is every group of one factorized layer on one
+chunk of explained images. A group that was not found (a silent image) stays
 unrendered.
 """
 
@@ -25,7 +25,8 @@ from atlas.store import Store
 from atlas.store.schema import DIRECTIONS, FEATUREVIS
 
 STAGE = FEATUREVIS
-PREFIX = f"{DIRECTIONS}/"  # the work units' keys: directions/<chunk>
+ARRAYS = ("index", "images", "objective", "done")  # what a part holds, one row per explained image
+PREFIX = f"{DIRECTIONS}/"  # the work units' keys: directions/<chunk>/<layer>
 
 
 def is_direction_key(key: str) -> bool:
@@ -73,13 +74,18 @@ def _render_groups(ctx, settings, groups: GroupDirections, bar) -> dict[str, np.
 
 
 def consolidate_directions(store: Store, f: h5py.File) -> None:
-    """Writes /directions/<layer>/: the source index of each image and its groups' renders."""
-    per_layer: dict[str, list] = {}
+    """Writes /directions/<layer>/: the source index of each image and its groups' renders, part by part."""
+    rows: dict[str, list[tuple[str, int]]] = {}  # layer -> (part key, images) in key order
     for key, part in store.units(STAGE, PREFIX):
-        per_layer.setdefault(str(part.attrs["layer"]), []).append(
-            ({k: part[k][...] for k in ("index", "images", "objective", "done")}, dict(part.attrs)))
-    for layer, parts in per_layer.items():
-        g = f.require_group(DIRECTIONS).create_group(layer)
-        for k in ("index", "images", "objective", "done"):
-            g.create_dataset(k, data=np.concatenate([p[k] for p, _ in parts]))
-        g.attrs.update({k: v for k, v in parts[0][1].items() if k != "written"})
+        rows.setdefault(str(part.attrs["layer"]), []).append((key, len(part["index"])))
+    for layer, parts in rows.items():
+        total, g, at = sum(n for _, n in parts), f.require_group(DIRECTIONS).create_group(layer), 0
+        for key, n in parts:
+            with store.read_unit(STAGE, key) as part:
+                if at == 0:
+                    for k in ARRAYS:
+                        g.create_dataset(k, (total, *part[k].shape[1:]), part[k].dtype)
+                    g.attrs.update({k: v for k, v in part.attrs.items() if k != "written"})
+                for k in ARRAYS:
+                    g[k][at:at + n] = part[k][...]
+            at += n

@@ -15,8 +15,8 @@ import numpy as np
 
 from atlas.errors import AtlasError
 from atlas.store import read_attrs
-from atlas.store.schema import (ATTRIBUTION, BLOCKS, BOTTOMK, CHECKS, CLASSES, DATASET, DIRECTIONS, FEATUREVIS, LAYERS,
-                                 RANDOM_CONTROL, STATS, TOPK, UNIT_ATTRIBUTION, VIEWS, view_dataset)
+from atlas.store.schema import (ATTRIBUTION, BLOCKS, BOTTOMK, CHECKS, CLASSES, DATASET, DIRECTIONS, FEATUREVIS,
+                                 LAYERS, RANDOM_CONTROL, STATS, TOPK, UNIT_ATTRIBUTION, VIEWS, view_dataset)
 
 _SAFE = re.compile(r"[A-Za-z0-9._]")
 # Names the site itself uses inside a model folder or at the site root.
