@@ -48,6 +48,15 @@ class Config:
     fv_upsample: bool = True  # the model sees each image resized up to its input size (Lucent: to 224 px)
     fv_directions: bool = True  # also render each neuron group of the building blocks (after attribution)
     fv_param: str = "fourier"  # "fourier" (Lucid) or "phase" (MACO as horama: phases, natural magnitude, crops)
+    fv_caricatures: int = 4  # explained images per layer re-optimized to exaggerate what it sees (0: none)
+    fv_caricature_steps: int = 512  # their Adam steps at fv_lr, from the photo (Lucid's caricatures: 512)
+    fv_caricature_size: int = 0  # their side in pixels; 0: the model's input side (the photo as it sees it)
+
+    # --- activation atlas (Carter et al. 2019), rendered with the feature-visualization settings ---
+    atlas_layers: int = 1  # deepest selected layers with a spatial map given an activation atlas (0: none)
+    atlas_grid: int = 20  # cells per side of its grid over the 2-D layout (the paper's figures: 20 to 80)
+    atlas_points: int = 50_000  # activation vectors laid out at most: every position of each explained
+    # image while they fit, else a random few per image (the paper: one of each of a million images)
 
     # --- dataset examples ---
     topk: int = 10  # top and bottom images kept per channel (Microscope, NetDissect: about 10)
@@ -58,6 +67,7 @@ class Config:
     fuse: bool = True  # fuse the pass's per-layer reductions with torch.compile (eager fallback)
     explain: int = 1000  # images of the search set that get attributions, checks and a page (all if fewer)
     crop_size: int = 96  # side of a stored example crop, pixels (the site shows them at 96 CSS px)
+    label_pool: int = 50  # top images per unit that its label and facets are drawn from (more than the k shown)
 
     # --- attribution ---
     attr_methods: tuple[str, ...] = ALL_METHODS  # methods computed for every dataset image
@@ -109,7 +119,7 @@ class Config:
         if stage == "dataset":
             return {**common, "data": self.data, "labels": self.labels, "topk": self.topk,
                     "data_unit": self.data_unit, "max_images": self.max_images, "explain": self.explain,
-                    "crop_size": self.crop_size}
+                    "crop_size": self.crop_size, "label_pool": self.label_pool}
         picked = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
                   if prefix and f.name.startswith(prefix) and f.name not in _UNIT_GRAIN}
         return {**common, **picked}
@@ -129,6 +139,7 @@ PRESETS: dict[str, Config] = {
     "quick": Config(preset="quick", explain=32, crop_size=64, fv_size=56, fv_steps=20, fv_lr=0.1, fv_batch=64,
                     fv_loss_points=16, fv_views=("channel",), fv_directions=False, fv_redirect_steps=6,
                     fv_upsample=False,
+                    atlas_grid=8,  # at most 64 cells to render: the activation atlas adds about a minute
                     attr_methods=QUICK_METHODS, attr_steps=32, attr_max_steps=32, attr_samples=16,
                     attr_draws=2, attr_occlusion_stride=1.0, attr_unit_topk=1, attr_check_images=2,
                     attr_check_groups=3, attr_check_points=11),

@@ -168,6 +168,17 @@ class Capture:
         return self.outputs
 
 
+def embedding_layer(model: nn.Module, classes: int) -> str | None:
+    """The input of the model's classifier, `<name>:in`: the penultimate embedding of an image.
+
+    The classifier is the last `nn.Linear` that outputs one value per class (the head of every
+    torchvision and timm classifier with a linear head); None for a model without one (a
+    convolutional head such as SqueezeNet's).
+    """
+    linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m.out_features == classes]
+    return f"{linear[-1]}{INPUT}" if linear else None
+
+
 def parse_layer_name(name: str) -> tuple[str, int]:
     """`layer1.0.relu@2` -> ("layer1.0.relu", 2); `conv1` -> ("conv1", 0)."""
     module, _, call = name.partition("@")

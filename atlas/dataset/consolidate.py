@@ -12,6 +12,7 @@ from __future__ import annotations
 import h5py
 import numpy as np
 
+from atlas.dataset import labelling
 from atlas.dataset.reader import CROPS, EXPLAINED, MEANS, PIXELS, STAGE, done_spans, examples, merged_summaries
 from atlas.dataset.topk import HIST_EDGES, LayerSummary
 from atlas.store import Store, read_attrs
@@ -47,6 +48,7 @@ def consolidate(store: Store, f: h5py.File) -> dict:
         moves.update(_write_layer(f, layer, summaries[layer.name], source, attrs["rf"][layer.name],
                                   attrs.get("centres", {}).get(layer.name), k,
                                   store if crops in done else None))
+    labelling.consolidate(store, f)
     return moves
 
 

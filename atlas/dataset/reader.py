@@ -11,6 +11,7 @@ The stage's parts, by key:
     pixels/<first>         the model's view of explained images [first, first + n)
     crops/<layer>          each unit's top and bottom example crops, one JPEG strip per unit
     means/<first>          every unit's spatial mean on explained images [first, first + n)
+    labels/<layer>         each unit's label with its evidence, and its facets (labelling.py)
 
 The attribution stage reads images and top examples here, straight from the
 parts (before any consolidation), and never opens those parts itself.
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -33,6 +35,7 @@ from atlas.store.schema import DATASET
 STAGE = DATASET
 BOOK, SUMMARY, EXPLAINED, PIXELS, CROPS = "images/", "summary/", "explained", "pixels/", "crops/"
 MEANS = "means/"  # activation summaries of the explained images, chunked like the pixel parts
+LABELS = "labels/"  # each layer's unit labels and facets
 REFERENCES = 64  # explained images Expected Gradients draws its baselines from
 CACHE = 256  # decoded images kept for unit attributions, which revisit a layer's top images
 
@@ -75,6 +78,35 @@ def done_spans(store: Store, done: set[str]) -> set[str]:
     return {k for k in covered if k in done}
 
 
+@dataclass
+class SearchSet:
+    """The search set's images in source order, as the labels need them."""
+
+    index: np.ndarray  # int64 [N]: source index, ascending
+    image_class: np.ndarray  # int64 [N]: the true label where known, the model's top-1 prediction otherwise
+    labelled: int  # images with a true label
+    embedding: np.ndarray | None  # float16 [N, d]: the projected penultimate embedding (None: the model has none)
+
+
+def search_set(store: Store) -> SearchSet:
+    """Reads every range's bookkeeping, in source order."""
+    parts: dict[str, list[np.ndarray]] = {"index": [], "labels": [], "top1": [], "embedding": []}
+    for key in sorted(done_spans(store, store.done(STAGE))):
+        with store.read_unit(STAGE, key) as part:
+            parts["index"].append(part["index"][...])
+            parts["labels"].append(part["labels"][...])
+            parts["top1"].append(part["top5"][:, 0])
+            if "embedding" in part:
+                parts["embedding"].append(part["embedding"][...])
+    index, labels, top1 = (np.concatenate(parts[k]) if parts[k] else np.zeros(0, np.int64)
+                           for k in ("index", "labels", "top1"))
+    order = np.argsort(index, kind="stable")
+    whole = len(parts["embedding"]) == len(parts["index"]) and parts["embedding"]
+    embedding = np.concatenate(parts["embedding"])[order] if whole else None
+    labels = labels[order]
+    return SearchSet(index[order], np.where(labels >= 0, labels, top1[order]), int((labels >= 0).sum()), embedding)
+
+
 def merged_summaries(store: Store, layers: list, device: torch.device | str = "cpu",
                      fuse: bool = True) -> tuple[dict[str, LayerSummary], dict]:
     """Every rank's summary folded into one per layer: the single pass's top-k, bottom-k and statistics.
@@ -92,13 +124,15 @@ def merged_summaries(store: Store, layers: list, device: torch.device | str = "c
         for layer in layers:
             if f"{layer.name}/top_value" not in part:
                 continue
-            s = out.setdefault(layer.name, LayerSummary(layer.channels, int(attrs["k"]), device, fuse))
-            s.merge({key: part[f"{layer.name}/{key}"][...] for key in _SUMMARY_ARRAYS})
+            s = out.setdefault(layer.name, LayerSummary(layer.channels, int(attrs["k"]), device, fuse,
+                                                        int(attrs.get("pool", 0))))
+            s.merge({key: part[f"{layer.name}/{key}"][...] for key in _SUMMARY_ARRAYS
+                     if f"{layer.name}/{key}" in part})
     return out, attrs
 
 
 _SUMMARY_ARRAYS = ("top_key", "top_value", "top_index", "top_pos", "bottom_key", "bottom_value", "bottom_index",
-                   "bottom_pos",
+                   "bottom_pos", "pool_key", "pool_value", "pool_index", "pool_pos",
                    "sum", "sumsq", "count", "max", "zeros", "hist")
 
 

@@ -26,12 +26,13 @@ import torch
 from tqdm import tqdm
 
 from atlas import devices, distributed
-from atlas.dataset import examples
+from atlas.dataset import examples, labelling
+from atlas.dataset.concepts import EMBED_DIMS, project
 from atlas.dataset.images import image_loader
 from atlas.dataset.reader import STAGE, SUMMARY, decoding_workers, done_spans, source_records, span_key
 from atlas.dataset.topk import LayerSummary
 from atlas.dataset.fields import field_centres, receptive_field
-from atlas.layers import Capture
+from atlas.layers import Capture, embedding_layer
 from atlas.store import read_attrs
 
 CHECKPOINT_SHARE = 0.1  # at most this share of the pass's time goes to rewriting the running summary
@@ -52,12 +53,13 @@ def run(ctx) -> None:
     size = ctx.loaded.input_size
     rf = {l.name: receptive_field(ctx.loaded.model, l, size, ctx.device) for l in ctx.layers}
     centres = {l.name: field_centres(ctx.loaded.model, l, size, ctx.device) for l in ctx.layers}
-    attrs = {"rf": rf, "centres": centres, "k": cfg.topk, "source": "embedded sample photos" if cfg.data is None else Path(cfg.data).name,
+    attrs = {"rf": rf, "centres": centres, "k": cfg.topk, "pool": cfg.label_pool, "source": "embedded sample photos" if cfg.data is None else Path(cfg.data).name,
              "total": len(records), "layers": [l.name for l in ctx.layers]}
     if todo:
         _stream(ctx, records, todo, attrs)
     distributed.barrier()  # every rank's summary is written before the examples are chosen
     examples.run(ctx, records, attrs)
+    labelling.run(ctx)
 
 
 class _Running:
@@ -67,7 +69,8 @@ class _Running:
         self.ctx, self.attrs = ctx, attrs
         self.key = f"{SUMMARY}{ctx.ranks.rank:04d}"
         cfg = ctx.config
-        self.layers = {l.name: LayerSummary(l.channels, cfg.topk, ctx.device, fuse) for l in ctx.layers}
+        self.layers = {l.name: LayerSummary(l.channels, cfg.topk, ctx.device, fuse, cfg.label_pool)
+                       for l in ctx.layers}
         self.spans: list[str] = []
         self.seconds = 0.0  # of streaming, over the spans: what the pass cost
         if self.key in ctx.store.done(STAGE):  # resume: go on from what this rank had written
@@ -142,7 +145,7 @@ def _fitting_range(ctx, running: _Running, loader: _Loader, first: int, end: int
     def attempt(size: int) -> dict[str, np.ndarray]:
         if tries and before is not None:  # a range that ran out of memory starts over
             for name, s in running.layers.items():
-                running.layers[name] = LayerSummary(s.top.value.shape[0], s.top.k, ctx.device, s.fuse)
+                running.layers[name] = s.fresh()
                 running.layers[name].merge(before[name])
         tries.append(size)
         bar.update(start - bar.n)
@@ -161,6 +164,10 @@ def _run_range(ctx, records, summaries: dict[str, LayerSummary], batches, bar) -
     for layer in ctx.layers:  # a pre-activation is read before its layer's own hook, in the same pass
         if layer.name in summaries and layer.pre:
             fns.setdefault(layer.pre, []).insert(0, summaries[layer.name].add_pre)
+    embedded: list[torch.Tensor] = []
+    embedding = embedding_layer(loaded.model, len(loaded.class_names))
+    if embedding is not None:  # each image's penultimate embedding, projected (concepts.py): what facets cluster
+        fns.setdefault(embedding, []).append(lambda act: embedded.append(project(act).cpu()))
     hooks = {name: (lambda act, f=f: [g(act) for g in f]) for name, f in fns.items()}
     kept, top5, prob5, skipped = [], [], [], []
     with torch.no_grad(), Capture(loaded.model, list(hooks), fn=hooks) as capture:
@@ -175,7 +182,10 @@ def _run_range(ctx, records, summaries: dict[str, LayerSummary], batches, bar) -
             capture.run(loaded.preprocess.from_uint8(pixels[ok]).to(ctx.device))
             p5, c5 = torch.softmax(capture.returned.float(), dim=1).topk(min(5, capture.returned.shape[1]), dim=1)
             kept.append(index[ok]); top5.append(c5.cpu()); prob5.append(p5.cpu())
-    return _bookkeeping(records, kept, top5, prob5, skipped)
+    book = _bookkeeping(records, kept, top5, prob5, skipped)
+    if embedding is not None:
+        book["embedding"] = torch.cat(embedded).numpy() if embedded else np.zeros((0, EMBED_DIMS), np.float16)
+    return book
 
 
 def _bookkeeping(records, kept, top5, prob5, skipped) -> dict[str, np.ndarray]:

@@ -162,10 +162,13 @@ class LayerSummary:
     its arithmetic.
     """
 
-    def __init__(self, channels: int, k: int, device: torch.device | str = "cpu", fuse: bool = True):
+    def __init__(self, channels: int, k: int, device: torch.device | str = "cpu", fuse: bool = True,
+                 pool: int = 0):
         self.fuse = fuse
         self._top = TopK(channels, k, True, device)
         self._bottom = TopK(channels, k, False, device)
+        # the longer list the labels and facets are drawn from, ranked as the top examples are (0: none)
+        self._pool = TopK(channels, pool, True, device) if pool else None
         self._stats = {key: torch.zeros(channels, dtype=torch.float64, device=device) for key in STATS[:5]}
         self._stats["max"].fill_(-np.inf)
         self._stats["hist"] = torch.zeros((channels, HIST_BINS), dtype=torch.float64, device=device)
@@ -181,6 +184,16 @@ class LayerSummary:
     def bottom(self) -> TopK:
         self.fold()
         return self._bottom
+
+    @property
+    def pool(self) -> TopK | None:
+        self.fold()
+        return self._pool
+
+    def fresh(self) -> LayerSummary:
+        """An empty summary of the same shape: channels, k, device, fusion and pool."""
+        return LayerSummary(self._top.value.shape[0], self._top.k, self._top.value.device, self.fuse,
+                            self._pool.k if self._pool is not None else 0)
 
     @property
     def stats(self) -> dict[str, torch.Tensor]:
@@ -226,12 +239,16 @@ class LayerSummary:
         self._stats["max"] = torch.maximum(self._stats["max"], cat["peak"].amax(0).double())
         self._stats["hist"] += histogram(cat["peak"])
         self._top.update(cat["top_key"].T, cat["index"], cat["top_pos"].T, span, value=cat["top_value"].T)
+        if self._pool is not None:
+            self._pool.update(cat["top_key"].T, cat["index"], cat["top_pos"].T, span, value=cat["top_value"].T)
         self._bottom.update(cat["bottom_key"].T, cat["index"], cat["bottom_pos"].T, span)
 
     def merge(self, arrays: dict[str, np.ndarray]) -> None:
         """Folds in another summary's `arrays()` (another shard of the images, in any order)."""
         self.fold()
-        for prefix, t in (("top", self._top), ("bottom", self._bottom)):
+        for prefix, t in self._lists():
+            if f"{prefix}_key" not in arrays:
+                continue  # a summary written without a pool
             key, value, index, pos = (torch.from_numpy(np.asarray(arrays[f"{prefix}_{x}"])).to(t.value.device)
                                       for x in ("key", "value", "index", "pos"))
             t.update(key, index, pos, value=value)
@@ -239,8 +256,13 @@ class LayerSummary:
             other = torch.from_numpy(np.asarray(arrays[key], np.float64)).to(self._stats[key].device)
             self._stats[key] = torch.maximum(self._stats[key], other) if key == "max" else self._stats[key] + other
 
+    def _lists(self) -> list[tuple[str, TopK]]:
+        lists = [("top", self._top), ("bottom", self._bottom)]
+        return lists + [("pool", self._pool)] if self._pool is not None else lists
+
     def arrays(self) -> dict[str, np.ndarray]:
-        out = {f"{p}_{k}": getattr(t, k).cpu().numpy() for p, t in (("top", self.top), ("bottom", self.bottom))
+        self.fold()
+        out = {f"{p}_{k}": getattr(t, k).cpu().numpy() for p, t in self._lists()
                for k in ("key", "value", "index", "pos")}
         out.update({k: v.cpu().numpy() for k, v in self.stats.items()})
         return out

@@ -102,3 +102,36 @@ class ColorProbe(nn.Module):
 def color_probe():
     pre = Preprocess(size=16, crop_pct=1.0, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
     return ColorProbe(), pre, ["red", "green", "blue"]
+
+
+CONCEPT_COLOURS = ("red", "green", "blue", "yellow", "cyan", "grey")
+
+
+class ConceptProbe(nn.Module):
+    """Hand-set weights for labelling: `units` reads the pixel's colour (inputs are pixel / 255).
+
+    Unit 0 is red minus green minus blue: it fires on red images only. Unit 1 is red plus blue
+    minus twice green: red and blue images excite it alike, and nothing else does, so its top
+    images hold two unrelated colours. Unit 2 is green minus red minus blue. The classifier's input (the embedding)
+    is the image's mean colour, which tells red images from blue ones.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.units = nn.Conv2d(3, 3, 1)
+        self.fc = nn.Linear(3, len(CONCEPT_COLOURS))
+        with torch.no_grad():
+            self.units.weight.copy_(torch.tensor([[1.0, -1.0, -1.0], [1.0, -2.0, 1.0], [-1.0, 1.0, -1.0]]).view(3, 3, 1, 1))
+            self.units.bias.zero_()
+            self.fc.weight.copy_(torch.randn(len(CONCEPT_COLOURS), 3, generator=torch.Generator().manual_seed(0)))
+            self.fc.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.units(x)  # read by hooks only: the classes follow from the mean colour alone
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+@register_tiny("concept_probe")
+def concept_probe():
+    pre = Preprocess(size=16, crop_pct=1.0, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    return ConceptProbe(), pre, list(CONCEPT_COLOURS)

@@ -8,12 +8,16 @@ changed here changes everywhere. docs/store.md describes the layout they make:
     /classes                    class names
     /layers/<layer>/            attrs: kind, module, call, channels, height, width, order
         featurevis/<view>[_objective|_loss|_seed|_peak|_done], quality
+        caricatures/            index, images, objective_start, objective_end, loss, finite
+        activation_atlas/       xy, image, position, cell (per point); row, col, count, direction, images,
+                                objective, done, class, class_score, units, unit_weight (per cell)
         topk/, bottomk/         index, value, box, crops
         stats/                  mean, std, max, zero_fraction, dead, hist, hist_edges
         means                   spatial mean of every channel on each explained image
         unit_attribution/       maps, scale, index
+        labels/                 examples, label, concept, count, p, lift, drawn; facet_* (member, label, ...)
     /dataset/                   paths, labels, top5, top5_prob, skipped_*, source_index (the search set);
-                                explained, images (the explained set)
+                                explained, images (the explained set); concepts (what unit labels number)
     /attribution/<method>/      maps, label_maps, targets, info (rows of the explained set)
     /attribution/skipped        methods that do not apply to the model, and why
     /checks/<method>/           randomization, deletion, insertion, ...
@@ -42,6 +46,14 @@ STATS = "stats"
 MEANS = "means"  # /layers/<layer>/means: each explained image's spatial mean of every channel (for comparisons)
 UNIT_ATTRIBUTION = "unit_attribution"
 CIRCUITS = "circuits"  # /layers/<layer>/circuits/: inputs (by attribution) and kernel (by weights)
+# /layers/<layer>/caricatures/: explained images re-optimized to exaggerate what the layer sees in them;
+# also the prefix of their featurevis work units
+CARICATURES = "caricatures"
+# /layers/<layer>/activation_atlas/: the explained images' activations laid out in 2-D, binned into cells,
+# each cell's mean direction visualized; also the prefix of its featurevis work units
+ACTIVATION_ATLAS = "activation_atlas"
+LABELS = "labels"  # /layers/<layer>/labels/: each unit's label, its evidence and its facets
+CONCEPTS = "concepts"  # /dataset/concepts: what labels number (the classes, then their coarse groups)
 
 # Root attributes stored as JSON (decoded by read_attrs); the others are plain HDF5 scalars.
 # The stages, in pipeline order; each is a package of the same name with run(ctx) and consolidate(store, h5).

@@ -1,0 +1,87 @@
+"""The dataset stage's last step: every unit's label, facets and polysemanticity (concepts.py).
+
+One work unit per layer (`labels/<layer>`), from the merged pool of each
+unit's top images and the search set's classes and embeddings, so a layer
+labelled once is not labelled again, and ranks share the layers. The
+consolidated store gets `/layers/<layer>/labels/` and `/dataset/concepts`.
+"""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+
+from atlas.dataset.concepts import (ALPHA, CANDIDATES, EMBED_DIMS, FACET_K, MIN_COUNT, SEPARATED, concepts_of, draws,
+                                    facet_sets, label_sets)
+from atlas.dataset.reader import LABELS, STAGE, SearchSet, merged_summaries, search_set
+from atlas.store import Store, read_attrs
+from atlas.store.schema import CONCEPTS, DATASET, LAYERS
+from atlas.store.schema import LABELS as LABELS_GROUP
+
+EVIDENCE = ("concept", "count", "p", "lift")
+
+
+def run(ctx) -> None:
+    """Labels every selected layer no part holds yet."""
+    done = ctx.store.done(STAGE)
+    todo = ctx.ranks.shard([l for l in ctx.layers if f"{LABELS}{l.name}" not in done])
+    if not todo:
+        return
+    summaries, attrs = merged_summaries(ctx.store, todo)
+    search = search_set(ctx.store)
+    names, group_of = concepts_of(ctx.loaded.class_names)
+    with ctx.bar(sum(l.channels for l in todo), "unit labels", "unit") as bar:
+        for layer in todo:
+            summary = summaries.get(layer.name)
+            if summary is None or summary.pool is None:
+                bar.update(layer.channels)
+                continue  # a layer the pass did not cover, or a pass without pools
+            arrays = label_layer(summary.pool.index.cpu().numpy(), search, group_of, len(names),
+                                 int(attrs.get("k", 10)))
+            ctx.store.write_unit(STAGE, f"{LABELS}{layer.name}", arrays, {
+                "layer": layer.name, "concepts": names, "search": len(search.index), "labelled": search.labelled})
+            bar.update(layer.channels)
+
+
+def label_layer(pool: np.ndarray, search: SearchSet, group_of: np.ndarray, n_concepts: int, k: int) -> dict:
+    """The labels and facets of one layer's units, from their pools (source indices [C, pool], best first)."""
+    n = draws(pool.shape[1], len(search.index), k)
+    members = np.searchsorted(search.index, np.maximum(pool[:, :n], 0))
+    valid = (pool[:, :n] >= 0) & (search.index[np.minimum(members, len(search.index) - 1)] == pool[:, :n])
+    members = np.where(valid, members, 0).astype(np.int64)
+    labels = label_sets(members, valid, search.image_class, group_of, n_concepts)
+    out = {"examples": np.where(valid, members, -1).astype(np.int32), "label": labels.label,
+           "drawn": labels.drawn, **{k_: getattr(labels, k_) for k_ in EVIDENCE}}
+    if search.embedding is not None and n >= min(FACET_K) * MIN_COUNT:
+        facets = facet_sets(search.embedding, members, search.image_class, group_of, n_concepts)
+        c, kmax = pool.shape[0], max(FACET_K)
+        out.update({"facet_member": facets.member, "silhouette": facets.silhouette,
+                    "polysemantic": facets.polysemantic,
+                    "facet_label": facets.labels.label.reshape(c, kmax),
+                    "facet_size": facets.labels.drawn.reshape(c, kmax),
+                    **{f"facet_{k_}": getattr(facets.labels, k_).reshape(c, kmax, CANDIDATES) for k_ in EVIDENCE}})
+    return out
+
+
+def consolidate(store: Store, f: h5py.File) -> None:
+    """Writes /layers/<layer>/labels/ from the parts, and the concepts they number into /dataset/concepts."""
+    names = None
+    for key, part in store.units(STAGE, LABELS):
+        attrs = read_attrs(part)
+        layer = str(attrs["layer"])
+        if layer not in f[LAYERS]:
+            continue
+        g = f[LAYERS][layer].create_group(LABELS_GROUP)
+        for name in part.keys():
+            g.create_dataset(name, data=part[name][...])
+        g.attrs.update({
+            "alpha": ALPHA, "min_count": MIN_COUNT, "separated": SEPARATED, "embedding_dims": EMBED_DIMS,
+            "search": int(attrs["search"]), "labelled": int(attrs["labelled"]),
+            "of": "each unit's top images (examples: rows of /dataset, best first) counted by class (true label "
+                  "where known, top-1 prediction otherwise) and by coarse group; p: hypergeometric tail, "
+                  "Bonferroni-adjusted over the concepts tested; label: the strongest concept when p < alpha "
+                  "and count >= min_count, else -1 (unlabelled); facets: spherical k-means of the top images' "
+                  "penultimate embeddings, kept when the mean silhouette reaches `separated`"})
+        names = attrs["concepts"]
+    if names is not None and DATASET in f:
+        f[DATASET].create_dataset(CONCEPTS, data=np.array(names, dtype=object), dtype=h5py.string_dtype())
