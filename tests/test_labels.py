@@ -63,6 +63,20 @@ def test_labels_facets_and_polysemantic_units_on_a_hand_set_model(tmp_path, conf
     # a unit of two unrelated classes: two facets, each labelled, and the flag
     assert red_or_blue["polysemantic"] and red_or_blue["facets"] == ["blue", "red"]
 
+    # the site: the label and its evidence on unit pages, captions and filters in the grid, the search index
+    from atlas import site
+    site.render(path, tmp_path / "site", progress=False)
+    pages = tmp_path / "site" / "atlas-2Dconcept_probe" / "units"
+    unit0, unit1 = ((pages / f"{c}.html").read_text() for c in (0, 1))
+    assert "label <strong>red</strong>" in unit0 and "polysemantic" not in unit0.split("Evidence")[0]
+    assert 'class="badge poly"' in unit1 and "<h3>Facets</h3>" in unit1
+    assert unit1.count("<li><strong>blue</strong>") == 1 and unit1.count("<li><strong>red</strong>") == 1
+    grid = (pages / "index.html").read_text()
+    assert 'data-l="red"' in grid and 'data-p="1"' in grid and 'name="label"' in grid
+    assert '<option value="poly">' in grid
+    index = (tmp_path / "site" / "atlas-2Dconcept_probe" / "search.js").read_text()
+    assert '"unitLabels":{' in index and '"red":{"units":[[0,0]]' in index
+
 
 def test_a_unit_on_randomly_labelled_images_stays_unlabelled(tmp_path, config, build_stages):
     path = _labelled_store(tmp_path, config, build_stages, shuffled=True)

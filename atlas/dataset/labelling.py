@@ -15,7 +15,7 @@ from atlas.dataset.concepts import (ALPHA, CANDIDATES, EMBED_DIMS, FACET_K, MIN_
                                     facet_sets, label_sets)
 from atlas.dataset.reader import LABELS, STAGE, SearchSet, merged_summaries, search_set
 from atlas.store import Store, read_attrs
-from atlas.store.schema import CONCEPTS, DATASET, LAYERS
+from atlas.store.schema import CONCEPT_GROUPS, CONCEPTS, DATASET, LAYERS
 from atlas.store.schema import LABELS as LABELS_GROUP
 
 EVIDENCE = ("concept", "count", "p", "lift")
@@ -39,7 +39,7 @@ def run(ctx) -> None:
             arrays = label_layer(summary.pool.index.cpu().numpy(), search, group_of, len(names),
                                  int(attrs.get("k", 10)))
             ctx.store.write_unit(STAGE, f"{LABELS}{layer.name}", arrays, {
-                "layer": layer.name, "concepts": names, "search": len(search.index), "labelled": search.labelled})
+                "layer": layer.name, "concepts": names, "group_of": group_of.tolist(), "search": len(search.index), "labelled": search.labelled})
             bar.update(layer.channels)
 
 
@@ -65,7 +65,7 @@ def label_layer(pool: np.ndarray, search: SearchSet, group_of: np.ndarray, n_con
 
 def consolidate(store: Store, f: h5py.File) -> None:
     """Writes /layers/<layer>/labels/ from the parts, and the concepts they number into /dataset/concepts."""
-    names = None
+    names = group_of = None
     for key, part in store.units(STAGE, LABELS):
         attrs = read_attrs(part)
         layer = str(attrs["layer"])
@@ -82,6 +82,8 @@ def consolidate(store: Store, f: h5py.File) -> None:
                   "Bonferroni-adjusted over the concepts tested; label: the strongest concept when p < alpha "
                   "and count >= min_count, else -1 (unlabelled); facets: spherical k-means of the top images' "
                   "penultimate embeddings, kept when the mean silhouette reaches `separated`"})
-        names = attrs["concepts"]
+        names, group_of = attrs["concepts"], attrs["group_of"]
     if names is not None and DATASET in f:
         f[DATASET].create_dataset(CONCEPTS, data=np.array(names, dtype=object), dtype=h5py.string_dtype())
+        ds = f[DATASET].create_dataset(CONCEPT_GROUPS, data=np.asarray(group_of, np.int32))
+        ds.attrs["of"] = "the group concept (row of /dataset/concepts) of each class, -1 for none"

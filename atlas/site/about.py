@@ -62,13 +62,15 @@ def summary(model: Model, extra: dict[str, dict]) -> dict:
             "preview": f"{model.slug}/{preview}" if preview else None}
 
 
-def search_script(model: Model, dataset: dict | None) -> bytes:
+def search_script(model: Model, dataset: dict | None, unit_labels: dict | None = None) -> bytes:
     """The model's search index as a script (fetch() of a local JSON file fails under file://).
 
     It lists layers and class names, not units: the search box parses unit ids
     such as `layer3.2:17` against the layers' channel counts, so the file stays
     small however many units the model has. Classes link to their unit of the
     output layer (a layer with one channel per class), else to their images.
+    `unit_labels` (site/labels.py `search_index`): each label's strongest units
+    and its count per layer, so that a label finds its units.
     """
     n = len(model.classes)
     logits = next((l for l in reversed(model.layers) if n and l.channels == n), None)
@@ -77,7 +79,7 @@ def search_script(model: Model, dataset: dict | None) -> bytes:
     index = {"name": model.name, "slug": model.slug,
              "layers": [[l.name, l.slug, l.channels] for l in model.layers],
              "classes": list(model.classes), "logits": logits.slug if logits else None, "labels": labels,
-             "images": list(rows)}
+             "images": list(rows), "unitLabels": unit_labels or {}}
     # ASCII only, and no "<", so no store string can end the script early
     text = json.dumps(index, ensure_ascii=True, separators=(",", ":")).replace("<", "\\u003c")
     return f"(window.atlasModels = window.atlasModels || []).push({text});\n".encode()

@@ -15,8 +15,9 @@ import numpy as np
 
 from atlas.errors import AtlasError
 from atlas.store import read_attrs
-from atlas.store.schema import (ATTRIBUTION, BLOCKS, BOTTOMK, CHECKS, CLASSES, DATASET, DIRECTIONS, FEATUREVIS,
-                                 LAYERS, RANDOM_CONTROL, STATS, TOPK, UNIT_ATTRIBUTION, VIEWS, view_dataset)
+from atlas.store.schema import (ATTRIBUTION, BLOCKS, BOTTOMK, CHECKS, CLASSES, CONCEPTS, DATASET, DIRECTIONS,
+                                 FEATUREVIS, LABELS, LAYERS, RANDOM_CONTROL, STATS, TOPK, UNIT_ATTRIBUTION, VIEWS,
+                                 view_dataset)
 
 _SAFE = re.compile(r"[A-Za-z0-9._]")
 # Names the site itself uses inside a model folder or at the site root.
@@ -75,6 +76,7 @@ class Model:
     n_images: int  # the search set: every image the dataset pass read
     methods: list[str]
     explained: list[int] = field(default_factory=list)  # /dataset rows of the explained images, ascending
+    concepts: list[str] = field(default_factory=list)  # what unit labels number: the classes, then their groups
 
     @property
     def views(self) -> list[str]:
@@ -127,6 +129,7 @@ def read_model(f: h5py.File) -> Model:
         layers=[_layer(n, g) for n, g in ordered], n_images=n_images,
         methods=sorted(m for m, g in f[ATTRIBUTION].items() if "maps" in g)
         if ATTRIBUTION in f and explained else [], explained=explained,
+        concepts=_strings(f[DATASET][CONCEPTS]) if DATASET in f and CONCEPTS in f[DATASET] else [],
     )
 
 
@@ -137,7 +140,7 @@ def read_layer_arrays(g: h5py.Group) -> dict[str, np.ndarray]:
     layer: read them in slices with `pictures` and `crops`.
     """
     out: dict[str, np.ndarray] = {}
-    for group in (FEATUREVIS, TOPK, BOTTOMK, STATS):
+    for group in (FEATUREVIS, TOPK, BOTTOMK, STATS, LABELS):
         if group in g:
             for key, ds in g[group].items():
                 if isinstance(ds, h5py.Dataset) and not (group == FEATUREVIS and key in VIEWS) and key != "crops":
@@ -195,6 +198,7 @@ def read_dataset(f: h5py.File) -> dict:
     return {
         "paths": _strings(d["paths"]) if "paths" in d else [""] * n,
         "labels": get("labels", np.full(n, -1)),
+        "concept_groups": get("concept_groups", np.zeros(0, np.int32)),
         "top5": get("top5", np.zeros((n, 0), np.int64)),
         "top5_prob": get("top5_prob", np.zeros((n, 0), np.float32)),
         "skipped": list(zip(_strings(d["skipped_paths"]), _strings(d["skipped_reasons"])))

@@ -14,6 +14,7 @@ from atlas.site import checks as site_checks
 from atlas.site import pictures as img
 from atlas.site import plots
 from atlas.site.data import Layer, Model
+from atlas.site.labels import grid_labels, unit_label
 from atlas.store.schema import VIEWS
 
 STATS = (("mean", "mean"), ("std", "std"), ("max", "max"), ("zero_fraction", "zero fraction"))
@@ -99,18 +100,20 @@ def _data(values: np.ndarray | None, c: int, digits: int) -> str | None:
     return f"{float(values[c]):.{digits}g}"
 
 
-def _grid(layer: Layer, arrays: dict) -> list[dict]:
-    """Every cell: unit, CSS classes (its sprite sheet and position, dead or not), sort keys."""
+def _grid(model: Model, layer: Layer, arrays: dict) -> list[dict]:
+    """Every cell: unit, CSS classes (its sprite sheet and position, dead or not), sort keys, label."""
     done = arrays.get("featurevis/channel_done")
     dead = arrays.get("stats/dead", np.zeros(layer.channels, bool))
     quality, top = arrays.get("featurevis/quality"), arrays.get("stats/max")
+    labels, poly = grid_labels(model, arrays) or (None, None)
     cells = []
     for c in range(layer.channels):
         k = c % img.SHEET_UNITS
         cls = (f"s{c // img.SHEET_UNITS} x{k % img.SHEET_COLUMNS} y{k // img.SHEET_COLUMNS}"
                if layer.has_fv and (done is None or done[c]) else "nofv")
         cells.append({"c": c, "cls": cls + " dead" if dead[c] else cls,
-                      "q": _data(quality, c, 3), "m": _data(top, c, 4)})
+                      "q": _data(quality, c, 3), "m": _data(top, c, 4),
+                      "l": labels[c] if labels else None, "poly": bool(poly[c]) if poly is not None else False})
     return cells
 
 
@@ -138,7 +141,11 @@ def layer_context(model: Model, i: int, arrays: dict, sheets: list[dict]) -> dic
     layer = model.layers[i]
     rows = math.ceil(min(img.SHEET_UNITS, layer.channels) / img.SHEET_COLUMNS)
     dead, quality = arrays.get("stats/dead"), arrays.get("featurevis/quality")
-    return {"title": layer.name, "layer": layer, "cells": _grid(layer, arrays), "sheets": sheets,
+    labelled = arrays.get("labels/label")
+    return {"title": layer.name, "layer": layer, "cells": _grid(model, layer, arrays), "sheets": sheets,
+            "labelled": int((labelled >= 0).sum()) if labelled is not None else None,
+            "polysemantic": int(arrays["labels/polysemantic"].sum()) if "labels/polysemantic" in arrays else None,
+            "label_params": _label_params(arrays),
             "columns": img.SHEET_COLUMNS, "rows": rows, "cell": img.CELL,
             "dead": int(dead.sum()) if dead is not None else None,
             "low": int((quality < 1).sum()) if quality is not None else None,
@@ -146,6 +153,13 @@ def layer_context(model: Model, i: int, arrays: dict, sheets: list[dict]) -> dic
             "notes": _stage_notes(layer, arrays),
             "prev": _layer_link(model, i - 1, "../"), "next": _layer_link(model, i + 1, "../"),
             "crumbs": crumbs(model, 1, (layer.name, None))}
+
+
+def _label_params(arrays: dict) -> dict | None:
+    """How the layer's labels were drawn: top images per unit and the search set they are compared with."""
+    if "labels/drawn" not in arrays or not len(arrays["labels/drawn"]):
+        return None
+    return {"drawn": int(arrays["labels/drawn"].max())}
 
 
 def _examples(group: str, c: int, arrays: dict, dataset: dict | None, strip: dict | None) -> list[dict] | None:
@@ -285,6 +299,7 @@ def unit_context(model: Model, i: int, c: int, arrays: dict, dataset: dict | Non
             "quality": _quality(c, arrays), "hist": _histogram(c, arrays),
             "dead": bool(arrays["stats/dead"][c]) if "stats/dead" in arrays else None,
             "top": top, "bottom": _examples("bottomk", c, arrays, dataset, strip), "strip": _strip_style(strip),
+            "label": unit_label(model, c, arrays, dataset),
             "fired": _fired(c, arrays, dataset, fired, strip), "fired_scale": fired["scale"] if fired else None,
             "fired_params": fired["params"] if fired else {},
             "fired_missing": bool(top) and not has_unit_attribution, "run": site_checks.RUN,

@@ -54,6 +54,7 @@ CARICATURES = "caricatures"
 ACTIVATION_ATLAS = "activation_atlas"
 LABELS = "labels"  # /layers/<layer>/labels/: each unit's label, its evidence and its facets
 CONCEPTS = "concepts"  # /dataset/concepts: what labels number (the classes, then their coarse groups)
+CONCEPT_GROUPS = "concept_groups"  # /dataset/concept_groups: each class's group concept (-1: none)
 
 # Root attributes stored as JSON (decoded by read_attrs); the others are plain HDF5 scalars.
 # The stages, in pipeline order; each is a package of the same name with run(ctx) and consolidate(store, h5).

@@ -25,6 +25,14 @@ function setUpGrid(form, grid) {
     live: (cell) => !isDead(cell),
     dead: isDead,
     low: (cell) => value(cell, "q") !== null && value(cell, "q") < 1,
+    labelled: (cell) => "l" in cell.dataset,
+    unlabelled: (cell) => !("l" in cell.dataset),
+    poly: (cell) => "p" in cell.dataset,
+  };
+  const labelField = field("label");
+  const labelled = (cell) => {
+    const q = labelField ? labelField.value.trim().toLowerCase() : "";
+    return !q || (cell.dataset.l || "").toLowerCase().includes(q);
   };
 
   function ordered() {
@@ -44,7 +52,7 @@ function setUpGrid(form, grid) {
     const order = ordered();
     let shown = 0;
     for (const cell of order) {
-      cell.hidden = !show(cell);
+      cell.hidden = !show(cell) || !labelled(cell);
       shown += !cell.hidden;
     }
     const fragment = document.createDocumentFragment();
@@ -52,6 +60,7 @@ function setUpGrid(form, grid) {
     grid.append(fragment);
     field("count").value = `${shown} of ${cells.length} units shown`;
     const state = new URLSearchParams({ sort: field("sort").value, show: field("show").value });
+    if (labelField && labelField.value.trim()) state.set("label", labelField.value.trim());
     try {
       history.replaceState(null, "", `#${state}`);
     } catch (error) {
@@ -67,9 +76,11 @@ function setUpGrid(form, grid) {
   const saved = new URLSearchParams(window.location.hash.slice(1));
   choose("sort", saved.get("sort"));
   choose("show", saved.get("show"));
+  if (labelField && saved.get("label")) labelField.value = saved.get("label");
   form.addEventListener("change", (event) => {
     if (event.target.tagName === "SELECT") apply();
   });
+  if (labelField) labelField.addEventListener("input", apply);
   form.addEventListener("submit", (event) => {
     event.preventDefault();
     const cell = cells[parseInt(field("unit").value, 10)];
@@ -117,6 +128,19 @@ function searchHits(models, query, root) {
     for (const [name, slug, channels] of m.layers) {
       if (name.toLowerCase().includes(q))
         hits.push({ label: `layer ${name}, ${channels} units${tag}`, href: `${base}${slug}/index.html` });
+    }
+    for (const [label, entry] of Object.entries(m.unitLabels || {})) {
+      if (!label.toLowerCase().includes(q)) continue;
+      for (const [i, c] of entry.units) {
+        const [name, slug] = m.layers[i];
+        hits.push({ label: `${name}:${c}, labelled ${label}${tag}`, href: `${base}${slug}/${c}.html` });
+      }
+      for (const [i, n] of entry.layers) {
+        const [name, slug] = m.layers[i];
+        const filter = new URLSearchParams({ sort: "unit", show: "labelled", label });
+        hits.push({ label: `${n} unit${n > 1 ? "s" : ""} of ${name} labelled ${label}${tag}`,
+                    href: `${base}${slug}/index.html#${filter}` });
+      }
     }
     m.classes.forEach((name, k) => {
       if (!name.toLowerCase().includes(q)) return;
@@ -179,4 +203,45 @@ function setUpSearch(header) {
 document.addEventListener("DOMContentLoaded", () => {
   const header = document.querySelector("header.top[data-root]");
   if (header && window.atlasModels) setUpSearch(header);
+});
+
+// Activation atlas: zoom the picture (buttons, + and -), keeping the middle of the view in place;
+// past data-label-zoom every cell shows its class.
+const ZOOMS = [1, 1.5, 2, 3, 4, 6, 8];
+
+function setUpAtlasZoom(tools, view, map) {
+  let level = 0;
+  const labelAt = parseFloat(map.dataset.labelZoom) || 2;
+  function zoomTo(next) {
+    next = Math.max(0, Math.min(ZOOMS.length - 1, next));
+    const ratio = ZOOMS[next] / ZOOMS[level];
+    const middleX = view.scrollLeft + view.clientWidth / 2;
+    const middleY = view.scrollTop + view.clientHeight / 2;
+    level = next;
+    map.style.setProperty("--zoom", ZOOMS[level]);
+    map.classList.toggle("labelled", ZOOMS[level] >= labelAt);
+    view.scrollLeft = middleX * ratio - view.clientWidth / 2;
+    view.scrollTop = middleY * ratio - view.clientHeight / 2;
+    tools.querySelector("output").value = `zoom ${ZOOMS[level]}×`;
+  }
+  const steps = { in: () => level + 1, out: () => level - 1, fit: () => 0 };
+  tools.addEventListener("click", (event) => {
+    const step = steps[event.target.dataset.zoom];
+    if (step) zoomTo(step());
+  });
+  document.addEventListener("keydown", (event) => {
+    if (event.target.closest("input, textarea, select")) return;
+    if (event.key === "+" || event.key === "=") zoomTo(level + 1);
+    if (event.key === "-") zoomTo(level - 1);
+  });
+  tools.hidden = false;
+  const saved = ZOOMS.indexOf(parseFloat(new URLSearchParams(window.location.hash.slice(1)).get("zoom")));
+  zoomTo(saved > 0 ? saved : 0);
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  const tools = document.querySelector(".aa-tools");
+  const view = document.querySelector(".aa-view");
+  const map = document.querySelector(".aa-map");
+  if (tools && view && map) setUpAtlasZoom(tools, view, map);
 });
