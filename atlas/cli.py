@@ -54,6 +54,7 @@ def build_options(f):
         click.option("--explain", type=int, help="images that get attributions, checks and a page of their own "
                      "(default: the preset's; every image when the source has fewer)"),
         click.option("--crop-size", type=int, help="side in pixels of each stored dataset-example crop"),
+        click.option("--atlas-layers", type=int, help="deepest layers given an activation atlas (0: none)"),
         click.option("--preset", "-p", type=click.Choice(sorted(PRESETS)), default=Config.preset,
                      show_default=True),
         click.option("--device", default=Config.device, show_default=True, help="auto, cpu, cuda, cuda:N or mps"),
@@ -84,13 +85,13 @@ def make_config(o: dict) -> Config:
                "site_dir": Path(o["out"])}
     for option, field in (("steps", "fv_steps"), ("size", "fv_size"), ("fv_batch", "fv_batch"), ("topk", "topk"),
                           ("max_images", "max_images"), ("data_unit", "data_unit"), ("workers", "workers"),
-                          ("explain", "explain"), ("crop_size", "crop_size")):
+                          ("explain", "explain"), ("crop_size", "crop_size"), ("atlas_layers", "atlas_layers")):
         if o[option] is not None:
             changes[field] = o[option]
     if o["methods"]:
         changes["attr_methods"] = _split(o["methods"])
     for field, value in changes.items():
-        least = 0 if field == "workers" else 1
+        least = 0 if field in ("workers", "atlas_layers") else 1
         if isinstance(value, int) and not isinstance(value, bool) and value < least:
             raise AtlasError(f"--{field.removeprefix('fv_').replace('_', '-')} must be "
                              f"{'0 or more' if least == 0 else 'positive'}, got {value}")
@@ -294,6 +295,13 @@ def bench_circuits(**o) -> None:
     """Unit passes with circuit inputs against without, and `atlas compare` of trained and random weights."""
     from atlas.bench import circuits
     _summary("circuits", circuits.run(**o), {"unit_pass_overhead": ".3f", "compare_seconds": ".1f"})
+
+
+@bench.command("labels")
+def bench_labels() -> None:
+    """Unit labels and facets of a synthetic store shaped like ResNet-50 over ImageNet's 50,000 images."""
+    from atlas.bench import labels
+    _summary("labels", labels.run(), {"seconds": ".1f", "peak_mem_mb": ".0f"})
 
 
 @bench.command("scale")

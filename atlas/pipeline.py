@@ -103,8 +103,9 @@ def run_stages(ctx: Context, stages: Iterable[str]) -> Path:
     for stage in wanted:
         STAGE_PACKAGES[stage].run(ctx)
         distributed.barrier()
-    if featurevis.STAGE in wanted and ctx.config.fv_directions and wanted[-1] != featurevis.STAGE:
-        featurevis.run_directions(ctx)  # the neuron groups a later stage of this run has just found
+    if featurevis.STAGE in wanted and wanted[-1] != featurevis.STAGE:
+        # what needs a later stage's results: the neuron groups it has just found, the explained images
+        featurevis.run_directions(ctx)
         distributed.barrier()
     return distributed.on_main(lambda: consolidate(ctx.store))
 

@@ -38,6 +38,8 @@ RANGES = (
     ("fv_loss_points", "the fv_loss_points setting", 1, None),
     ("fv_diversity", "the fv_diversity setting", 0, None),
     ("fv_redirect_steps", "the fv_redirect_steps setting", 0, None),
+    ("fv_caricatures", "the fv_caricatures setting", 0, None),
+    ("fv_caricature_steps", "the fv_caricature_steps setting", 1, None),
     ("attr_batch", "the attr_batch setting", 1, None),
     ("attr_chunk", "the attr_chunk setting", 0, None),
     ("attr_steps", "the attr_steps setting", 1, None),
@@ -53,6 +55,9 @@ RANGES = (
     ("attr_blocks_nmf_layers", "the attr_blocks_nmf_layers setting", 0, None),
     ("attr_blocks_groups", "the attr_blocks_groups setting", 1, None),
     ("attr_blocks_nmf_iter", "the attr_blocks_nmf_iter setting", 1, None),
+    ("atlas_layers", "the atlas_layers setting", 0, None),
+    ("atlas_grid", "the atlas_grid setting", 1, None),
+    ("atlas_points", "the atlas_points setting", 1, None),
 )
 
 

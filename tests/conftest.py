@@ -118,10 +118,10 @@ def hostile_folder():
 # --- builds on the tiny model ---
 
 def _quick_config(tmp_path: Path, data: Path, **kw):
-    """The quick preset on the tiny model, small and on the CPU; one attribution method and no checks
-    unless `kw` says otherwise (tests/test_attribution_stage.py asks for more)."""
+    """The quick preset on the tiny model, small and on the CPU; one attribution method, no checks and
+    no activation atlas unless `kw` says otherwise (tests/test_attribution_stage.py asks for more)."""
     from atlas.config import preset
-    kw = {"attr_methods": ("gradient",), "attr_check_images": 0, "attr_unit_topk": 0, **kw}
+    kw = {"attr_methods": ("gradient",), "attr_check_images": 0, "attr_unit_topk": 0, "atlas_layers": 0, **kw}
     settings = dict(model="atlas:tiny_convnet", data=str(data), store_dir=tmp_path / "store",
                     site_dir=tmp_path / "site", fv_steps=4, fv_size=32, workers=0, topk=4, device="cpu")
     return preset("quick").replace(**{**settings, **kw})

@@ -21,7 +21,8 @@ from atlas.cli import main
 from atlas.store import parts as store_module  # where Store writes its parts and its root section
 
 BUILD = ["build", "--model", "atlas:tiny_convnet", "--steps", "4", "--size", "32", "--topk", "4", "--workers", "0",
-         "-q", "--device", "cpu", "--data-unit", "4", "--fv-batch", "2", "--methods", "gradient,smoothgrad"]
+         "-q", "--device", "cpu", "--data-unit", "4", "--fv-batch", "2", "--methods", "gradient,smoothgrad",
+         "--atlas-layers", "0"]  # the activation atlas's resume is tested in test_activation_atlas.py
 STORE = "atlas-tiny_convnet"
 
 # Runs the CLI and SIGKILLs itself at the n-th durable write: "rename" when a file

@@ -163,3 +163,25 @@ def test_the_projection_is_fixed_and_keeps_angles():
     cos = torch.nn.functional.cosine_similarity(v[:, None], v[None], dim=2)
     cos_p = torch.nn.functional.cosine_similarity(a.float()[:, None], a.float()[None], dim=2)
     assert (cos - cos_p).abs().max() < 0.4
+
+
+def test_faceted_feature_visualization_steers_each_facet_toward_its_images(tmp_path, config, build_stages):
+    data = _colour_folder(tmp_path / "photos", 30)
+    cfg = config(tmp_path, data, model="atlas:concept_probe", layers=("units",), topk=4, explain=4, fv_size=16,
+                 fv_steps=40, fv_facets=True, fv_caricatures=0)
+    _, path = build_stages(cfg, ("featurevis", "dataset"))
+    with h5py.File(path, "r") as f:
+        names = [s.decode() for s in f["dataset/concepts"][...]]
+        g = f["layers/units/facets"]
+        assert set(g["channel"][...].tolist()) == {1} and g["done"][...].all()
+        labels = f["layers/units/labels/facet_label"][1]
+        colour = {names[labels[int(k)]]: g["images"][row].reshape(-1, 3).mean(0)
+                  for row, k in enumerate(g["facet"][...])}
+        assert (g["alignment"][...] > 0).all()
+    # the unit fires on red and on blue; steered toward a facet, its picture takes that facet's colour
+    assert colour["red"][0] > colour["red"][2] and colour["blue"][2] > colour["blue"][0]
+    from atlas import site
+    site.render(path, tmp_path / "site", progress=False)
+    unit1 = (tmp_path / "site" / "atlas-2Dconcept_probe" / "units" / "1.html").read_text()
+    assert unit1.count('class="facet-fv"') == 2
+    assert len(list((tmp_path / "site" / "atlas-2Dconcept_probe" / "units").glob("1-facet*.*"))) == 2

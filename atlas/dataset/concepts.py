@@ -63,6 +63,11 @@ def project(act: torch.Tensor) -> torch.Tensor:
     return (x @ _projection(x.shape[1], str(x.device))).half()
 
 
+def projection(dim: int) -> np.ndarray:
+    """The fixed projection [dim, EMBED_DIMS] of a `dim`-dimensional embedding (float32)."""
+    return _projection(dim, "cpu").numpy()
+
+
 @functools.lru_cache(maxsize=4)
 def _projection(dim: int, device: str) -> torch.Tensor:
     gen = torch.Generator().manual_seed(0)
@@ -136,7 +141,7 @@ def label_sets(members: np.ndarray, valid: np.ndarray, image_class: np.ndarray, 
         which_unit, which = np.nonzero(counts)
         c = counts[which_unit, which]
         n = drawn[rows][which_unit]
-        p = np.minimum(1.0, hypergeom.sf(c - 1, search, base[which], n) * tested)
+        p = np.minimum(1.0, _tail(c, base[which], n, search) * tested)
         # strongest evidence first: smallest p, then the larger count, then the concept's number
         order = np.lexsort((which, -c, p, which_unit))
         which_unit, which, c, p, n = which_unit[order], which[order], c[order], p[order], n[order]
@@ -150,6 +155,16 @@ def label_sets(members: np.ndarray, valid: np.ndarray, image_class: np.ndarray, 
         share = base[which[keep]] / search
         out.lift[uu, rr] = (c[keep] / np.maximum(n[keep], 1)) / np.maximum(share, 1e-12)
     return out
+
+
+def _tail(count: np.ndarray, successes: np.ndarray, drawn: np.ndarray, population: int) -> np.ndarray:
+    """P(X >= count) for X hypergeometric (population, successes, drawn), elementwise.
+
+    scipy evaluates the tail one element at a time (about 50 us each); the triples repeat a lot
+    (counts up to the draws, class sizes alike), so each distinct one is evaluated once.
+    """
+    triples, inverse = np.unique(np.stack([count, successes, drawn]), axis=1, return_inverse=True)
+    return hypergeom.sf(triples[0] - 1, population, triples[1], triples[2])[inverse.reshape(-1)]
 
 
 def kmeans(x: torch.Tensor, k: int, iters: int = KMEANS_ITER) -> torch.Tensor:
@@ -166,21 +181,27 @@ def kmeans(x: torch.Tensor, k: int, iters: int = KMEANS_ITER) -> torch.Tensor:
         nearest = torch.maximum(nearest, torch.einsum("und,ud->un", x, last))
         seeds.append(nearest.argmin(1))
     centres = torch.stack([x[torch.arange(u), s] for s in seeds], 1)  # [U, k, d]
-    labels = torch.zeros(u, n, dtype=torch.long, device=x.device)
+    labels = torch.full((u, n), -1, dtype=torch.long, device=x.device)
     for _ in range(iters):
-        labels = torch.einsum("und,ukd->unk", x, centres).argmax(2)
-        onehot = torch.nn.functional.one_hot(labels, k).to(x.dtype)  # [U, n, k]
+        before, labels = labels, torch.einsum("und,ukd->unk", x, centres).argmax(2)
+        if torch.equal(before, labels):
+            break  # every set has settled
+        onehot = _onehot(labels, k, x.dtype)  # [U, n, k]
         sums = torch.einsum("unk,und->ukd", onehot, x)
         norms = sums.norm(dim=2, keepdim=True)
         centres = torch.where(norms > 0, sums / norms.clamp_min(1e-12), centres)  # an empty cluster stays
     return labels
 
 
+def _onehot(labels: torch.Tensor, k: int, dtype: torch.dtype) -> torch.Tensor:
+    return torch.zeros((*labels.shape, k), dtype=dtype, device=labels.device).scatter_(-1, labels[..., None], 1.0)
+
+
 def silhouette(x: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
     """Mean silhouette per set [U] of x [U, n, d] clustered by labels [U, n] (Euclidean, as
     scikit-learn's `silhouette_score`; a member alone in its cluster scores 0; one cluster: -1)."""
     dist = torch.cdist(x, x)  # [U, n, n]
-    onehot = torch.nn.functional.one_hot(labels, k).to(x.dtype)  # [U, n, k]
+    onehot = _onehot(labels, k, x.dtype)  # [U, n, k]
     sizes = onehot.sum(1)  # [U, k]
     per_cluster = torch.einsum("unm,umk->unk", dist, onehot)  # summed distance of each member to each cluster
     own = onehot.bool()

@@ -25,22 +25,27 @@ def run(ctx) -> None:
     """Labels every selected layer no part holds yet."""
     done = ctx.store.done(STAGE)
     todo = ctx.ranks.shard([l for l in ctx.layers if f"{LABELS}{l.name}" not in done])
-    if not todo:
-        return
-    summaries, attrs = merged_summaries(ctx.store, todo)
-    search = search_set(ctx.store)
-    names, group_of = concepts_of(ctx.loaded.class_names)
-    with ctx.bar(sum(l.channels for l in todo), "unit labels", "unit") as bar:
-        for layer in todo:
-            summary = summaries.get(layer.name)
-            if summary is None or summary.pool is None:
-                bar.update(layer.channels)
-                continue  # a layer the pass did not cover, or a pass without pools
+    if todo:
+        with ctx.bar(sum(l.channels for l in todo), "unit labels", "unit") as bar:
+            label_layers(ctx.store, todo, ctx.loaded.class_names, bar.update)
+
+
+def label_layers(store: Store, layers: list, class_names: list[str], done=lambda units: None) -> None:
+    """Writes the part `labels/<layer>` of each of `layers` (LayerInfo-like: name, channels) from the
+    dataset stage's parts; `done(units)` is told of each layer finished."""
+    summaries, attrs = merged_summaries(store, layers)
+    search = search_set(store)
+    names, group_of = concepts_of(class_names)
+    for layer in layers:
+        summary = summaries.get(layer.name)
+        if summary is not None and summary.pool is not None:  # else not in the pass, or a pass without pools
             arrays = label_layer(summary.pool.index.cpu().numpy(), search, group_of, len(names),
                                  int(attrs.get("k", 10)))
-            ctx.store.write_unit(STAGE, f"{LABELS}{layer.name}", arrays, {
-                "layer": layer.name, "concepts": names, "group_of": group_of.tolist(), "search": len(search.index), "labelled": search.labelled})
-            bar.update(layer.channels)
+            arrays["top_value"] = summary.pool.value[:, 0].cpu().numpy().astype(np.float32)  # faceted FV's scale
+            store.write_unit(STAGE, f"{LABELS}{layer.name}", arrays, {
+                "layer": layer.name, "concepts": names, "group_of": group_of.tolist(), "search": len(search.index),
+                "labelled": search.labelled})
+        done(layer.channels)
 
 
 def label_layer(pool: np.ndarray, search: SearchSet, group_of: np.ndarray, n_concepts: int, k: int) -> dict:

@@ -107,6 +107,54 @@ def search_set(store: Store) -> SearchSet:
     return SearchSet(index[order], np.where(labels >= 0, labels, top1[order]), int((labels >= 0).sum()), embedding)
 
 
+@dataclass
+class FacetDirections:
+    """The facets of a layer's polysemantic units, as directions of the model's penultimate embedding."""
+
+    layer: str
+    channel: np.ndarray  # int64 [F]
+    facet: np.ndarray  # int64 [F]: the facet's number within its unit
+    direction: np.ndarray  # float32 [F, D]: unit vectors in the classifier's input space
+    scale: np.ndarray  # float32 [F]: the unit's highest activation over the search set
+
+
+def facet_directions(store: Store, layers: list[str], embedding_dims: int) -> list[FacetDirections]:
+    """Each labelled layer's polysemantic units' facets: the mean of a facet's projected, normalized
+    embeddings, mapped back through the fixed projection (concepts.py) into the classifier's input
+    space of `embedding_dims` dimensions, where (P e) . m = e . (P m)."""
+    from atlas.dataset.concepts import FACET_K, MIN_COUNT, projection
+    out = []
+    done = store.done(STAGE)
+    search = None
+    for layer in layers:
+        if f"{LABELS}{layer}" not in done:
+            continue
+        with store.read_unit(STAGE, f"{LABELS}{layer}") as part:
+            if "polysemantic" not in part or not part["polysemantic"][...].any():
+                continue
+            poly = np.nonzero(part["polysemantic"][...])[0]
+            member, examples = part["facet_member"][...][poly], part["examples"][...][poly]
+            size, top = part["facet_size"][...][poly], part["top_value"][...][poly]
+        search = search if search is not None else search_set(store)
+        if search.embedding is None:
+            return []
+        p = projection(embedding_dims)
+        rows = []
+        for i, c in enumerate(poly):
+            for f in range(max(FACET_K)):
+                if size[i, f] < MIN_COUNT:
+                    continue
+                e = search.embedding[examples[i][member[i] == f]].astype(np.float32)
+                m = (e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)).mean(0)
+                d = p @ m
+                rows.append((int(c), f, d / max(float(np.linalg.norm(d)), 1e-12), float(top[i])))
+        if rows:
+            out.append(FacetDirections(layer, np.array([r[0] for r in rows]), np.array([r[1] for r in rows]),
+                                       np.stack([r[2] for r in rows]).astype(np.float32),
+                                       np.array([r[3] for r in rows], np.float32)))
+    return out
+
+
 def merged_summaries(store: Store, layers: list, device: torch.device | str = "cpu",
                      fuse: bool = True) -> tuple[dict[str, LayerSummary], dict]:
     """Every rank's summary folded into one per layer: the single pass's top-k, bottom-k and statistics.

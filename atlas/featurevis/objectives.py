@@ -102,6 +102,41 @@ def direction(layer: str, vectors: torch.Tensor) -> Objective:
     return Objective(fn, f"direction {layer}", frozenset({layer}))
 
 
+def alignment(layer: str, vectors: torch.Tensor) -> Objective:
+    """Cosine similarity of the activation's spatial mean with one direction per image [B, C].
+
+    Faceted feature visualization (Goh et al. 2021) steers a unit's image toward one facet by adding
+    this, on the model's penultimate embedding, to the unit's own objective.
+    """
+    def fn(a: Acts) -> torch.Tensor:
+        mean = a[layer].mean(dim=(2, 3))
+        return F.cosine_similarity(mean, vectors.to(mean), dim=1)
+    return Objective(fn, f"alignment of {layer}", frozenset({layer}))
+
+
+START = "#start"  # suffix of `on_start` names (no module name holds a "#")
+
+
+def on_start(layer: str) -> str:
+    """The name under which an objective finds `layer`'s activation on the image its render started from,
+    seen through the same transforms as the image (the renderer's `start`)."""
+    return layer + START
+
+
+def dot(layer: str) -> Objective:
+    """Dot product of each image's activation with its start image's, averaged over positions.
+
+    Lucid's caricature objective (`dot_compare` at its default cosine power 0). Lucid renders the
+    original in the same batch as the caricature, so both pass through the same transforms; the
+    renderer does the same with the start images, so the two activations line up position by
+    position. Started from a photo, raising it exaggerates what the layer sees in the photo.
+    """
+    def fn(a: Acts) -> torch.Tensor:
+        act = a[layer]
+        return (act * a[on_start(layer)]).sum(dim=(1, 2, 3)) / (act.shape[2] * act.shape[3])
+    return Objective(fn, f"dot {layer} with the start image's", frozenset({layer, on_start(layer)}))
+
+
 def diversity(layer: str, groups: Sequence[int] | None = None) -> Objective:
     """Minus the summed cosine similarity of each image's Gram matrix with the others' in its group.
 

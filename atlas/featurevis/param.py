@@ -47,6 +47,26 @@ def spectrum_to_rgb(spectrum: torch.Tensor, size: int, scale: torch.Tensor) -> t
     return torch.sigmoid(recorrelate(image, matrix))
 
 
+# How far inside (0, 1) `spectrum_of` moves a pixel before inverting the sigmoid: a black or white pixel
+# has no finite logit, and a quarter of a grey level rounds back to the same uint8 value.
+SATURATION_MARGIN = 0.25 / 255
+
+
+def spectrum_of(images: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The coefficients [B, 3, S, S//2+1, 2] that `spectrum_to_rgb` maps to `images` [B, 3, S, S] in [0, 1].
+
+    `spectrum_to_rgb` inverted step by step (logit, decorrelated colour, Fourier transform, 1/f scale),
+    so an optimization can start from a photo in the Lucid parameterization: it starts exactly at the
+    photo (within SATURATION_MARGIN).
+    """
+    size = images.shape[-1]
+    matrix = COLOR_SQRT.to(images.device) / COLOR_SQRT.norm(dim=0).max()
+    logits = torch.logit(images.float().clamp(SATURATION_MARGIN, 1 - SATURATION_MARGIN))
+    decorrelated = recorrelate(logits, torch.linalg.inv(matrix)) * FOURIER_DIVISOR
+    coeffs = torch.fft.rfft2(decorrelated, s=(size, size), norm="ortho") / scale
+    return torch.view_as_real(coeffs).clone()
+
+
 def recorrelate(image: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
     """Each pixel's colour [B, 3, H, W] times `matrix` [3, 3] (out_d = sum_c matrix[d, c] in_c).
 

@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from atlas.featurevis.objectives import Objective
+from atlas.featurevis.objectives import START, Objective, on_start
 from atlas.featurevis import maco
-from atlas.featurevis.param import frequency_scale, init_spectrum, spectrum_to_rgb
+from atlas.featurevis.param import frequency_scale, init_spectrum, spectrum_of, spectrum_to_rgb
 from atlas.featurevis.redirect import redirected_relus
 from atlas.featurevis.transforms import Robustness, random_affine
 from atlas.layers import Capture
@@ -81,20 +81,25 @@ def _checkpoints(steps: int, points: int) -> dict[int, int]:
 
 
 def render(model: nn.Module, preprocess: Preprocess, objective: Objective, seeds: list[int],
-           settings: RenderSettings, device: torch.device | str = "cpu") -> Rendered:
+           settings: RenderSettings, device: torch.device | str = "cpu",
+           start: torch.Tensor | None = None) -> Rendered:
     """Optimizes one image per seed to maximize `objective`.
 
     Args:
         model: the model, in eval mode with frozen parameters, on `device`.
         preprocess: the model's normalization.
         objective: per-image objective; its batch is len(seeds).
-        seeds: one seed per image; it fixes the start image and the transforms.
+        seeds: one seed per image; it fixes the start image (unless `start` is given) and the transforms.
         settings: size, steps, learning rate, robustness.
+        start: images [B, 3, size, size] in [0, 1] to start from (the Fourier parameterization only);
+            None: from random coefficients drawn from the seeds. Each step passes them through the
+            same transforms as the images, for objectives that compare with them (`objectives.dot`).
 
     Returns:
         The images, their final objective values and loss curves (MACO: and transparency).
     """
-    params, to_rgb, optimizer = _parameterize(settings, seeds, device)
+    start = start.to(device) if start is not None else None
+    params, to_rgb, optimizer = _parameterize(settings, seeds, device, start)
     gens = [torch.Generator().manual_seed(s ^ 0x5EED5EED) for s in seeds]
     marks = _checkpoints(settings.steps, settings.loss_points)
     loss = np.zeros((len(seeds), len(marks)), np.float32)
@@ -102,7 +107,13 @@ def render(model: nn.Module, preprocess: Preprocess, objective: Objective, seeds
     is_maco = settings.param == "phase"
     seen = maco.over_crops(objective, settings.crops.count) if is_maco else objective
     energy = None
-    with Capture(model, sorted(objective.layers), stop=True, fn=_as_float) as capture:
+    hooked = sorted(name for name in objective.layers if not name.endswith(START))
+    compared = len(hooked) < len(objective.layers)  # the objective compares with the start images
+    if compared and start is None:
+        raise ValueError(f"objective: {objective.name!r} compares with the start images; pass `start`")
+    twins = [torch.Generator().manual_seed(s ^ 0x5EED5EED) for s in seeds]  # gens' twins: the start images' draws
+    start_view = None
+    with Capture(model, hooked, stop=True, fn=_as_float) as capture:
         for step in range(settings.steps):
             image = to_rgb(params)
             if is_maco:
@@ -114,8 +125,11 @@ def render(model: nn.Module, preprocess: Preprocess, objective: Objective, seeds
             else:
                 view = _model_input(preprocess, _model_side(random_affine(image, gens, settings.robustness),
                                                             preprocess, settings))
+                if compared:
+                    start_view = _model_input(preprocess, _model_side(
+                        random_affine(start, twins, settings.robustness), preprocess, settings))
             with redirected_relus(model, step < settings.redirect_steps), _autocast(device):
-                values = seen(capture.run(view))
+                values = seen(_with_start(capture, view, start_view))
             optimizer.zero_grad(set_to_none=True)
             (-values.sum()).backward()
             if is_maco:
@@ -128,7 +142,9 @@ def render(model: nn.Module, preprocess: Preprocess, objective: Objective, seeds
             # MACO's canvas is judged on its centre crop at the crops' mean size, and stored whole at `size`
             seen_final = maco.cut(image, maco.centre_box(len(seeds), settings.canvas, settings.crops),
                                   settings.view) if is_maco else _model_side(image, preprocess, settings)
-            acts = capture.run(_model_input(preprocess, seen_final))
+            if compared:
+                start_view = _model_input(preprocess, _model_side(start, preprocess, settings))
+            acts = _with_start(capture, _model_input(preprocess, seen_final), start_view)
             final = objective(acts).float().cpu().numpy()
     if is_maco:
         side = settings.canvas if settings.keep_canvas else settings.size
@@ -138,6 +154,16 @@ def render(model: nn.Module, preprocess: Preprocess, objective: Objective, seeds
     pixels = (image.detach().permute(0, 2, 3, 1).clamp(0, 1) * 255).round().byte().cpu().numpy()
     finite = np.isfinite(final) & np.isfinite(loss).all(axis=1)
     return Rendered(pixels, final.astype(np.float32), loss, finite, acts, alpha if is_maco else None)
+
+
+def _with_start(capture: Capture, view: torch.Tensor, start_view: torch.Tensor | None) -> dict:
+    """The captured activations of `view`; with `start_view` (the start images, seen alike), also theirs,
+    without gradient, under each layer's `on_start` name."""
+    acts = capture.run(view)
+    if start_view is not None:
+        with torch.no_grad():
+            acts.update({on_start(name): act for name, act in capture.run(start_view).items()})
+    return acts
 
 
 def _resize(images: torch.Tensor, side: int) -> torch.Tensor:
@@ -162,12 +188,15 @@ def _alpha(energy: torch.Tensor, side: int) -> np.ndarray:
     return (e / top[:, None, None]).clamp(0, 1).mul(255).round().byte().cpu().numpy()
 
 
-def _parameterize(settings: RenderSettings, seeds: list[int], device):
+def _parameterize(settings: RenderSettings, seeds: list[int], device, start: torch.Tensor | None = None):
     """The optimized tensor, the function that maps it to images in [0, 1], and its optimizer."""
     size = settings.size
+    if start is not None and settings.param != "fourier":
+        raise ValueError(f"start: only the 'fourier' parameterization starts from images, not {settings.param!r}")
     if settings.param == "fourier":
-        spectrum = init_spectrum(seeds, size).to(device).requires_grad_(True)
         scale = frequency_scale(size).to(device)
+        spectrum = (init_spectrum(seeds, size).to(device) if start is None
+                    else spectrum_of(start, scale)).requires_grad_(True)
         return spectrum, lambda p: spectrum_to_rgb(p, size, scale), torch.optim.Adam([spectrum], lr=settings.lr)
     if settings.param == "phase":
         phase = maco.init_phase(seeds, settings.canvas).to(device).requires_grad_(True)

@@ -6,7 +6,9 @@ channel pushed apart in style). A work unit is one view of a contiguous
 channel range of one layer, rendered as one batch; its key,
 `<view>/<layer>/<first>-<end>`, says what it holds, so resume opens no part.
 In the full preset the neuron groups of the building blocks get theirs too
-(directions.py), once the attribution stage has found them.
+(directions.py), once the attribution stage has found them; the deepest
+layers get an activation atlas (activation_atlas.py) once the dataset stage
+has chosen the explained images.
 
 Faults are handled per unit: a batch that runs out of GPU memory is split in
 halves (each half its own unit), and an image whose objective turns NaN or
@@ -24,6 +26,9 @@ from atlas.errors import AtlasError
 from atlas.featurevis import objectives as O
 from atlas.featurevis.directions import consolidate_directions, is_direction_key
 from atlas.featurevis.directions import run_directions as directions_of
+from atlas.featurevis.activation_atlas import consolidate_atlas, is_atlas_key, run_atlas
+from atlas.featurevis.caricatures import consolidate_caricatures, is_caricature_key, run_caricatures
+from atlas.featurevis.facets import consolidate_facets, is_facet_key, run_facets
 from atlas.featurevis.param import unit_seed
 from atlas.featurevis.render import Rendered, RenderSettings, render
 from atlas.featurevis.transforms import Robustness
@@ -82,7 +87,8 @@ def plan(layers, views, done: set[str], batch_of) -> list[tuple[str, str, list[i
     `batch_of(view)` is how many channels one batch of that view holds.
     """
     rendered: dict[tuple[str, str], set[int]] = {}
-    for key in (k for k in done if not is_direction_key(k)):
+    for key in (k for k in done if not is_direction_key(k) and not is_atlas_key(k) and not is_caricature_key(k)
+                and not is_facet_key(k)):
         view, layer, first, end = parse_key(key)
         rendered.setdefault((view, layer), set()).update(range(first, end))
     units = []
@@ -124,6 +130,9 @@ def run(ctx) -> None:
 def run_directions(ctx) -> None:
     """Renders the neuron groups' directions the attribution stage has found since (directions.py)."""
     directions_of(ctx, settings_of(ctx.config))
+    run_atlas(ctx, settings_of(ctx.config))  # the activation atlas of the explained images (activation_atlas.py)
+    run_caricatures(ctx)  # explained images exaggerated by what each layer sees in them (caricatures.py)
+    run_facets(ctx, settings_of(ctx.config))  # the polysemantic units' facets, once labelled (facets.py)
 
 
 class _Renderer:
@@ -219,8 +228,15 @@ def consolidate(store: Store, f: h5py.File) -> dict:
     """
     moves = {}
     consolidate_directions(store, f)
+    consolidate_atlas(store, f)
+    consolidate_facets(store, f)
+    moves.update(consolidate_caricatures(store, f))
     for key, part in store.units(STAGE):
         if is_direction_key(key):
+            continue
+        if is_atlas_key(key):
+            continue
+        if is_caricature_key(key) or is_facet_key(key):
             continue
         view, layer, first, end = parse_key(key)
         if layer not in f[LAYERS]:

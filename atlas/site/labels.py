@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from atlas.site import pictures as img
 from atlas.site.data import Model
+from atlas.store.schema import FACETS
 
 UNLABELLED = "unlabelled"
 EVIDENCE_IMAGES = 24  # top images of the label's concept listed by name on a unit page
@@ -70,7 +72,7 @@ def unit_label(model: Model, c: int, arrays: dict, dataset: dict | None) -> dict
                 continue
             flabel = int(arrays["labels/facet_label"][c, facet])
             out["facets"].append({
-                "text": _name(model, flabel) if flabel >= 0 else UNLABELLED, "size": len(rows),
+                "number": facet, "text": _name(model, flabel) if flabel >= 0 else UNLABELLED, "size": len(rows),
                 "candidates": _candidates(model, arrays, "facet_", (c, facet), len(rows))[:1],
                 "slots": [k for k, j in enumerate(top_rows) if j in set(rows.tolist())],
                 "images": [_image(model, dataset, int(j)) for j in rows[:EVIDENCE_IMAGES // 2]]})
@@ -115,4 +117,27 @@ def search_index(entries: list[dict[str, list]], layers: int) -> dict[str, dict]
         per_layer = np.bincount([u[1] for u in units], minlength=layers)
         out[label] = {"units": [[u[1], u[2]] for u in units[:SEARCH_UNITS]],
                       "layers": [[int(k), int(n)] for k, n in enumerate(per_layer) if n]}
+    return out
+
+
+def read_facet_pictures(group) -> dict | None:
+    """The layer's faceted feature visualizations (/layers/<layer>/facets), unread, by (channel, facet)."""
+    g = group.get(FACETS)
+    if g is None or "images" not in g:
+        return None
+    rows = {(int(c), int(f)): i for i, (c, f, ok) in enumerate(zip(g["channel"][()], g["facet"][()], g["done"][()]))
+            if ok}
+    return {"images": g["images"], "rows": rows, "alignment": g["alignment"][()]}
+
+
+def write_facet_pictures(slug: str, c: int, facets: dict | None, w) -> dict[int, dict]:
+    """Writes unit c's facet pictures; returns facet -> {src, alignment} for its page."""
+    if not facets:
+        return {}
+    out = {}
+    for (channel, facet), row in facets["rows"].items():
+        if channel == c:
+            name = f"{c}-facet{facet}.{img.PICTURE_EXT}"
+            w.write(f"{slug}/{name}", img.encode(facets["images"][row]), "featurevis")
+            out[facet] = {"src": name, "alignment": float(facets["alignment"][row])}
     return out

@@ -6,6 +6,8 @@
     site/<model>/about.html              how the store was made, what it holds
     site/<model>/<layer>/index.html      every unit, drawn from sprite sheets
     site/<model>/<layer>/<channel>.html  one unit; <channel>-views.avif its other views in one strip
+    site/<model>/<layer>/atlas.html      the layer's activation atlas, where it has one; atlas.avif its picture
+    site/<model>/<layer>/caricature-<k>.avif  the layer's caricatures, shown on its index.html
     site/<model>/images/<index>.html     one dataset image with its attributions
     site/<model>/checks.html             sanity checks of every attribution method
     site/<model>/checks-strips.avif      its randomization strips, one sprite
@@ -38,9 +40,12 @@ import atlas
 from atlas.config import MAX_SITE_MB
 from atlas.errors import AtlasError
 from atlas.site import about, image_pages, pages
+from atlas.site import activation_atlas as site_atlas
 from atlas.site import blocks as site_blocks
+from atlas.site import caricatures as site_caricatures
 from atlas.site import checks as checks_page
 from atlas.site import circuits as site_circuits
+from atlas.site import labels as site_labels
 from atlas.site import pictures as img
 from atlas.site.budget import Plan, plan_views
 from atlas.site.comparisons import listed_comparisons
@@ -160,6 +165,7 @@ def _render_model(f: h5py.File, model: Model, w: SiteWriter, others: int,
     note = plan.describe(_stored_side(model))
     views_line = pages.views_line(model, note)
     extra: dict[str, dict] = {}
+    labelled: list[dict] = []  # each layer's labelled units, for the search index
     drawn = {l.name: site_circuits.rendered(f[LAYERS][l.name]) for l in model.layers}
     after = site_circuits.read_circuits(f[LAYERS][model.layers[0].name]) if model.layers else None
     for i, layer in enumerate(model.layers):
@@ -172,6 +178,8 @@ def _render_model(f: h5py.File, model: Model, w: SiteWriter, others: int,
         sheets = _render_pictures(layer, arrays, pictures(group), w, plan.scale)
         preview = f"{layer.slug}/preview.{img.PICTURE_EXT}" if sheets else None
         extra[layer.name] = pages.layer_summary(arrays, preview)
+        extra[layer.name]["atlas"] = site_atlas.render_atlas(model, i, group, w)  # its page, or None
+        labelled.append(site_labels.search_entries(model, i, arrays))
         _render_layer(model, i, arrays, sheets, dataset, group, w, views_line, plan.crop_side,
                       lambda c: site_circuits.unit_circuits(model, i, c, here, after, drawn))
     w.page("index.html", "model.html", **pages.model_context(model, extra, checks))
@@ -182,7 +190,8 @@ def _render_model(f: h5py.File, model: Model, w: SiteWriter, others: int,
     w.page("checks.html", "checks.html",
            **checks_page.checks_context(model, checks, dataset, pages.model_crumbs(model, "sanity checks"),
                                         strips[1] if strips is not None else None))
-    w.write("search.js", about.search_script(model, dataset), "search")
+    w.write("search.js", about.search_script(model, dataset, site_labels.search_index(labelled, len(model.layers))),
+            "search")
     summary = about.summary(model, extra)
     w.write("summary.json", json.dumps(summary, indent=1, sort_keys=True).encode(), "html")
     return plan, note
@@ -248,12 +257,14 @@ def _render_layer(model: Model, i: int, arrays: dict, sheets: list[dict], datase
         circuits: channel -> the unit's circuits section (site/circuits.py), or None.
     """
     layer = model.layers[i]
-    w.page(f"{layer.slug}/index.html", "layer.html", **pages.layer_context(model, i, arrays, sheets))
+    w.page(f"{layer.slug}/index.html", "layer.html", **pages.layer_context(model, i, arrays, sheets),
+           atlas=site_atlas.page_of(group), caricatures=site_caricatures.render_caricatures(model, i, group, w))
     maps, params = unit_attribution(group) if dataset is not None else (None, {})
     scale = group[UNIT_ATTRIBUTION].get("scale") if maps is not None else None
     if not isinstance(scale, h5py.Dataset) or scale.shape != maps.shape[:2]:
         scale = None  # stores written before scales kept the maps unscaled
     stored = crops(group) if dataset is not None else {}
+    facet_pictures = site_labels.read_facet_pictures(group)
     for start in range(0, layer.channels, img.SHEET_UNITS):
         chunk = maps[start:start + img.SHEET_UNITS] if maps is not None else None
         if chunk is not None and scale is not None:  # back to attribution units, so one scale fits the strip
@@ -266,7 +277,7 @@ def _render_layer(model: Model, i: int, arrays: dict, sheets: list[dict], datase
             strip = _examples_strip(layer, c, {n: s[c - start] for n, s in strips.items()}, arrays, w, crop_side)
             w.page(f"{layer.slug}/{c}.html", "unit.html",
                    **pages.unit_context(model, i, c, arrays, dataset, views_line, fired, maps is not None, strip),
-                   circuits=circuits(c))
+                   circuits=circuits(c), facet_fv=site_labels.write_facet_pictures(layer.slug, c, facet_pictures, w))
 
 
 def _examples_strip(layer: Layer, c: int, stored: dict[str, np.ndarray], arrays: dict, w: SiteWriter,

@@ -16,6 +16,7 @@ changed here changes everywhere. docs/store.md describes the layout they make:
         means                   spatial mean of every channel on each explained image
         unit_attribution/       maps, scale, index
         labels/                 examples, label, concept, count, p, lift, drawn; facet_* (member, label, ...)
+        facets/                 channel, facet, images, objective, alignment, done (polysemantic units)
     /dataset/                   paths, labels, top5, top5_prob, skipped_*, source_index (the search set);
                                 explained, images (the explained set); concepts (what unit labels number)
     /attribution/<method>/      maps, label_maps, targets, info (rows of the explained set)
@@ -53,6 +54,7 @@ CARICATURES = "caricatures"
 # each cell's mean direction visualized; also the prefix of its featurevis work units
 ACTIVATION_ATLAS = "activation_atlas"
 LABELS = "labels"  # /layers/<layer>/labels/: each unit's label, its evidence and its facets
+FACETS = "facets"  # /layers/<layer>/facets/: faceted feature visualizations of the polysemantic units
 CONCEPTS = "concepts"  # /dataset/concepts: what labels number (the classes, then their coarse groups)
 CONCEPT_GROUPS = "concept_groups"  # /dataset/concept_groups: each class's group concept (-1: none)
 

@@ -1,5 +1,6 @@
 """Screenshots of a rendered atlas for the README: index, layer, unit, image and checks pages, a unit's
-circuits, an image's building blocks, and a comparison (where `atlas compare` has written one).
+circuits, an image's building blocks, an activation atlas, and a comparison (where `atlas compare` has
+written one).
 
     atlas render atlas-data/efficientnet_lite0.h5 --out site
     python docs/screenshots/make.py site docs/screenshots
@@ -37,6 +38,9 @@ def pages(site: Path) -> dict[str, Path | tuple[Path, str]]:
              "image": model / "images" / "0.html", "checks": model / "checks.html",
              "circuits": (layer / "0.html", "section.circuits"),
              "blocks": (model / "images" / "0.html", "section.blocks")}
+    atlas = next(iter(sorted(model.glob("*/atlas.html"))), None)
+    if atlas is not None:  # the first layer with an activation atlas (the default atlas: only the deepest)
+        shots["activation-atlas"] = (atlas, ".aa-tools")
     comparison = next(iter(sorted(model.glob("compare/*/index.html"))), None)
     if comparison is not None:
         pages_of = sorted(p for p in comparison.parent.glob("*.html") if p.name != "index.html")
