@@ -11,6 +11,7 @@ from __future__ import annotations
 import h5py
 import numpy as np
 
+from atlas import distributed
 from atlas.dataset.concepts import (ALPHA, CANDIDATES, EMBED_DIMS, FACET_K, MIN_COUNT, SEPARATED, concepts_of, draws,
                                     facet_sets, label_sets)
 from atlas.dataset.reader import LABELS, STAGE, SearchSet, merged_summaries, search_set
@@ -23,8 +24,9 @@ EVIDENCE = ("concept", "count", "p", "lift")
 
 def run(ctx) -> None:
     """Labels every selected layer no part holds yet."""
-    done = ctx.store.done(STAGE)
-    todo = ctx.ranks.shard([l for l in ctx.layers if f"{LABELS}{l.name}" not in done])
+    # rank 0 lists what is left, so every rank splits the same list however far the others have got
+    left = distributed.on_main(lambda: [l.name for l in ctx.layers if f"{LABELS}{l.name}" not in ctx.store.done(STAGE)])
+    todo = ctx.ranks.shard([l for l in ctx.layers if l.name in left])
     if todo:
         with ctx.bar(sum(l.channels for l in todo), "unit labels", "unit") as bar:
             label_layers(ctx.store, todo, ctx.loaded.class_names, bar.update)

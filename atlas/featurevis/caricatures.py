@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from atlas import distributed
 from atlas.dataset.reader import EXPLAINED, DatasetImages
 from atlas.dataset.reader import STAGE as DATASET_STAGE
 from atlas.featurevis import objectives as O
@@ -103,8 +104,8 @@ def run_caricatures(ctx) -> None:
     cfg = ctx.config
     if not cfg.fv_caricatures:
         return
-    done = ctx.store.done(STAGE)
-    todo = [l.name for l in ctx.layers if unit_key(l.name) not in done]
+    # rank 0 lists what is left, so every rank splits the same list however far the others have got
+    todo = distributed.on_main(lambda: [l.name for l in ctx.layers if unit_key(l.name) not in ctx.store.done(STAGE)])
     images = _explained(ctx) if todo else None
     if images is None:
         return

@@ -17,6 +17,7 @@ import h5py
 import numpy as np
 import torch
 
+from atlas import distributed
 from atlas.attribution.reader import GroupDirections, group_directions
 from atlas.featurevis import objectives as O
 from atlas.featurevis.param import unit_seed
@@ -37,9 +38,10 @@ def run_directions(ctx, settings) -> None:
     """Renders the directions of every neuron group the attribution parts hold and no part has yet."""
     if not ctx.config.fv_directions:
         return
-    done = ctx.store.done(STAGE)
-    todo = [g for g in group_directions(ctx.store) if f"{PREFIX}{g.chunk}/{g.layer}" not in done]
-    todo = ctx.ranks.shard(todo)
+    # rank 0 lists what is left, so every rank splits the same list however far the others have got
+    left = distributed.on_main(lambda: [f"{PREFIX}{g.chunk}/{g.layer}" for g in group_directions(ctx.store)
+                                        if f"{PREFIX}{g.chunk}/{g.layer}" not in ctx.store.done(STAGE)])
+    todo = ctx.ranks.shard([g for g in group_directions(ctx.store) if f"{PREFIX}{g.chunk}/{g.layer}" in left])
     if not todo:
         return
     with ctx.bar(sum(g.directions.shape[0] * g.directions.shape[1] for g in todo), "group directions",

@@ -17,6 +17,7 @@ import h5py
 import numpy as np
 import torch
 
+from atlas import distributed
 from atlas.dataset.reader import FacetDirections, facet_directions
 from atlas.featurevis import objectives as O
 from atlas.featurevis.param import unit_seed
@@ -41,10 +42,10 @@ def run_facets(ctx, settings) -> None:
     classifier = embedding_layer(ctx.loaded.model, len(ctx.loaded.class_names))
     if classifier is None:
         return  # no classifier input to steer by; the labels recorded no facets either
-    done = ctx.store.done(STAGE)
-    names = [l.name for l in ctx.layers if f"{PREFIX}{l.name}" not in done]
-    dims = _embedding_dims(ctx, classifier)
-    todo = ctx.ranks.shard(facet_directions(ctx.store, names, dims))
+    # rank 0 lists what is left, so every rank splits the same list however far the others have got
+    names = distributed.on_main(lambda: [l.name for l in ctx.layers
+                                         if f"{PREFIX}{l.name}" not in ctx.store.done(STAGE)])
+    todo = ctx.ranks.shard(facet_directions(ctx.store, names, _embedding_dims(ctx, classifier)))
     if not todo:
         return
     with ctx.bar(sum(len(f.channel) for f in todo), "facets", "img") as bar:
