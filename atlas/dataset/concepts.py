@@ -17,8 +17,9 @@ Facets. The same top images are clustered by the model's own penultimate
 embedding (the classifier's input, randomly projected to EMBED_DIMS dimensions,
 which keeps angles to within a few percent: Johnson-Lindenstrauss), with
 spherical k-means for k = 2 and 3, the k of the higher silhouette kept when it
-reaches SEPARATED. Each facet of at least MIN_COUNT images is labelled like a
-unit, with its own images as the draws. A unit whose facets carry two or more
+reaches SEPARATED (below it the clusters are kept and shown, as a spread
+rather than facets). Each cluster of at least MIN_COUNT images is labelled like
+a unit, with its own images as the draws. A unit whose facets carry two or more
 different significant labels, neither a group holding the other, is flagged
 polysemantic. scikit-learn clusters one set at a time (60 ms a unit here); the
 batched k-means and silhouette below treat thousands of units' small sets in one
@@ -218,10 +219,11 @@ def silhouette(x: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
 
 @dataclass
 class Facets:
-    """Per unit: its top images' clusters, when well separated, each with its labelling."""
+    """Per unit: its top images' best clustering and each cluster's labelling; facets proper only where
+    the clusters are well separated (`separated`)."""
 
-    member: np.ndarray  # int8 [U, n]: each top image's facet, -1 when the unit has no facets
-    silhouette: np.ndarray  # float32 [U]: of the best clustering tried
+    member: np.ndarray  # int8 [U, n]: each top image's cluster in the best clustering tried
+    silhouette: np.ndarray  # float32 [U]: of that clustering
     labels: Labels  # of the facets: rows unit * max(FACET_K) + facet (empty facets drawn from nothing)
     polysemantic: np.ndarray  # bool [U]
 
@@ -245,14 +247,13 @@ def facet_sets(embedding: np.ndarray, members: np.ndarray, image_class: np.ndarr
             better = score > best[rows]
             best[rows] = np.where(better, score, best[rows])
             member[rows] = np.where(better[:, None], labels.numpy().astype(np.int8), member[rows])
-    member[best < SEPARATED] = -1
     facet_members = np.repeat(members, kmax, axis=0)
     facet_valid = (np.repeat(member, kmax, axis=0) == np.tile(np.arange(kmax), u)[:, None])
     facet_labels = label_sets(facet_members, facet_valid, image_class, group_of, n_concepts)
     label = facet_labels.label.reshape(u, kmax)
     size = facet_valid.sum(1).reshape(u, kmax)
-    polysemantic = np.array([_distinct(label[i][(size[i] >= MIN_COUNT) & (label[i] >= 0)], group_of)
-                             for i in range(u)], bool)
+    polysemantic = np.array([best[i] >= SEPARATED and _distinct(label[i][(size[i] >= MIN_COUNT) & (label[i] >= 0)],
+                                                                group_of) for i in range(u)], bool)
     return Facets(member, best, facet_labels, polysemantic)
 
 

@@ -63,6 +63,7 @@ def label_layer(pool: np.ndarray, search: SearchSet, group_of: np.ndarray, n_con
         facets = facet_sets(search.embedding, members, search.image_class, group_of, n_concepts)
         c, kmax = pool.shape[0], max(FACET_K)
         out.update({"facet_member": facets.member, "silhouette": facets.silhouette,
+                    "separated": facets.silhouette >= SEPARATED,
                     "polysemantic": facets.polysemantic,
                     "facet_label": facets.labels.label.reshape(c, kmax),
                     "facet_size": facets.labels.drawn.reshape(c, kmax),

@@ -77,6 +77,7 @@ def unit_label(model: Model, c: int, arrays: dict, dataset: dict | None) -> dict
                 "slots": [k for k, j in enumerate(top_rows) if j in set(rows.tolist())],
                 "images": [_image(model, dataset, int(j)) for j in rows[:EVIDENCE_IMAGES // 2]]})
         out["silhouette"] = float(arrays["labels/silhouette"][c])
+        out["separated"] = bool(arrays["labels/separated"][c]) if "labels/separated" in arrays else True
     return out
 
 
