@@ -80,3 +80,27 @@ def test_preprocess_crop_and_normalize():
     x = pre.from_uint8(pixels[None])
     assert x.shape == (1, 3, 4, 4)
     assert torch.allclose(x[0, 0], torch.ones(4, 4)) and torch.allclose(x[0, 1], -torch.ones(4, 4))
+
+
+@pytest.mark.parametrize("name, head", [("googlenet", "aux1"), ("inception_v3", "AuxLogits")])
+def test_state_dicts_without_their_auxiliary_heads_load_with_a_note(tmp_path: Path, capfd, name, head):
+    import torchvision.models as tvm
+    torch.manual_seed(0)
+    plain = tvm.get_model(name, weights=None, aux_logits=False, init_weights=False)
+    path = tmp_path / f"{name}.pth"
+    torch.save(plain.state_dict(), path)
+    loaded = models.load(name, path)  # torchvision builds these with their auxiliary heads
+    note = capfd.readouterr().err
+    assert note.count("\n") == 1 and note.startswith("atlas: note: ") and head in note and "never uses" in note
+    own = loaded.model.state_dict()
+    assert all(torch.equal(own[k], v) for k, v in plain.state_dict().items())
+    # the other way round: a state dict with the heads, into a model built without them
+    full = tvm.get_model(name, weights=None, init_weights=False)
+    assert models.fit_state_dict(plain, full.state_dict(), "full.pth", loaded.input_size) is not None
+
+    # anything else missing is still refused
+    state = plain.state_dict()
+    state.pop("fc.weight")
+    torch.save(state, path)
+    with pytest.raises(AtlasError, match="1 missing"):
+        models.load(name, path)

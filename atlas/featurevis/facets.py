@@ -21,7 +21,7 @@ from atlas import distributed
 from atlas.dataset.reader import FacetDirections, facet_directions
 from atlas.featurevis import objectives as O
 from atlas.featurevis.param import unit_seed
-from atlas.featurevis.render import render
+from atlas.featurevis.render import fixed_side, render
 from atlas.layers import embedding_layer
 from atlas.store import Store
 from atlas.store.schema import FACETS, FEATUREVIS, LAYERS
@@ -88,7 +88,7 @@ def _render(ctx, settings, facets: FacetDirections, classifier: str, bar) -> dic
 def _alignment(ctx, classifier: str, steer: torch.Tensor, images: np.ndarray) -> np.ndarray:
     """Each render's cosine with its facet direction, read on the stored pixels."""
     from atlas.layers import Capture
-    x = ctx.loaded.preprocess.from_uint8(images).to(ctx.device)
+    x = fixed_side(ctx.loaded.preprocess.from_uint8(images).to(ctx.device), ctx.loaded.preprocess)
     with torch.no_grad(), Capture(ctx.loaded.model, [classifier], stop=True) as cap:
         return O.alignment(classifier, steer)(cap.run(x)).cpu().numpy()
 

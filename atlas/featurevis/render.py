@@ -119,8 +119,9 @@ def render(model: nn.Module, preprocess: Preprocess, objective: Objective, seeds
             if is_maco:
                 image.retain_grad()
                 boxes = maco.crop_boxes(gens, settings.canvas, settings.crops)
-                view = _model_input(preprocess, maco.cut(image, boxes, settings.view,
-                                                             maco.band(settings.canvas, settings.crops)))
+                view = _model_input(preprocess, fixed_side(maco.cut(image, boxes, settings.view,
+                                                                        maco.band(settings.canvas, settings.crops)),
+                                                               preprocess))
                 view = view + maco.noise(view.shape, gens, settings.crops).to(view)
             else:
                 view = _model_input(preprocess, _model_side(random_affine(image, gens, settings.robustness),
@@ -140,8 +141,9 @@ def render(model: nn.Module, preprocess: Preprocess, objective: Objective, seeds
         with torch.no_grad(), _autocast(device):
             image = to_rgb(params)
             # MACO's canvas is judged on its centre crop at the crops' mean size, and stored whole at `size`
-            seen_final = maco.cut(image, maco.centre_box(len(seeds), settings.canvas, settings.crops),
-                                  settings.view) if is_maco else _model_side(image, preprocess, settings)
+            seen_final = fixed_side(maco.cut(image, maco.centre_box(len(seeds), settings.canvas, settings.crops),
+                                             settings.view), preprocess) if is_maco \
+                else _model_side(image, preprocess, settings)
             if compared:
                 start_view = _model_input(preprocess, _model_side(start, preprocess, settings))
             acts = _with_start(capture, _model_input(preprocess, seen_final), start_view)
@@ -176,9 +178,22 @@ def _model_side(frame: torch.Tensor, preprocess: Preprocess, settings: RenderSet
     """The Lucid recipe's frame as the model sees it: resized up to the model's input side where smaller
     and `settings.upsample` asks for it (bilinear, corners aligned, as Lucent's upsampling)."""
     side = preprocess.size
-    if not settings.upsample or frame.shape[-1] >= side:
+    if preprocess.fixed and frame.shape[-1] > side:
+        return fixed_side(frame, preprocess)
+    if not (settings.upsample or preprocess.fixed) or frame.shape[-1] >= side:
         return frame
     return F.interpolate(frame, size=(side, side), mode="bilinear", align_corners=True)
+
+
+def fixed_side(frame: torch.Tensor, preprocess: Preprocess) -> torch.Tensor:
+    """What a model that accepts only its own input side sees of a frame of another side: the frame
+    resized to it (up bilinearly as Lucent does, down with antialiasing); any other model, the frame."""
+    side = preprocess.size
+    if not preprocess.fixed or frame.shape[-1] == side:
+        return frame
+    if frame.shape[-1] < side:
+        return F.interpolate(frame, size=(side, side), mode="bilinear", align_corners=True)
+    return F.interpolate(frame, size=(side, side), mode="bilinear", align_corners=False, antialias=True)
 
 
 def _alpha(energy: torch.Tensor, side: int) -> np.ndarray:

