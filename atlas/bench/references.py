@@ -12,7 +12,8 @@ weights, offline) and its sample photos, each pair it is asked for (`only`):
   the same steps, the same magnitude (Atlas's, written where horama looks for
   its download, so both start from one spectrum), horama's defaults otherwise
   (six crops, noise 0.05, NAdam lr 1) and a canvas 1280/224 of the model's
-  view for both. Each tool in its ordinary use: Atlas renders a layer's units
+  view for both; Atlas with its redirected ReLU for the first 16 steps, as
+  the full preset renders (horama has none). Each tool in its ordinary use: Atlas renders a layer's units
   in one batch, horama one unit per call. Both final canvases are judged the
   same way: the unit's mean activation over the same 16 fixed crops, read
   through Atlas's `Capture` on uint8 pixels (horama's image mapped back from
@@ -54,6 +55,7 @@ from atlas.bench import featurevis
 from atlas.bench.common import timed
 from atlas.bench.references_lrp import lrp_pair
 from atlas.bench.references_quantus import quantus_pair
+from atlas.config import Config
 from atlas.errors import AtlasError
 from atlas.featurevis import maco
 from atlas.featurevis import objectives as O
@@ -127,7 +129,9 @@ def maco_pair(loaded: LoadedModel, steps: int, per_layer: int, size: int) -> dic
     except ImportError as exc:
         print(f"MACO: skipped, horama is not installed ({exc}); install it with: {HORAMA}", flush=True)
         return {"maco_activation_vs_horama": math.nan, "maco_time_vs_horama": math.nan}
-    settings = RenderSettings(size=size, steps=steps, param="phase", redirect_steps=0,
+    # Atlas as it ships: the redirected ReLU of the first steps (horama has none), without which a unit
+    # silent on the start image (two of bn2's, here) never moves
+    settings = RenderSettings(size=size, steps=steps, param="phase", redirect_steps=Config().fv_redirect_steps,
                               robustness=Robustness().scaled(min(1.0, size / 128)))
     units = maco_units(loaded, per_layer)
     print(f"MACO: {loaded.name}, {steps} steps, canvas {settings.canvas} px, view {settings.view} px, "
