@@ -81,7 +81,8 @@ def load(spec: str, weights: str | os.PathLike | None = None) -> LoadedModel:
             loaded = _load_torchvision(spec, weights)
     loaded.model.eval()
     loaded.model.requires_grad_(False)
-    if not loaded.preprocess.fixed and _needs_its_size(loaded.model, loaded.preprocess.size):
+    # timm says so in its config; any other model is asked once, at half its side
+    if not spec.startswith("timm:") and _needs_its_size(loaded.model, loaded.preprocess.size):
         loaded.preprocess = dataclasses.replace(loaded.preprocess, fixed=True)
     # convolution weights channels-last, like every input Atlas feeds: the fastest layout on CPUs
     # (about a fifth less time per feature-visualization step) and on tensor-core GPUs

@@ -183,6 +183,12 @@ def pictures(g: h5py.Group) -> dict[str, h5py.Dataset | Faded]:
     return out
 
 
+def _image_classes(labels: np.ndarray, top5: np.ndarray) -> np.ndarray:
+    """Each search image's class as unit labels count it: the true label where known, else the top-1."""
+    top1 = top5[:, 0] if top5.ndim == 2 and top5.shape[1] else np.full(len(labels), -1)
+    return np.where(labels >= 0, labels, top1)
+
+
 def read_dataset(f: h5py.File) -> dict:
     """The dataset's per-image metadata (not the pixels): every search image's, and which are explained.
 
@@ -199,6 +205,7 @@ def read_dataset(f: h5py.File) -> dict:
         "paths": _strings(d["paths"]) if "paths" in d else [""] * n,
         "labels": get("labels", np.full(n, -1)),
         "concept_groups": get("concept_groups", np.zeros(0, np.int32)),
+        "image_class": _image_classes(get("labels", np.full(n, -1)), get("top5", np.zeros((n, 0), np.int64))),
         "top5": get("top5", np.zeros((n, 0), np.int64)),
         "top5_prob": get("top5_prob", np.zeros((n, 0), np.float32)),
         "skipped": list(zip(_strings(d["skipped_paths"]), _strings(d["skipped_reasons"])))

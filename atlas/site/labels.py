@@ -32,13 +32,6 @@ def _candidates(model: Model, arrays: dict, prefix: str, index: tuple, drawn: in
     return out
 
 
-def image_classes(dataset: dict) -> np.ndarray:
-    """Each search image's class as the labels counted it: the true label where known, else the top-1."""
-    labels, top5 = dataset["labels"], dataset["top5"]
-    top1 = top5[:, 0] if top5.shape[1] else np.full(len(labels), -1)
-    return np.where(labels >= 0, labels, top1)
-
-
 def _has(model: Model, concept: int, classes: np.ndarray, groups: np.ndarray) -> np.ndarray:
     """Which of these image classes count for `concept` (the class itself, or a class of its group)."""
     if concept < len(groups) or not len(groups):
@@ -54,7 +47,7 @@ def unit_label(model: Model, c: int, arrays: dict, dataset: dict | None) -> dict
     label, drawn = int(arrays["labels/label"][c]), int(arrays["labels/drawn"][c])
     examples = arrays["labels/examples"][c]
     examples = examples[examples >= 0]
-    classes = image_classes(dataset)
+    classes = dataset["image_class"]
     groups = dataset.get("concept_groups", np.zeros(0, np.int32))
     out = {"text": _name(model, label) if label >= 0 else None, "drawn": drawn,
            "candidates": _candidates(model, arrays, "", (c,), drawn), "images": [], "facets": [],
@@ -70,11 +63,12 @@ def unit_label(model: Model, c: int, arrays: dict, dataset: dict | None) -> dict
             rows = examples[member == facet]
             if not len(rows):
                 continue
+            held = set(rows.tolist())
             flabel = int(arrays["labels/facet_label"][c, facet])
             out["facets"].append({
                 "number": facet, "text": _name(model, flabel) if flabel >= 0 else UNLABELLED, "size": len(rows),
                 "candidates": _candidates(model, arrays, "facet_", (c, facet), len(rows))[:1],
-                "slots": [k for k, j in enumerate(top_rows) if j in set(rows.tolist())],
+                "slots": [k for k, j in enumerate(top_rows) if j in held],
                 "images": [_image(model, dataset, int(j)) for j in rows[:EVIDENCE_IMAGES // 2]]})
         out["silhouette"] = float(arrays["labels/silhouette"][c])
         out["separated"] = bool(arrays["labels/separated"][c]) if "labels/separated" in arrays else True
