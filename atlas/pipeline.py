@@ -105,7 +105,7 @@ def run_stages(ctx: Context, stages: Iterable[str]) -> Path:
         distributed.barrier()
     if featurevis.STAGE in wanted and wanted[-1] != featurevis.STAGE:
         # what needs a later stage's results: the neuron groups it has just found, the explained images
-        featurevis.run_directions(ctx)
+        featurevis.run_later(ctx)
         distributed.barrier()
     return distributed.on_main(lambda: consolidate(ctx.store))
 

@@ -107,17 +107,17 @@ def test_the_atlas_is_not_redone_and_is_redone_for_another_grid(built, config):
     cfg, ctx, _ = built
     parts = ctx.store.parts / "featurevis"
     before = {p.name: p.stat().st_mtime_ns for p in parts.glob("*.h5")}
-    featurevis.run_directions(ctx)
+    featurevis.run_later(ctx)
     assert {p.name: p.stat().st_mtime_ns for p in parts.glob("*.h5")} == before
     other = pipeline.prepare(cfg.replace(atlas_grid=3), progress=False)
-    featurevis.run_directions(other)
+    featurevis.run_later(other)
     with other.store.read_unit("featurevis", layout_key("probe")) as part:
         assert part.attrs["grid"] == 3 and int(part["row"][...].max()) <= 2
     path = pipeline.consolidate(other.store)
     with h5py.File(path) as f:
         g = f[f"layers/probe/{ACTIVATION_ATLAS}"]
         assert g.attrs["grid"] == 3 and g["done"][...].all()  # every cell of the new layout is rendered
-    featurevis.run_directions(ctx)  # back to the first grid, for the other tests of this module
+    featurevis.run_later(ctx)  # back to the first grid, for the other tests of this module
     pipeline.consolidate(ctx.store)
 
 

@@ -178,9 +178,9 @@ def _model_side(frame: torch.Tensor, preprocess: Preprocess, settings: RenderSet
     """The Lucid recipe's frame as the model sees it: resized up to the model's input side where smaller
     and `settings.upsample` asks for it (bilinear, corners aligned, as Lucent's upsampling)."""
     side = preprocess.size
-    if preprocess.fixed and frame.shape[-1] > side:
+    if preprocess.fixed:
         return fixed_side(frame, preprocess)
-    if not (settings.upsample or preprocess.fixed) or frame.shape[-1] >= side:
+    if not settings.upsample or frame.shape[-1] >= side:
         return frame
     return F.interpolate(frame, size=(side, side), mode="bilinear", align_corners=True)
 

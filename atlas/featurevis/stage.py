@@ -124,15 +124,17 @@ def run(ctx) -> None:
                                      {**renderer.settings.provenance(), "view": view,
                                       "objective": objective_of(view, layer, part[:1], cfg, pres[layer]).name})
                 bar.update(len(part))
-    directions_of(ctx, renderer.settings)  # the neuron groups the attribution stage has factorized so far
+    run_later(ctx)  # what the later stages' parts already allow
 
 
-def run_directions(ctx) -> None:
-    """Renders the neuron groups' directions the attribution stage has found since (directions.py)."""
-    directions_of(ctx, settings_of(ctx.config))
-    run_atlas(ctx, settings_of(ctx.config))  # the activation atlas of the explained images (activation_atlas.py)
+def run_later(ctx) -> None:
+    """Renders what waits on a later stage's results, as far as its parts allow; each step does only what
+    no part holds yet, and nothing while its inputs are missing."""
+    settings = settings_of(ctx.config)
+    directions_of(ctx, settings)  # the neuron groups the attribution stage has found (directions.py)
+    run_atlas(ctx, settings)  # the activation atlas of the explained images (activation_atlas.py)
     run_caricatures(ctx)  # explained images exaggerated by what each layer sees in them (caricatures.py)
-    run_facets(ctx, settings_of(ctx.config))  # the polysemantic units' facets, once labelled (facets.py)
+    run_facets(ctx, settings)  # the polysemantic units' facets, once labelled (facets.py)
 
 
 class _Renderer:
