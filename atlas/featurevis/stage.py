@@ -124,7 +124,9 @@ def run(ctx) -> None:
                                      {**renderer.settings.provenance(), "view": view,
                                       "objective": objective_of(view, layer, part[:1], cfg, pres[layer]).name})
                 bar.update(len(part))
-    run_later(ctx)  # what the later stages' parts already allow
+    # the neuron groups the attribution stage has factorized so far; the other late renders read the dataset
+    # stage's parts, which that stage may still have to recompute (its store gone): the pipeline runs them after it
+    directions_of(ctx, renderer.settings)
 
 
 def run_later(ctx) -> None:
