@@ -52,6 +52,13 @@ def test_preconditioner_is_horamas():
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
     low, high = maco.pixel_range()
     assert (low < 0).all() and (high[:2] > 1).all() and (high - low - 5 * torch.tensor(IMAGENET_STD)).abs().max() < 1e-6
+    # the range is in the model's own input space, as horama feeds its image to the model: a model
+    # normalized by 0.5 and 0.5 sees horama's values too, from pixels -0.75 to 1.75
+    half = maco.to_rgb(phase, mag, (0.5,) * 3, (0.5,) * 3)[0]
+    torch.testing.assert_close((half - 0.5) / 0.5, theirs, atol=1e-5, rtol=1e-5)
+    low, high = maco.pixel_range((0.5,) * 3, (0.5,) * 3)
+    torch.testing.assert_close(low, torch.full((3,), -0.75))
+    torch.testing.assert_close(high, torch.full((3,), 1.75))
 
 
 def test_crops_are_macos_and_crop_major():

@@ -16,9 +16,10 @@ authors: six crops per step, crop sides drawn from 0.25-0.30 of the image
 (horama's code draws rand * (b1 - b0) + b1 from its box_size (0.20, 0.25)),
 centres N(0.5, 0.15), each crop cut by roi_align at twice the view's side and
 resized by antialiased bicubic interpolation, noise 0.05 in the model's input
-space, and the sigmoid spanning -2.5 to 2.5 in ImageNet's normalized input
-space: pixels from about -0.16 to 1.06, which the model sees as they are
-and the stored image clips to [0, 1]. Horama downloads its magnitude
+space, and the sigmoid spanning -2.5 to 2.5 in the normalized input
+space, the model's own: with ImageNet's normalization pixels from about
+-0.16 to 1.06, which the model sees as they are and the stored image clips
+to [0, 1]. Horama downloads its magnitude
 (ImageNet's); Atlas computes the same statistic from its embedded photos,
 offline.
 """
@@ -90,21 +91,24 @@ def _standardize(x: torch.Tensor) -> torch.Tensor:
     return (x - mean) / (std + 1e-4)
 
 
-def to_rgb(phase: torch.Tensor, mag: torch.Tensor) -> torch.Tensor:
-    """Images [B, 3, S, S] from phases [B, 3, S, S//2+1] and the fixed magnitude, in MACO's value range:
-    pixels a little beyond [0, 1] (`pixel_range`), clipped where they are stored."""
+def to_rgb(phase: torch.Tensor, mag: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
+    """Images [B, 3, S, S] from phases [B, 3, S, S//2+1] and the fixed magnitude, in MACO's value range
+    for a model normalized by `mean` and `std`: pixels beyond [0, 1] (`pixel_range`), clipped where
+    they are stored."""
     phase = _standardize(phase)
     spectrum = torch.complex(torch.cos(phase) * mag, torch.sin(phase) * mag)
     image = _standardize(torch.fft.irfft2(spectrum, s=(mag.shape[-2], mag.shape[-2])))
     image = recorrelate(image, recorrelation().to(image))
-    low, high = (v.view(1, 3, 1, 1).to(image) for v in pixel_range())
+    low, high = (v.view(1, 3, 1, 1).to(image) for v in pixel_range(mean, std))
     return low + (high - low) * torch.sigmoid(image)
 
 
-def pixel_range() -> tuple[torch.Tensor, torch.Tensor]:
-    """MACO's value range, -2.5 to 2.5 in ImageNet's normalized input space (horama's `values_range`), as
-    pixels: mean -/+ 2.5 std per colour, from about -0.16 to 1.06. The same pixels for every model."""
-    mean, std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
+def pixel_range(mean=IMAGENET_MEAN, std=IMAGENET_STD) -> tuple[torch.Tensor, torch.Tensor]:
+    """MACO's value range, -2.5 to 2.5 in the model's normalized input space (horama's `values_range`,
+    which horama feeds to the model as it is), as pixels: mean -/+ 2.5 std per colour. With ImageNet's
+    normalization from about -0.16 to 1.06; a model normalized by 0.5 and 0.5 (EfficientNet-Lite, most
+    ViTs) from -0.75 to 1.75, so the same contrast in what the model sees."""
+    mean, std = torch.as_tensor(mean, dtype=torch.float32), torch.as_tensor(std, dtype=torch.float32)
     return mean - VALUE_RANGE * std, mean + VALUE_RANGE * std
 
 

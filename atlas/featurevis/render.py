@@ -99,7 +99,7 @@ def render(model: nn.Module, preprocess: Preprocess, objective: Objective, seeds
         The images, their final objective values and loss curves (MACO: and transparency).
     """
     start = start.to(device) if start is not None else None
-    params, to_rgb, optimizer = _parameterize(settings, seeds, device, start)
+    params, to_rgb, optimizer = _parameterize(settings, seeds, device, preprocess, start)
     gens = [torch.Generator().manual_seed(s ^ 0x5EED5EED) for s in seeds]
     marks = _checkpoints(settings.steps, settings.loss_points)
     loss = np.zeros((len(seeds), len(marks)), np.float32)
@@ -203,7 +203,8 @@ def _alpha(energy: torch.Tensor, side: int) -> np.ndarray:
     return (e / top[:, None, None]).clamp(0, 1).mul(255).round().byte().cpu().numpy()
 
 
-def _parameterize(settings: RenderSettings, seeds: list[int], device, start: torch.Tensor | None = None):
+def _parameterize(settings: RenderSettings, seeds: list[int], device, preprocess: Preprocess,
+                  start: torch.Tensor | None = None):
     """The optimized tensor, the function that maps it to images in [0, 1], and its optimizer."""
     size = settings.size
     if start is not None and settings.param != "fourier":
@@ -216,7 +217,8 @@ def _parameterize(settings: RenderSettings, seeds: list[int], device, start: tor
     if settings.param == "phase":
         phase = maco.init_phase(seeds, settings.canvas).to(device).requires_grad_(True)
         magnitude = maco.magnitude(settings.canvas).to(device)
-        return phase, lambda p: maco.to_rgb(p, magnitude), torch.optim.NAdam([phase], lr=maco.LR)
+        return (phase, lambda p: maco.to_rgb(p, magnitude, preprocess.mean, preprocess.std),
+                torch.optim.NAdam([phase], lr=maco.LR))
     raise ValueError(f"param: expected 'fourier' or 'phase', got {settings.param!r}")
 
 
