@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import math
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Callable, Iterable
@@ -38,30 +39,83 @@ class LayerInfo:
     width: int
     pre: str | None = None  # `<activation call>:in`, when the output is an activation's: its pre-activation
     then: str | None = None  # the normalization or activation layer that takes this output as it is
+    layout: str = "nchw"  # how the module hands on its output: nchw, nhwc (channels last), tokens or vector
 
     @property
     def shape(self) -> tuple[int, int, int]:
         return (self.channels, self.height, self.width)
 
 
-def as_bchw(t: torch.Tensor) -> torch.Tensor | None:
-    """Views an activation as [batch, channels, height, width].
+def as_bchw(t: torch.Tensor, channels_last: bool = False) -> torch.Tensor | None:
+    """Views an activation as [batch, channels, height, width]: what a layer's units are.
 
-    Feature vectors [B, C] become [B, C, 1, 1]; token sequences [B, N, D]
-    (vision transformers) become [B, D, N, 1]. Anything else is not a layer.
+    This is the one place that decides it; every capture (feature visualization,
+    dataset examples, statistics, attributions, circuits) goes through it.
+
+    * [B, C, H, W]: C units over an H x W map, as it is.
+    * [B, H, W, C] with `channels_last` (torchvision and timm Swin blocks, the
+      MLP inside a ConvNeXt block): C units over the H x W map, permuted. Which
+      4-D tensors are channels-last is decided by following the model's
+      modules (`discover`, `is_channels_last`), never by guessing from shapes.
+    * [B, N, C], a vision transformer's token sequence: C units over the patch
+      grid. The leading extra = N - isqrt(N)^2 tokens (class, distillation and
+      register tokens) are set aside and the h x w = isqrt(N)^2 patch tokens
+      become [B, C, h, w] (row-major, as the patch embedding flattened them).
+      A sequence with more extra tokens than a grid side is no grid: [B, C, N, 1].
+    * [B, C], a feature vector: [B, C, 1, 1].
+
+    Anything else is not a layer (None). The result is a view: gradients flow
+    through it to the tensor the module returned.
     """
     if not isinstance(t, torch.Tensor) or not t.is_floating_point():
         return None
     if t.dim() == 4:
-        return t
+        return t.permute(0, 3, 1, 2) if channels_last else t
     if t.dim() == 2:
         return t[:, :, None, None]
     if t.dim() == 3:
-        return t.transpose(1, 2)[..., None]
+        side, extra = patch_grid(t.shape[1])
+        if side == 0:
+            return t.transpose(1, 2)[..., None]
+        return t[:, extra:].transpose(1, 2).unflatten(2, (side, side))
     return None
 
 
+def patch_grid(tokens: int) -> tuple[int, int]:
+    """(grid side, extra leading tokens) of a token sequence; (0, 0) where it holds no square grid."""
+    side = math.isqrt(tokens)
+    extra = tokens - side * side
+    return (side, extra) if side > 1 and extra <= side else (0, 0)
+
+
+# A 4-D output of these is channels-last: they act on the last dimension (LayerNorm2d, which
+# permutes internally, is channels-first: its name ends in 2d).
+def _acts_on_last_dim(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or (isinstance(module, nn.LayerNorm)
+                                             and not type(module).__name__.endswith("2d"))
+
+
+CHANNELS_LAST_CLASSES = ("SwinTransformerBlock", "SwinTransformerBlockV2", "PatchMerging", "PatchMergingV2",
+                         "ShiftedWindowAttention", "ShiftedWindowAttentionV2", "SwinTransformerStage")
+LAYOUTS = "atlas_channels_last"  # attribute `discover` leaves on a model: its channels-last layer names
+
+
+def is_channels_last(model: nn.Module, name: str, module: nn.Module) -> bool:
+    """Whether layer `name` (a `module@call` name, or its `:in`) of `model` is a 4-D channels-last tensor.
+
+    `discover` follows every tensor through one forward pass and records the
+    answer on the model; a model never discovered is judged by the module's
+    type alone: Linear and LayerNorm act on the last dimension, and the Swin
+    classes of torchvision and timm hand on [B, H, W, C].
+    """
+    known = getattr(model, LAYOUTS, None)
+    if known is not None:
+        return name in known
+    return not name.endswith(INPUT) and (_acts_on_last_dim(module) or type(module).__name__ in CHANNELS_LAST_CLASSES)
+
+
 INPUT = ":in"  # suffix of a name that means a call's input
+NCHW, NHWC, TOKENS, VECTOR = "nchw", "nhwc", "tokens", "vector"  # the layouts of LayerInfo.layout
 ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SiLU, nn.GELU, nn.Hardswish, nn.Mish, nn.Hardtanh,
                nn.PReLU, nn.Softplus)
 
@@ -124,27 +178,29 @@ class Capture:
         self._handles.clear()
 
     def _hook(self, module_name: str):
-        def hook(_module, _inputs, output):
+        def hook(module, _inputs, output):
             call = self._calls.get(module_name, 0)
             self._calls[module_name] = call + 1
             if call not in self.wanted[module_name]:
                 return
-            act = as_bchw(output)
+            name = self.names[(module_name, call)]
+            act = as_bchw(output, is_channels_last(self.model, name, module))
             if act is None:
                 raise AtlasError(f"layer {module_name} returns {type(output).__name__}, not a feature map")
-            self._keep(self.names[(module_name, call)], act)
+            self._keep(name, act)
         return hook
 
     def _pre_hook(self, module_name: str):
-        def hook(_module, inputs):
+        def hook(module, inputs):
             call = self._in_calls.get(module_name, 0)
             self._in_calls[module_name] = call + 1
             if call not in self.wanted_in[module_name]:
                 return
-            act = as_bchw(inputs[0]) if inputs else None
+            name = self.inputs[(module_name, call)]
+            act = as_bchw(inputs[0], is_channels_last(self.model, name, module)) if inputs else None
             if act is None:
                 raise AtlasError(f"layer {module_name} takes {type(inputs[0]).__name__}, not a feature map")
-            self._keep(self.inputs[(module_name, call)], act)
+            self._keep(name, act)
         return hook
 
     def _keep(self, name: str, act: torch.Tensor) -> None:
@@ -216,16 +272,19 @@ def discover(model: nn.Module, input_size: int, device: torch.device | str = "cp
 
     def make_pre_hook(name: str):
         def hook(_module, inputs):
-            started[name].append(key(inputs[0]) if inputs else None)
+            first = inputs[0] if inputs else None
+            started[name].append((key(first), tuple(first.shape) if isinstance(first, torch.Tensor) else None))
         return hook
 
     def make_hook(name: str):
         def hook(module, _inputs, output):
             call = calls[name]
             calls[name] += 1
+            into, in_shape = started[name][call] if call < len(started[name]) else (None, None)
             ended.append({"module": name, "call": call, "kind": type(module).__name__, "obj": module,
-                          "in": started[name][call] if call < len(started[name]) else None, "out": key(output),
-                          "shape": None if (act := as_bchw(output)) is None else act.shape})
+                          "in": into, "in_shape": in_shape, "out": key(output),
+                          "raw": tuple(output.shape) if isinstance(output, torch.Tensor) and output.is_floating_point()
+                          else None})
         return hook
 
     named = [(n, m) for n, m in model.named_modules() if n]
@@ -240,6 +299,7 @@ def discover(model: nn.Module, input_size: int, device: torch.device | str = "cp
             h.remove()
     for r in ended:
         r["name"] = f"{r['module']}@{r['call']}" if calls[r["module"]] > 1 else r["module"]
+    _follow_layouts(model, ended)
     layers = []
     for i, r in enumerate(ended):
         if r["shape"] is None:
@@ -257,8 +317,45 @@ def discover(model: nn.Module, input_size: int, device: torch.device | str = "cp
         layers.append(LayerInfo(name=r["name"], module=r["module"], call=r["call"], kind=r["kind"],
                                 channels=r["shape"][1], height=r["shape"][2], width=r["shape"][3],
                                 pre=pre,
-                                then=taker["name"] if taker else None))
+                                then=taker["name"] if taker else None, layout=r["layout"]))
     return layers
+
+
+def _follow_layouts(model: nn.Module, ended: list[dict]) -> None:
+    """Gives each finished call its output's layout and bchw shape, and records the model's channels-last
+    layer names (`LAYOUTS`, read by `is_channels_last`).
+
+    A 4-D tensor is channels-first unless one of these makes it channels-last:
+    a module acting on the last dimension (Linear, LayerNorm) produced it; a
+    `Permute` moved the channels last; a container returns its child's output
+    as it is (the child's layout); a module returned a tensor shaped like its
+    input (the input's layout: activations, dropout, residual blocks).
+    """
+    layout_of: dict[tuple[int, int], str] = {}  # tensor key -> layout of the call that produced it
+    last: set[str] = set()
+    for r in ended:
+        into = layout_of.get(r["in"], NCHW) if r["in"] is not None else NCHW
+        raw = r["raw"]
+        if raw is None or len(raw) != 4:
+            r["layout"] = {3: TOKENS, 2: VECTOR}.get(len(raw) if raw else 0, NCHW)
+        elif r["out"] in layout_of:
+            r["layout"] = layout_of[r["out"]]
+        elif type(r["obj"]).__name__ == "Permute" and len(getattr(r["obj"], "dims", ())) == 4:
+            channel_axis = 3 if into == NHWC else 1
+            r["layout"] = NHWC if list(r["obj"].dims).index(channel_axis) == 3 else NCHW
+        elif _acts_on_last_dim(r["obj"]) or type(r["obj"]).__name__ in CHANNELS_LAST_CLASSES:
+            r["layout"] = NHWC
+        else:
+            r["layout"] = into if r["in_shape"] == raw else NCHW
+        if r["out"] is not None:
+            layout_of[r["out"]] = r["layout"]
+        if r["layout"] == NHWC:
+            last.add(r["name"])
+        if r["in"] is not None and r["in_shape"] is not None and len(r["in_shape"]) == 4 and into == NHWC:
+            last.add(f"{r['name']}{INPUT}")
+        act = None if raw is None else as_bchw(torch.empty(raw, device="meta"), r["layout"] == NHWC)
+        r["shape"] = None if act is None else act.shape
+    setattr(model, LAYOUTS, frozenset(last))
 
 
 def default_selection(model: nn.Module, layers: list[LayerInfo]) -> list[LayerInfo]:
@@ -266,6 +363,10 @@ def default_selection(model: nn.Module, layers: list[LayerInfo]) -> list[LayerIn
 
     * timm EfficientNet / MobileNet style (a `blocks` stack): the stem, every
       block output, and the head.
+    * vision transformers (token layers): the patch embedding and each
+      encoder block's output (torchvision's `conv_proj` and
+      `encoder.layers.encoder_layer_0` ..., timm's `patch_embed` and
+      `blocks.0` ...): the blocks of the stack (an `nn.Sequential`) whose output is tokens.
     * anything else: every convolution and every block, where a block is a
       module with children that sits directly in the model or in an
       `nn.Sequential` (ResNet's `layer3.2`, GoogLeNet's `inception4a`).
@@ -309,6 +410,11 @@ def default_selection(model: nn.Module, layers: list[LayerInfo]) -> list[LayerIn
     def shown(l: LayerInfo) -> LayerInfo:
         return (wrapper(l) or passed_on(l, by_name)) if isinstance(modules[l.module], nn.Conv2d) else l
 
+    if any(l.layout == TOKENS for l in spatial):  # a vision transformer
+        convs = [shown(l) for l in spatial if isinstance(modules[l.module], nn.Conv2d)]
+        stack = [l for l in spatial if l.layout == TOKENS and is_block(l.module)
+                 and isinstance(parent(l.module), nn.Sequential)]
+        return unique(convs[:1] + stack)
     return unique(shown(l) for l in spatial if isinstance(modules[l.module], nn.Conv2d) or is_block(l.module))
 
 

@@ -251,8 +251,8 @@ def test_default_cam_layer_of_real_architectures(build, expected):
 
 def test_default_cam_layer_of_the_tiny_convnet_and_a_transformer(convnet):
     assert default_cam_layer(convnet, 32) == "block"  # outermost, after block.relu@1
-    with pytest.raises(AtlasError, match="no spatial feature map"):
-        default_cam_layer(frozen(_timm("vit_tiny_patch16_224", img_size=32, depth=2)), 32)
+    # a transformer: the last block's normalized input, as a patch grid (tests/test_transformers.py)
+    assert default_cam_layer(frozen(_timm("vit_tiny_patch16_224", img_size=32, depth=2)), 32) == "blocks.1.norm1"
 
 
 # --- occlusion ---

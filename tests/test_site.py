@@ -304,3 +304,15 @@ def test_publish_to_docs(site, repo):
     assert (docs / "tiny" / "conv1" / "index.html").is_file()
     with pytest.raises(AtlasError, match="unknown publish mode"):
         publish(root, "pages", repo)
+
+
+def test_a_strip_cut_with_fewer_images_than_k_decodes_with_grey_tiles():
+    import io
+
+    from atlas.site import pictures
+    tiles = np.stack([np.full((8, 8, 3), v, np.uint8) for v in (20, 200)])
+    buffer = io.BytesIO()
+    Image.fromarray(np.concatenate(list(tiles), axis=1)).save(buffer, "PNG")
+    out = pictures.decode_crops(np.frombuffer(buffer.getvalue(), np.uint8), 4)
+    assert out.shape == (4, 8, 8, 3)
+    assert np.array_equal(out[:2], tiles) and (out[2:] == pictures.EMPTY).all()

@@ -28,7 +28,7 @@ from sklearn.exceptions import ConvergenceWarning
 from torch import nn
 
 from atlas.attribution.taps import Taps
-from atlas.layers import LayerInfo, as_bchw
+from atlas.layers import LayerInfo
 from atlas.store.schema import ATTRIBUTION, BLOCKS
 
 STAGE = ATTRIBUTION
@@ -58,7 +58,7 @@ def contributions(model: nn.Module, layers: list[str], x: torch.Tensor,
         logits = model(x)
         logit = logits.gather(1, target[:, None])[:, 0]
         found = taps.contributions(logit.sum())
-    return found, {n: as_bchw(a) for n, a in taps.acts.items()}, logit.detach().float()
+    return found, {n: taps.view(n, a) for n, a in taps.acts.items()}, logit.detach().float()
 
 
 def strongest(values: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

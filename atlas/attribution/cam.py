@@ -19,7 +19,7 @@ from torch import nn
 from atlas.attribution.base import Attribution, Explanation, InputSpace
 from atlas.attribution.gradients import GuidedBackprop
 from atlas.errors import AtlasError
-from atlas.layers import LayerInfo, discover, parse_layer_name
+from atlas.layers import TOKENS, LayerInfo, as_bchw, default_selection, discover, is_channels_last, parse_layer_name
 
 # Modules whose output is never the layer Grad-CAM wants: pooling modules
 # (VGG's adaptive pool to 7x7 is spatial but only resamples `features`), and
@@ -33,9 +33,19 @@ def default_cam_layer(model: nn.Module, input_size: int) -> str:
 
     ResNet gives "layer4", timm EfficientNet "bn2" (the activated head),
     torchvision EfficientNet, MobileNet, VGG and DenseNet "features", GoogLeNet
-    "inception5b", ConvNeXt its stages. Modules complete after their children,
+    "inception5b", ConvNeXt its stages, Swin its `permute` (the last stage's
+    normalized map, channels first). Modules complete after their children,
     so the last spatial output in completion order is the outermost module
     producing it. One forward pass of one zero image.
+
+    A vision transformer (token layers) gets the output of the last encoder
+    block's first LayerNorm (torchvision `encoder.layers.encoder_layer_11.ln_1`,
+    timm `blocks.11.norm1`), seen as the patch grid: the last block's own output
+    is useless, since the classifier reads only the class token, so the
+    gradient reaches no patch token there; at the last block's input the
+    gradient reaches the patches through the class token's attention to them,
+    which gives a map that varies with the image and the class (the usual
+    placement of Grad-CAM in transformers).
 
     Args:
         model: the classifier.
@@ -45,24 +55,33 @@ def default_cam_layer(model: nn.Module, input_size: int) -> str:
         A layer name as `layers.discover` writes it.
 
     Raises:
-        AtlasError: no 4-D feature map larger than 1 x 1 comes after the last
-            token sequence (a vision transformer: its tokens are no map, and its
-            patch embedding is no layer to explain a prediction with).
+        AtlasError: no 4-D feature map larger than 1 x 1, and no transformer block.
     """
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     layers = discover(model, input_size, device)
+    if any(l.layout == TOKENS for l in layers):
+        return _transformer_cam_layer(model, layers)
     last = max((i for i, l in enumerate(layers) if _is_spatial(l)), default=None)
-    # Token sequences (as_bchw shows them N x 1) after the last map: a transformer
-    # whose last map is its patch embedding, which no classifier pools.
-    if last is None or any(l.width == 1 and l.height > 1 for l in layers[last + 1:]):
+    if last is None:
         raise AtlasError(f"grad_cam: {type(model).__name__} has no spatial feature map before its "
                          "classifier; pass layer= the name of a convolutional layer "
                          "(`atlas layers MODEL` lists them)")
     return layers[last].name
 
 
+def _transformer_cam_layer(model: nn.Module, layers: list[LayerInfo]) -> str:
+    """The first LayerNorm of the last encoder block: its input, normalized."""
+    blocks = [l for l in default_selection(model, layers) if l.layout == TOKENS]
+    last = blocks[-1].module if blocks else None
+    norm = next((l for l in layers if last and l.module.startswith(last + ".") and l.call == 0
+                 and "LayerNorm" in l.kind and l.layout == TOKENS), None)
+    if norm is None:
+        raise AtlasError(f"grad_cam: {type(model).__name__} has token layers but no encoder block "
+                         "with a LayerNorm; pass layer= the layer to weigh (`atlas layers MODEL` lists them)")
+    return norm.name
+
+
 def _is_spatial(layer: LayerInfo) -> bool:
-    # Height and width both > 1: as_bchw shows a token sequence as N x 1, not as a map.
     return layer.height > 1 and layer.width > 1 and layer.kind not in _NOT_CAM_LAYERS
 
 
@@ -126,7 +145,7 @@ class GradCAM(Attribution):
             (grads,) = torch.autograd.grad(picked.sum(), acts, allow_unused=True)
         if grads is None:  # the target logit does not depend on the layer
             grads = torch.zeros_like(acts)
-        return acts.detach(), grads
+        return tap.view(acts.detach()), tap.view(grads)
 
 
 class GuidedGradCAM(Attribution):
@@ -168,7 +187,10 @@ def spread(cam: torch.Tensor) -> torch.Tensor:
 
 
 class _LayerTap:
-    """Keeps the output of one call of one module and feeds the network a clone of it."""
+    """Keeps the output of one call of one module and feeds the network a clone of it.
+
+    Token sequences and channels-last maps are weighed as `layers.as_bchw` shows them: the patch grid.
+    """
 
     def __init__(self, model: nn.Module, layer: str):
         self.module_name, self.call = parse_layer_name(layer)
@@ -177,6 +199,7 @@ class _LayerTap:
             raise AtlasError(f"grad_cam: no module named {self.module_name!r} in {type(model).__name__}; "
                              "`atlas layers MODEL` lists the layers")
         self.layer, self.module = layer, modules[self.module_name]
+        self.channels_last = is_channels_last(model, layer, self.module)
         self.calls, self.kept, self.handle = 0, None, None
 
     def __enter__(self) -> _LayerTap:
@@ -190,15 +213,20 @@ class _LayerTap:
         call, self.calls = self.calls, self.calls + 1
         if call != self.call:
             return None
-        if not isinstance(output, torch.Tensor) or output.dim() != 4:
+        view = self.view(output) if isinstance(output, torch.Tensor) else None
+        if view is None or view.shape[-2] * view.shape[-1] < 2:
             raise AtlasError(f"grad_cam: layer {self.layer} returns "
                              f"{getattr(output, 'shape', type(output).__name__)}, not a feature map "
-                             "[B, C, H, W]")
+                             "(a [B, C, H, W] map, channels-last map or token sequence)")
         self.kept = output
         return output.clone()
 
+    def view(self, t: torch.Tensor) -> torch.Tensor | None:
+        """The layer's output (or its gradient) as [B, C, H, W]."""
+        return as_bchw(t, self.channels_last)
+
     def tensor(self) -> torch.Tensor:
-        """The captured output, after the forward pass."""
+        """The captured output as the module returned it, after the forward pass."""
         if self.kept is None:
             raise AtlasError(f"grad_cam: layer {self.layer} was not called in the forward pass")
         return self.kept

@@ -57,6 +57,7 @@ from zennit.types import Convolution
 from zennit.torchvision import ResNetCanonizer, VGGCanonizer
 from torchvision.models import VGG, ResNet
 
+from atlas.errors import AtlasError
 from atlas.attribution.base import Attribution, Explanation, InputSpace
 
 COMPOSITES = ("epsilon_plus_flat", "epsilon_gamma_box")
@@ -127,6 +128,11 @@ class LRP(Attribution):
                 "zero_params": "bias", "canonization": canon}
 
     def _explain(self, inputs, target):
+        attention = next((type(m).__name__ for m in self.model.modules()
+                          if isinstance(m, nn.MultiheadAttention) or "Attention" in type(m).__name__), None)
+        if attention is not None:
+            raise AtlasError(f"{self.name}: {type(self.model).__name__} has attention layers ({attention}), which "
+                             "zennit's composites have no LRP rule for; LRP applies to convolutional networks")
         if self._canonical is None:
             self._canonical = canonize(self.model, inputs[:1])
         parts = self.chunked(lambda a, b: self._relevance(inputs[a:b], target[a:b]), inputs.shape[0])

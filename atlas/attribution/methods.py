@@ -19,6 +19,7 @@ from atlas.attribution.paths import ExpectedGradients, IntegratedGradients
 from atlas.attribution.extremal import ExtremalPerturbation
 from atlas.attribution.lrp import LRP
 from atlas.attribution.perturbation import Occlusion
+from atlas.attribution.rollout import AttentionRollout
 from atlas.config import Config
 from atlas.errors import AtlasError
 from atlas.store.schema import ALL_METHODS
@@ -55,6 +56,7 @@ METHODS: dict[str, Factory] = {
                                                        input_size=s["input_size"]),
     "guided_grad_cam": lambda model, space, batch, s: GuidedGradCAM(model, space, batch, layer=s["layer"],
                                                                     input_size=s["input_size"]),
+    "attention_rollout": lambda model, space, batch, s: AttentionRollout(model, space, batch),
     "integrated_gradients": _ig("black"),
     "ig_max_distance": _ig("max_distance"),
     "ig_blurred": _ig("blurred"),

@@ -11,7 +11,7 @@ from contextlib import ExitStack
 import torch
 from torch import nn
 
-from atlas.layers import as_bchw, parse_layer_name
+from atlas.layers import as_bchw, is_channels_last, parse_layer_name
 
 
 class Taps:
@@ -28,7 +28,7 @@ class Taps:
     """
 
     def __init__(self, model: nn.Module, layers: list[str]):
-        self.modules = dict(model.named_modules())
+        self.model, self.modules = model, dict(model.named_modules())
         self.layers = layers
         self.acts: dict[str, torch.Tensor] = {}
         self.zeros: dict[str, torch.Tensor] = {}
@@ -52,7 +52,7 @@ class Taps:
         def hook(_module, _inputs, output):
             call = self._calls.get(module, 0)
             self._calls[module] = call + 1
-            if call not in calls or not isinstance(output, torch.Tensor) or as_bchw(output) is None:
+            if call not in calls or not isinstance(output, torch.Tensor) or self.view(calls[call], output) is None:
                 return None
             self.acts[calls[call]] = output.detach()
             self.zeros[calls[call]] = zero = torch.zeros_like(output, requires_grad=True)
@@ -69,7 +69,11 @@ class Taps:
     def contribution(self, name: str, grad: torch.Tensor | None) -> torch.Tensor:
         """Activation x gradient summed over positions, [B, C], from the gradient that reached the layer's
         `zero` (None, where the score does not depend on the layer: zeros)."""
-        act = as_bchw(self.acts[name])
+        act = self.view(name, self.acts[name])
         if grad is None:
             return torch.zeros(act.shape[:2], device=act.device)
-        return (act * as_bchw(grad)).sum((2, 3)).float()
+        return (act * self.view(name, grad)).sum((2, 3)).float()
+
+    def view(self, name: str, t: torch.Tensor) -> torch.Tensor | None:
+        """Layer `name`'s tensor as [B, C, H, W] (`layers.as_bchw`)."""
+        return as_bchw(t, is_channels_last(self.model, name, self.modules[parse_layer_name(name)[0]]))

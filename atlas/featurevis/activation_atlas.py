@@ -39,7 +39,7 @@ from atlas.dataset.reader import DatasetImages
 from atlas.featurevis import objectives as O
 from atlas.featurevis.param import unit_seed
 from atlas.featurevis.render import RenderSettings, render
-from atlas.layers import LayerInfo, as_bchw
+from atlas.layers import NHWC, LayerInfo, as_bchw
 from atlas.store import Store
 from atlas.store.schema import ACTIVATION_ATLAS, FEATUREVIS, LAYERS
 
@@ -254,14 +254,14 @@ def acts_and_contributions(model: torch.nn.Module, x: torch.Tensor, layer: Layer
     try:
         with torch.enable_grad():
             logits = model(x)
-            act = as_bchw(kept["act"]).flatten(2)  # [B, C, HW]
+            act = as_bchw(kept["act"], layer.layout == NHWC).flatten(2)  # [B, C, HW]
             at = positions.to(act.device)[:, None, :].expand(-1, act.shape[1], -1)
             picked = act.gather(2, at).float()  # [B, C, P]
             contributions = []
             for k, c in enumerate(classes):
                 (grad,) = torch.autograd.grad(logits[:, int(c)].sum(), kept["zero"], allow_unused=True,
                                               retain_graph=k + 1 < len(classes))
-                g = torch.zeros_like(act) if grad is None else as_bchw(grad).flatten(2)
+                g = torch.zeros_like(act) if grad is None else as_bchw(grad, layer.layout == NHWC).flatten(2)
                 contributions.append((picked * g.gather(2, at).float()).sum(1))  # [B, P]
     finally:
         handle.remove()

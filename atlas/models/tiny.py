@@ -140,10 +140,12 @@ def concept_probe():
 @register_tiny("tiny_vit")
 def tiny_vit():
     """torchvision's VisionTransformer at a toy size: 32 px inputs only (it refuses any other side),
-    8 px patches, 2 encoder blocks of width 16; seeded weights."""
+    8 px patches (a 4 x 4 grid and a class token), 2 encoder blocks of width 16; seeded weights, the
+    head drawn too (torchvision initializes it to zero, which makes every logit a constant)."""
     from torchvision.models.vision_transformer import VisionTransformer
     torch.manual_seed(0)
     model = VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32,
                               num_classes=10)
+    nn.init.normal_(model.heads.head.weight, std=0.25)
     pre = Preprocess(size=32, crop_pct=1.0, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
     return model, pre, [f"class {i}" for i in range(10)]

@@ -103,12 +103,28 @@ def _apply_weights(model: nn.Module, weights, default: Callable[[], str], size: 
     if weights is None:
         return default()
     if weights == RANDOM:
-        return "random initialization (seed 0)"
+        drawn = _draw_zero_matrices(model)
+        return "random initialization (seed 0)" + (f"; {', '.join(drawn)} drawn at random (zero-initialized)"
+                                                   if drawn else "")
     note = fit_state_dict(model, read_state_dict(weights), str(weights), size)
     if note:
         print(f"atlas: note: {note}", file=sys.stderr)
     digest = hashlib.sha256(Path(weights).read_bytes()).hexdigest()[:12]
     return f"{Path(weights).name} (sha256 {digest})"
+
+
+def _draw_zero_matrices(model: nn.Module) -> list[str]:
+    """Redraws weight matrices the architecture initializes to zero (torchvision's ViT head): with them
+    every logit is a constant and every gradient zero, so no attribution of a random model would show
+    anything. Drawn as nn.Linear draws its weights (uniform, bound 1 / sqrt(fan_in)), from the seed."""
+    drawn = []
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2 and not p.any():
+                bound = p[0].numel() ** -0.5
+                p.uniform_(-bound, bound)
+                drawn.append(name)
+    return drawn
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:

@@ -138,10 +138,15 @@ def views_strip(views: list[np.ndarray], scale: float = 1.0) -> np.ndarray:
 
 
 def decode_crops(data: np.ndarray, k: int) -> np.ndarray:
-    """A stored strip of k example crops (JPEG bytes, see atlas/dataset/examples.py) as [k, s, s, 3]."""
+    """A stored strip of k example crops (JPEG bytes, see atlas/dataset/examples.py) as [k, s, s, 3].
+
+    A strip cut when fewer than k images had been seen holds fewer tiles: the missing ones are grey."""
     strip_ = np.asarray(Image.open(io.BytesIO(np.asarray(data, np.uint8).tobytes())).convert("RGB"))
     side = strip_.shape[0]
-    return strip_[:, :k * side].reshape(side, k, side, 3).transpose(1, 0, 2, 3)
+    held = min(k, strip_.shape[1] // side)
+    tiles = np.full((k, side, side, 3), EMPTY, np.uint8)
+    tiles[:held] = strip_[:, :held * side].reshape(side, held, side, 3).transpose(1, 0, 2, 3)
+    return tiles
 
 
 def examples_strip(lists: list[np.ndarray], side: int) -> np.ndarray:

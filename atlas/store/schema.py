@@ -112,6 +112,8 @@ _METHODS = (
     Method("guided_backprop", "Guided", magnitude=True),
     Method("grad_cam", "CAM", signed=False),  # the ReLU keeps only positive evidence
     Method("guided_grad_cam", "Guided", magnitude=True),  # Guided Backprop's sign, scaled by the CAM
+    # vision transformers only (skipped elsewhere): the class token's share of each patch; no class enters it
+    Method("attention_rollout", "Attention", signed=False),
     Method("integrated_gradients", "Path methods", path=True),
     # the IG baselines other than black take several draws each
     Method("ig_max_distance", "Path methods", path=True, costly=True),
@@ -127,6 +129,6 @@ _METHODS = (
 )
 METHODS: dict[str, Method] = {m.name: m for m in _METHODS}  # in the order the pipeline computes them
 ALL_METHODS = tuple(METHODS)
-FAMILY_ORDER = ("Gradients", "SmoothGrad family", "Guided", "CAM", "Path methods", "LRP", "Perturbation")
+FAMILY_ORDER = ("Gradients", "SmoothGrad family", "Guided", "CAM", "Attention", "Path methods", "LRP", "Perturbation")
 FAMILIES = tuple((family, tuple(m.name for m in _METHODS if m.family == family)) for family in FAMILY_ORDER)
 RANDOM_CONTROL = "random"  # the checks' random-order control, stored beside the methods' checks
