@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from atlas.attribution.circuits import kernel_slices
-from atlas.attribution.units import UnitAttribution, unit_maps
+from atlas.attribution.units import UnitAttribution, crop_maps, unit_maps
 from atlas.layers import LayerInfo
 
 
@@ -135,3 +135,46 @@ def test_unit_pages_show_inputs_and_outputs_the_transpose_of_the_next_layers(tmp
     crawl(page)
     first = (tmp_path / "site" / "tiny" / "conv1" / "0.html").read_text()
     assert "Outputs to block.0.relu@1" in first and "Inputs from" not in first
+
+
+def test_units_sharing_a_top_image_share_its_forward_pass_and_get_the_same_maps(tiny):
+    """One forward pass per image, one backward round per unit: the maps and inputs of one pass per pair,
+    and the gradient of the full model's forward pass."""
+    from atlas.layers import Capture
+    model = tiny.model
+    layer, source = info("conv2", 16), info("relu1", 8)
+    x = torch.rand(3, 3, 32, 32)
+    image = torch.tensor([0, 2, 0, 0, 1, 2])  # image 0 for three units, image 2 for two
+    channel = torch.tensor([1, 5, 7, 1, 3, 0])
+    method = UnitAttribution(model, layer, batch=16, source=source)
+    forwards = []
+    handle = model.register_forward_pre_hook(lambda _m, args: forwards.append(args[0].shape[0]))
+    try:
+        shared, shared_inputs = method.pairs(x, channel, image)
+    finally:
+        handle.remove()
+    assert forwards == [3]  # three images, one pass
+    apart, apart_inputs = method.pairs(x[image], channel)
+    torch.testing.assert_close(shared, apart)
+    torch.testing.assert_close(shared_inputs, apart_inputs)
+    # the truncated pass gives the full model's gradient
+    for i in range(len(image)):
+        xi = x[image[i]][None].clone().requires_grad_(True)
+        with Capture(model, ["conv2"], fn=lambda a: a) as cap:
+            peak = cap.run(xi)["conv2"][0, channel[i]].amax()
+            assert cap.returned is not None  # the whole model ran
+        grad, = torch.autograd.grad(peak, xi)
+        torch.testing.assert_close(shared[i], (grad * xi.detach())[0])
+    # unit_maps reads each image once per batch and gives the maps of one pair at a time
+    index = np.array([[0, 2], [1, 0]])
+    boxes = np.tile(np.array([0, 0, 32, 32]), (2, 2, 1))
+    read = []
+
+    def pixels(i):
+        read.append(list(i))
+        return x[torch.as_tensor(i)]
+    maps, _ = unit_maps(method, pixels, index, boxes, range(2), 8)
+    assert read == [[0, 1, 2]]
+    for u, k in ((0, 0), (0, 1), (1, 0), (1, 1)):
+        one = method.pairs(x[index[u, k]][None], torch.tensor([u]))[0]
+        np.testing.assert_allclose(maps[u, k], crop_maps(one.sum(1), boxes[u, k][None], 8)[0], rtol=1e-5, atol=1e-6)
