@@ -269,12 +269,17 @@ def bench_featurevis(**o) -> None:
 @bench_options
 @click.option("--images", default=1, show_default=True, help="images attributed together")
 @click.option("--chunk", default=10, show_default=True, help="model evaluations per pass (Atlas and tuned Captum)")
+@click.option("--accuracy-images", default=8, show_default=True,
+              help="photos of the time-to-accuracy race of the adaptive rules (0: skip it)")
 def bench_attribution(**o) -> None:
-    """Integrated Gradients and SmoothGrad against Captum 0.9: speed and agreement."""
+    """Integrated Gradients and SmoothGrad against Captum 0.9: speed and agreement, then time to accuracy."""
     from atlas.bench import attribution
-    _summary("attribution", attribution.run(**o), {"ig_speedup_vs_captum": ".2f",
-                                                   "smoothgrad_speedup_vs_captum": ".2f",
-                                                   "max_rel_diff_vs_captum": ".1e"})
+    result = attribution.run(**o)
+    _summary("attribution", result, {"ig_speedup_vs_captum": ".2f", "smoothgrad_speedup_vs_captum": ".2f",
+                                     "max_rel_diff_vs_captum": ".1e"})
+    if "to_accuracy" in result:
+        _summary("attribution_to_accuracy", result["to_accuracy"], {
+            "ig_speedup_vs_captum": ".2f", "smoothgrad_speedup_vs_captum": ".2f", "evaluations_ratio": ".2f"})
 
 
 @bench.command("projection")

@@ -74,11 +74,13 @@ class Config:
     attr_methods: tuple[str, ...] = ALL_METHODS  # methods computed for every dataset image
     attr_batch: int = 8  # images handed to a method at once
     attr_chunk: int = 0  # model evaluations per pass (path points, noise draws); 0: 10 on a CPU, 64 on a GPU; halved on OOM
-    attr_steps: int = 50  # Integrated Gradients path points, Gauss-Legendre (IG paper: 20-300)
+    attr_steps: int = 50  # Integrated Gradients path points of a fixed rule (IG paper: 20-300)
     attr_max_steps: int = 400  # path points the completeness check may grow to
+    attr_ig_rule: str = "adaptive"  # IG points: "adaptive" (nested, refined per path to the tolerance) or a fixed rule ("gauss_legendre", ...)
     attr_tolerance: float = 0.01  # completeness target: relative error below 1 %
     attr_samples: int = 50  # SmoothGrad noise draws and Expected Gradients samples (paper: 50)
     attr_noise: float = 0.15  # SmoothGrad noise, fraction of the input range (paper: 0.10-0.20)
+    attr_smoothgrad_adaptive: bool = True  # SmoothGrad draws antithetic pairs until as accurate as attr_samples plain draws (at most twice as many)
     attr_draws: int = 4  # random IG baselines (uniform, Gaussian) averaged per image
     attr_extremal_steps: int = 800  # Extremal Perturbations optimizer steps (paper: 800)
     attr_occlusion_stride: float = 0.5  # occlusion stride as a fraction of the patch (side / 8)

@@ -65,6 +65,13 @@ class InputSpace:
         return self.hi(like) - self.lo(like)
 
 
+def layout(x: torch.Tensor) -> torch.memory_format:
+    """channels_last if `x` is laid out that way (and not also plainly contiguous), else contiguous."""
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 @dataclass
 class Explanation:
     """An attribution map and per-image diagnostics.

@@ -41,24 +41,39 @@ class SmoothGrad(Attribution):
             attribution stage passes one image at a time with a seed derived
             from the image's place in the dataset, so its maps do not depend
             on batching).
+        adaptive: draw noise in antithetic pairs (e and -e), a round at a
+            time, and stop each image once its map is as accurate as a map of
+            `samples` independent draws would be (see `SmoothGradStop`),
+            instead of drawing `samples` exactly.
+        max_samples: the most draws per image of the adaptive rule (default
+            twice `samples`).
     """
 
     VARIANTS = {"mean": "smoothgrad", "squared": "smoothgrad_sq", "vargrad": "vargrad"}
 
+    ROUND = 8  # draws per image and round of the adaptive rule (4 antithetic pairs)
+    MIN_SAMPLES = 16  # draws before the adaptive rule may stop (fewer if max_samples is): its variances need pairs
+
     def __init__(self, model, space=None, batch=64, samples: int = 50, noise: float = 0.15,
-                 variant: str = "mean", seed: int = 0):
+                 variant: str = "mean", seed: int = 0, adaptive: bool = False, max_samples: int | None = None):
         super().__init__(model, space, batch)
         if variant not in self.VARIANTS:
             raise ValueError(f"variant: expected one of {', '.join(self.VARIANTS)}, got {variant!r}")
         if samples < 1 or not 0 <= noise:
             raise ValueError(f"samples must be >= 1 and noise >= 0, got {samples} and {noise}")
+        max_samples = 2 * samples if max_samples is None else max_samples
+        if max_samples < 2 and adaptive:
+            raise ValueError(f"max_samples: the adaptive rule draws pairs, at least 2, got {max_samples}")
         self.samples, self.noise, self.variant, self.seed = samples, noise, variant, seed
+        self.adaptive, self.max_samples = adaptive, max_samples
         self.name = self.VARIANTS[variant]
 
     @property
     def params(self):
         return {**super().params, "samples": self.samples, "noise_fraction_of_range": self.noise,
-                "variant": self.variant, "seed": self.seed}
+                "variant": self.variant, "seed": self.seed,
+                **({"adaptive": "antithetic pairs, stop at the accuracy of `samples` independent draws",
+                    "max_samples": self.max_samples} if self.adaptive else {})}
 
     def noise_for(self, x: torch.Tensor, i: int) -> torch.Tensor:
         """The `samples` noise draws [n, 3, H, W] of image `i` of the batch `x`."""
@@ -66,8 +81,9 @@ class SmoothGrad(Attribution):
         eps = torch.randn((self.samples, *x.shape[1:]), generator=gen)
         return eps.to(x.device, x.dtype) * (self.noise * self.space.range(x))
 
-    def _attribute(self, inputs, target):
-        return self._statistics(inputs, target)[self.variant]
+    def _explain(self, inputs, target):
+        stats, counts = self._statistics(inputs, target)
+        return Explanation(stats[self.variant], {"samples": counts})
 
     def all_variants(self, inputs: torch.Tensor, target: torch.Tensor | int) -> dict[str, torch.Tensor]:
         """Every variant's map from one set of noisy gradients, keyed by method name.
@@ -77,10 +93,13 @@ class SmoothGrad(Attribution):
         """
         inputs, target = self.prepare(inputs, target)
         with torch.no_grad():
-            stats = self._statistics(inputs, target)
+            stats, _ = self._statistics(inputs, target)
         return {self.VARIANTS[v]: m for v, m in stats.items()}
 
-    def _statistics(self, inputs: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _statistics(self, inputs: torch.Tensor, target: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Every variant's maps and the draws each image took [B]."""
+        if self.adaptive:
+            return self._adaptive_statistics(inputs, target)
         out: dict[str, list[torch.Tensor]] = {v: [] for v in self.VARIANTS}
         for i in range(inputs.shape[0]):
             noisy = inputs[i:i + 1] + self.noise_for(inputs, i)
@@ -89,7 +108,82 @@ class SmoothGrad(Attribution):
             out["mean"].append(mean)
             out["squared"].append(squared)
             out["vargrad"].append((squared - mean * mean).clamp_min(0))
-        return {v: torch.stack(maps) for v, maps in out.items()}
+        return {v: torch.stack(maps) for v, maps in out.items()}, torch.full((inputs.shape[0],), self.samples)
+
+    def _adaptive_statistics(self, inputs, target):
+        """Rounds of antithetic draws for every image not yet stopped, their rows in shared chunks."""
+        b = inputs.shape[0]
+        gens = [torch.Generator().manual_seed(self.seed + i) for i in range(b)]
+        least = max(4, min(self.MIN_SAMPLES, self.max_samples))
+        stops = [SmoothGradStop(self.samples, least, self.max_samples) for _ in range(b)]
+        scale = self.noise * self.space.range(inputs)
+        todo = list(range(b))
+        while todo:
+            pairs = min(self.ROUND, self.max_samples - stops[todo[0]].n) // 2
+            eps = [torch.randn((pairs, *inputs.shape[1:]), generator=gens[i]).to(inputs) * scale for i in todo]
+            rows = torch.cat([inputs[i] + torch.cat([e, -e]) for i, e in zip(todo, eps)])
+            grads = self.grad(rows.contiguous(memory_format=torch.channels_last),
+                              target[todo].repeat_interleave(2 * pairs))
+            for i, g in zip(todo, grads.split(2 * pairs)):
+                stops[i].add(g[:pairs], g[pairs:])
+            todo = [i for i in todo if not stops[i].done()]
+        maps = {v: torch.stack([s.variant(v) for s in stops]) for v in self.VARIANTS}
+        return maps, torch.tensor([s.n for s in stops])
+
+
+class SmoothGradStop:
+    """Running sums of one image's antithetic draws and the rule that stops them.
+
+    The map's accuracy is judged where the site shows it, summed over colour.
+    Each draw on its own is a draw of plain SmoothGrad, so the spread of the
+    single draws gives the variance a map of `samples` independent draws
+    would have; the spread of the pair means gives the variance of this map.
+    Drawing stops once the second is no larger than the first (pooled over
+    pixels): the map is then as close to the infinite-sample map as a plain
+    `samples`-draw map is expected to be, whether the pairs' cancellation
+    helped (smooth models) or not (the rule then needs about `samples`).
+
+    Args:
+        samples: the plain draw count whose accuracy to reach.
+        min_samples: draws before the rule may stop.
+        max_samples: draws after which it stops regardless.
+    """
+
+    def __init__(self, samples: int, min_samples: int, max_samples: int):
+        self.samples, self.min_samples, self.max_samples = samples, min_samples, max_samples
+        self.n = 0
+        self.sum = self.squares = None  # over draws, [3, H, W]: the variants' statistics
+        self.single = [0.0, 0.0]  # sums of the colour-summed draws and of their squares, [H, W] once drawn
+        self.pair = [0.0, 0.0]  # likewise for the pair means
+
+    def add(self, plus: torch.Tensor, minus: torch.Tensor) -> None:
+        """Adds the gradients at x + e [k, 3, H, W] and at x - e (the same e, pairwise)."""
+        both = torch.cat([plus, minus])
+        self.n += both.shape[0]
+        self.sum = both.sum(0) + (0 if self.sum is None else self.sum)
+        self.squares = (both * both).sum(0) + (0 if self.squares is None else self.squares)
+        single, pair = both.sum(1).double(), ((plus + minus) / 2).sum(1).double()
+        self.single = [self.single[0] + single.sum(0), self.single[1] + (single * single).sum(0)]
+        self.pair = [self.pair[0] + pair.sum(0), self.pair[1] + (pair * pair).sum(0)]
+
+    def done(self) -> bool:
+        if self.n + 2 > self.max_samples:  # no room for another pair
+            return True
+        if self.n < self.min_samples:
+            return False
+        pairs = self.n // 2
+        plain = _pooled_variance(*self.single, self.n) / self.samples
+        ours = _pooled_variance(*self.pair, pairs) / pairs
+        return ours <= plain
+
+    def variant(self, name: str) -> torch.Tensor:
+        mean, squared = self.sum / self.n, self.squares / self.n
+        return {"mean": mean, "squared": squared, "vargrad": (squared - mean * mean).clamp_min(0)}[name]
+
+
+def _pooled_variance(total: torch.Tensor, squares: torch.Tensor, n: int) -> float:
+    """The sample variance of n draws per pixel, averaged over pixels."""
+    return float(((squares - total * total / n) / (n - 1)).clamp_min(0).mean())
 
 
 class GuidedBackprop(Attribution):

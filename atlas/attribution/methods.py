@@ -29,13 +29,14 @@ Factory = Callable[[nn.Module, InputSpace, int, dict], Attribution]
 
 def _smooth(variant: str) -> Factory:
     return lambda model, space, batch, s: SmoothGrad(model, space, batch, samples=s["samples"],
-                                                     noise=s["noise"], variant=variant, seed=s["seed"])
+                                                     noise=s["noise"], variant=variant, seed=s["seed"],
+                                                     adaptive=s["smoothgrad_adaptive"])
 
 
 def _ig(baseline: str) -> Factory:
     return lambda model, space, batch, s: IntegratedGradients(
         model, space, batch, steps=s["steps"], baseline=baseline, draws=s["draws"],
-        tolerance=s["tolerance"], max_steps=s["max_steps"], seed=s["seed"])
+        tolerance=s["tolerance"], max_steps=s["max_steps"], seed=s["seed"], rule=s["ig_rule"])
 
 
 def _occlusion(model, space, batch, s) -> Occlusion:
@@ -79,6 +80,7 @@ def settings(config: Config) -> dict:
     """A build config's attribution settings, by the names the factories read."""
     return {"samples": config.attr_samples, "noise": config.attr_noise, "steps": config.attr_steps,
             "draws": config.attr_draws, "tolerance": config.attr_tolerance, "max_steps": config.attr_max_steps,
+            "ig_rule": config.attr_ig_rule, "smoothgrad_adaptive": config.attr_smoothgrad_adaptive,
             "extremal_steps": config.attr_extremal_steps, "occlusion_stride": config.attr_occlusion_stride,
             "seed": config.seed, "layer": None, "input_size": None}
 

@@ -4,7 +4,8 @@ Both integrate the gradient along straight lines from a baseline x' to the
 input x, so their maps sum to f(x) - f(x') (completeness). Each image's
 relative completeness error is reported, and an image whose error is above
 the tolerance is redone with twice the path points, the IG paper's own
-convergence check.
+convergence check; or, with the adaptive rule, refined only where its path's
+integrand needs more points (`adaptive`).
 
 All path points of all images of a call go through the model together, in
 chunks of `batch` rows built only when their chunk is evaluated, so memory
@@ -19,10 +20,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from atlas.attribution.base import Attribution, Explanation
+from atlas.attribution.adaptive import RefinedPath, refine
+from atlas.attribution.base import Attribution, Explanation, layout
 from atlas.attribution.baselines import BASELINES, RANDOM_BASELINES
 
 RULES = ("gauss_legendre", "riemann_trapezoid", "riemann_middle")
+ADAPTIVE = "adaptive"  # Integrated Gradients' nested rule refined per path, see `adaptive`
 
 
 def gauss_legendre(n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -145,7 +148,7 @@ class _PathMethod(Attribution):
         alphas = path.alphas[lo:hi].view(-1, 1, 1, 1)
         # Rows keep the inputs' memory layout: convolutions run much faster on
         # channels-last rows on CPUs, and references may come in either layout.
-        rows = (s + alphas * direction).contiguous(memory_format=_layout(inputs))
+        rows = (s + alphas * direction).contiguous(memory_format=layout(inputs))
         return rows, direction * path.weights[lo:hi].view(-1, 1, 1, 1)
 
     def _check_tolerance(self, tolerance: float) -> None:
@@ -167,28 +170,37 @@ class IntegratedGradients(_PathMethod):
         baseline: a key of `baselines.BASELINES`.
         draws: baselines drawn and averaged per image, for random baselines
             only (deterministic ones use 1).
-        rule: quadrature rule, see `points`.
+        rule: quadrature rule, see `points`; or "adaptive": a nested trapezoid
+            rule refined per path where the integrand changes fastest until
+            the path's completeness error is within the tolerance (see
+            `adaptive`; `steps` is then unused).
         tolerance: relative completeness error above which an image is redone
-            with twice the steps.
+            with twice the steps (adaptive: refined further).
         max_steps: the most steps an image is redone with; past it the map with
-            the smallest error is kept and its error reported.
+            the smallest error is kept and its error reported (adaptive: the
+            most points per path).
+        start: equal intervals an adaptive path begins with.
         seed: image i of a batch draws its baselines from seed + i, so a map
             does not depend on how images were batched.
     """
 
     def __init__(self, model, space=None, batch: int = 64, steps: int = 50, baseline: str = "black",
                  draws: int = 4, rule: str = "gauss_legendre", tolerance: float = 0.01,
-                 max_steps: int = 400, seed: int = 0):
+                 max_steps: int = 400, seed: int = 0, start: int = 4):
         super().__init__(model, space, batch)
         if baseline not in BASELINES:
             raise ValueError(f"baseline: expected one of {', '.join(BASELINES)}, got {baseline!r}")
         if steps < 1 or draws < 1:
             raise ValueError(f"steps and draws: expected >= 1, got {steps} and {draws}")
-        if max_steps < steps:
+        if max_steps < steps and rule != ADAPTIVE:
             raise ValueError(f"max_steps: expected at least steps ({steps}), got {max_steps}")
         self._check_tolerance(tolerance)
-        points(steps, rule)  # rejects an unknown rule or too few points now, not mid-run
-        self.steps, self.baseline, self.rule = steps, baseline, rule
+        if rule == ADAPTIVE:
+            if not 1 <= start < max_steps:
+                raise ValueError(f"start: expected 1 <= start < max_steps ({max_steps}), got {start}")
+        else:
+            points(steps, rule)  # rejects an unknown rule or too few points now, not mid-run
+        self.steps, self.baseline, self.rule, self.start = steps, baseline, rule, start
         self.draws = draws if baseline in RANDOM_BASELINES else 1
         self.tolerance, self.max_steps, self.seed = tolerance, max_steps, seed
         self.name = "integrated_gradients" if baseline == "black" else f"ig_{baseline}"
@@ -197,7 +209,7 @@ class IntegratedGradients(_PathMethod):
     def params(self):
         return {**super().params, "steps": self.steps, "rule": self.rule, "baseline": self.baseline,
                 "draws": self.draws, "tolerance": self.tolerance, "max_steps": self.max_steps,
-                "seed": self.seed}
+                "seed": self.seed, **({"start": self.start} if self.rule == ADAPTIVE else {})}
 
     def baselines_for(self, x: torch.Tensor, i: int) -> torch.Tensor:
         """The `draws` baselines [D, 3, H, W] of image `i` of the batch `x`."""
@@ -205,6 +217,8 @@ class IntegratedGradients(_PathMethod):
         return BASELINES[self.baseline](x[i:i + 1].expand(self.draws, *x.shape[1:]), self.space, gen)
 
     def _explain(self, inputs, target):
+        if self.rule == ADAPTIVE:
+            return self._adaptive(inputs, target)
         starts = [self.baselines_for(inputs, i) for i in range(inputs.shape[0])]
         best = _Best(inputs, self._delta(inputs, target, starts))
         todo, steps = list(range(inputs.shape[0])), self.steps
@@ -214,6 +228,18 @@ class IntegratedGradients(_PathMethod):
             steps *= 2
             todo = [] if steps > self.max_steps else best.above(self.tolerance, todo)
         return best.explanation()
+
+    def _adaptive(self, inputs: torch.Tensor, target: torch.Tensor) -> Explanation:
+        """Each baseline's path refined on its own; an image's map is the mean over its paths."""
+        b, shape = inputs.shape[0], inputs.shape[1:]
+        paths = [RefinedPath(i, s) for i in range(b) for s in self.baselines_for(inputs, i)]
+        refine(self, inputs, target, paths, self.start, self.tolerance, self.max_steps)
+        maps = torch.stack([p.integral() for p in paths]).view(b, self.draws, *shape).mean(1)
+        delta = torch.tensor([p.delta for p in paths], dtype=torch.float64).view(b, self.draws).mean(1)
+        evaluations = torch.tensor([len(p.alphas) for p in paths]).view(b, self.draws).sum(1)
+        err = completeness_error(maps.flatten(1).sum(1).cpu(), delta)
+        return Explanation(maps, {"completeness": err.float(), "steps": -(-evaluations // self.draws),
+                                  "evaluations": evaluations, "delta": delta.float()})
 
     def _delta(self, inputs: torch.Tensor, target: torch.Tensor, starts: list[torch.Tensor]) -> torch.Tensor:
         """f(x) - mean_d f(x'_d) per image, from one chunked pass over inputs and baselines: [B]."""
@@ -335,13 +361,6 @@ class ExpectedGradients(_PathMethod):
         err = completeness_error(maps.flatten(1).sum(1), delta)
         info = {"completeness": err.float().cpu(), "steps": counts, "delta": delta.float().cpu()}
         return Explanation(maps, info)
-
-
-def _layout(x: torch.Tensor) -> torch.memory_format:
-    """channels_last if `x` is laid out that way (and not also plainly contiguous), else contiguous."""
-    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        return torch.channels_last
-    return torch.contiguous_format
 
 
 class _Best:

@@ -83,13 +83,14 @@ def make_method(ctx, name: str, images: DatasetImages | None, model=None,
 
     Args:
         model: the network to bind it to; default the loaded model (the checks pass randomized copies).
-        fixed_steps: path methods keep their first step count (no completeness-driven increase):
-            the checks compare maps, and a randomized network's path integral may never converge.
+        fixed_steps: path methods keep their first step count (no completeness-driven increase, and
+            Gauss-Legendre points where the adaptive rule is configured): the checks compare maps, and
+            a randomized network's path integral may never converge.
     """
     cfg, loaded = ctx.config, ctx.loaded
-    tolerance = float("inf") if fixed_steps else cfg.attr_tolerance
+    fixed = {"tolerance": float("inf"), "ig_rule": "gauss_legendre"} if fixed_steps else {}
     method = get(name, model or loaded.model, InputSpace.of(loaded.preprocess), chunk(ctx),
-                 **{**settings(cfg), "tolerance": tolerance, "input_size": loaded.input_size})
+                 **{**settings(cfg), **fixed, "input_size": loaded.input_size})
     if images is not None and hasattr(method, "set_references"):
         method.set_references(images.references())
     return method

@@ -31,6 +31,7 @@ from atlas.attribution.base import InputSpace
 from atlas.attribution.cam import GradCAM, default_cam_layer
 from atlas.attribution.gradients import GuidedBackprop, SmoothGrad
 from atlas.attribution.paths import IntegratedGradients
+from atlas.bench import attribution_accuracy as to_accuracy
 from atlas.bench.common import sync
 from atlas.dataset.images import decode, sample_images
 from atlas.devices import resolve_device
@@ -88,8 +89,9 @@ def _inputs(loaded: models.LoadedModel, n: int, device: torch.device) -> torch.T
 
 
 def run(model: str = "resnet50", weights: str = models.RANDOM, device: str = "cpu", images: int = 1,
-        chunk: int = 10) -> dict:
-    """Times and compares both libraries; returns the ratios and the largest relative difference."""
+        chunk: int = 10, accuracy_images: int = 8) -> dict:
+    """Times and compares both libraries; returns the ratios and the largest relative difference,
+    then the times to accuracy of the adaptive rules over `accuracy_images` photos (0: skipped)."""
     captum = import_captum()
     warnings.filterwarnings("ignore", module=r"captum\.")  # its notes on hooks and requires_grad
     dev = resolve_device(device)
@@ -111,8 +113,15 @@ def run(model: str = "resnet50", weights: str = models.RANDOM, device: str = "cp
     diffs.update(_agreement_only(captum, net64, space, x64, target, loaded.input_size))
     print("max relative difference to Captum in float64: "
           + ", ".join(f"{k} {v:.1e}" for k, v in diffs.items()), flush=True)
-    return {"ig_speedup_vs_captum": ig, "smoothgrad_speedup_vs_captum": sg,
-            "max_rel_diff_vs_captum": max(diffs.values())}
+    out = {"ig_speedup_vs_captum": ig, "smoothgrad_speedup_vs_captum": sg,
+           "max_rel_diff_vs_captum": max(diffs.values())}
+    if accuracy_images:
+        xa = _inputs(loaded, accuracy_images, dev)
+        with torch.no_grad():
+            ta = net(xa).argmax(1)
+        print(f"time to accuracy: {accuracy_images} image(s)", flush=True)
+        out["to_accuracy"] = to_accuracy.run(captum, net, space, xa, ta, chunk, NOISE, timed)
+    return out
 
 
 def _ig_pair(captum, net, space, x, target, chunk):
