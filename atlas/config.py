@@ -46,6 +46,8 @@ class Config:
     fv_diversity_weight: float = 100.0  # weight of the style-difference reward (Lucid's 1e2)
     fv_redirect_steps: int = 16  # first steps with the redirected ReLU gradient (Lucid: 16)
     fv_upsample: bool = True  # the model sees each image resized up to its input size (Lucent: to 224 px)
+    fv_coarse_steps: int = 0  # of fv_steps, the first ones the model sees the frame at its own side (coarse to fine)
+    fv_plateau: float = 0.01  # an image stops once the gain projected over its steps left is below this share (0: never)
     fv_directions: bool = True  # also render each neuron group of the building blocks (after attribution)
     fv_facets: bool = True  # also render each facet of every polysemantic unit (after the dataset stage)
     fv_param: str = "fourier"  # "fourier" (Lucid) or "phase" (MACO as horama: phases, natural magnitude, crops)

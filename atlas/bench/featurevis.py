@@ -39,6 +39,13 @@ same machine, under these rules:
   the whole network), divided by a plain forward and backward to the input per
   image at the same batch size and the size the model sees.
 
+Time to quality (`to_quality`, the second summary line): Lucent renders each unit with its documented
+call and defaults for 512 steps (Lucid's count; 128 px upsampled to 224 px before the model); the bar
+is the mean over the units of their final activation read at 224 px. Atlas renders the same units with
+its full preset's recipe (coarse-to-fine views, per-image stopping) under growing step budgets, each
+budget a fresh render from the same seeds; its time to quality is the time of the smallest budget whose
+mean activation at 224 px reaches the bar. Budgets that run past it are not counted.
+
 Lucent is a benchmark-only dependency:
     pip install --no-deps torch-lucent==0.1.8 && pip install kornia ipython decorator
 """
@@ -221,7 +228,8 @@ def _warm_up(loaded: LoadedModel, lucent, units: Units, settings: RenderSettings
 
 
 def run(model: str = "resnet50", weights: str = models.RANDOM, channels: int = 16, steps: int = 64,
-        size: int = 128, device: str = "cpu", lucent_size: int | None = None, upsample: bool = False) -> dict:
+        size: int = 128, device: str = "cpu", lucent_size: int | None = None, upsample: bool = False,
+        quality: bool = True) -> dict:
     """Renders the same units with Atlas and Lucent; prints details, returns the three ratios.
 
     Args:
@@ -233,6 +241,7 @@ def run(model: str = "resnet50", weights: str = models.RANDOM, channels: int = 1
         device: torch device.
         lucent_size: the size Lucent feeds the model (None: its default, 224 for small images).
         upsample: Atlas shows the model its frames resized up to the model's input size (as Lucent).
+        quality: also race to Lucent's 512-step quality (`to_quality`).
 
     Returns:
         speedup_vs_lucent (channels per second, Atlas over one-at-a-time Lucent),
@@ -301,4 +310,70 @@ def run(model: str = "resnet50", weights: str = models.RANDOM, channels: int = 1
     print(f"atlas {result['atlas_ms_per_image_step_deepest']:.1f} ms per image-step on {deepest} (batch "
           f"{len(units[deepest])}); plain forward+backward at {seen} px {result['forward_backward_ms_per_image']:.1f} "
           f"ms per image", flush=True)
+    if quality:
+        result.update(to_quality(loaded, lucent, units, size, dev))
     return result
+
+
+LUCENT_STEPS = 512  # Lucid's and Lucent's step count: the quality bar
+BUDGETS = (32, 48, 64, 96, 128, 192, 256, 384, 512)  # Atlas's step budgets, tried in order until one reaches it
+
+
+def recipe(size: int, steps: int) -> RenderSettings:
+    """The full preset's feature-visualization recipe at `size` px with a budget of `steps`: the coarse
+    steps and the redirected-ReLU steps keep their share of the budget."""
+    from atlas.config import preset
+    from atlas.featurevis.stage import settings_of
+    full = preset("full")
+    base = settings_of(full)
+    share = steps / full.fv_steps
+    return RenderSettings(**{**base.__dict__, "size": size, "steps": steps,
+                             "coarse_steps": round(base.coarse_steps * share),
+                             "redirect_steps": max(1, round(base.redirect_steps * min(1.0, 4 * share)))})
+
+
+def to_quality(loaded: LoadedModel, lucent, units: Units, size: int, device: torch.device,
+               budgets: tuple[int, ...] = BUDGETS) -> dict:
+    """Lucent's 512 steps against Atlas's time to the same mean activation at 224 px, on the same units.
+
+    Returns:
+        speedup_vs_lucent_to_quality (Lucent's seconds for 512 steps over Atlas's to reach its mean
+        activation at 224 px), quality_at_224 (Atlas's mean activation then over Lucent's), and what
+        stands behind them; if no budget reaches the bar, the largest budget's figures.
+    """
+    flat = [(l, c) for l, cs in units.items() for c in cs]
+    lucent_s, lucent_q = 0.0, []
+    print(f"time to quality: Lucent, {LUCENT_STEPS} steps per unit, one documented call each", flush=True)
+    for layer, c in flat:
+        pixels, seconds = _lucent_one(lucent, loaded.model, layer, c, size, LUCENT_STEPS,
+                                      unit_seed(loaded.name, layer, c), None)
+        lucent_s += seconds
+        lucent_q += activation(loaded, pixels, layer, [c], device, 224).tolist()
+        print(f"  lucent {layer}:{c}: {seconds:.1f} s, activation at 224 px {lucent_q[-1]:.4g}", flush=True)
+    bar = float(np.mean(lucent_q))
+    print(f"  lucent: {lucent_s:.1f} s; the bar, mean activation at 224 px: {bar:.4g}", flush=True)
+    tried = []
+    for steps in budgets:
+        settings = recipe(size, steps)
+        seconds, q, taken = 0.0, [], []
+        for layer, chans in units.items():
+            seeds = [unit_seed(loaded.name, layer, c) for c in chans]
+            out, s = timed(lambda: render(loaded.model, loaded.preprocess, channel(layer, chans), seeds, settings,
+                                          device))
+            seconds += s
+            q += activation(loaded, out.images, layer, chans, device, 224).tolist()
+            taken += out.steps.tolist()
+        tried.append((steps, seconds, float(np.mean(q)), float(np.mean(taken))))
+        print(f"  atlas budget {steps} steps ({settings.coarse_steps} coarse; {np.mean(taken):.0f} taken on "
+              f"average): {seconds:.1f} s, mean activation at 224 px {np.mean(q):.4g} "
+              f"({np.mean(q) / bar:.3f} of the bar)", flush=True)
+        if np.mean(q) >= bar:
+            break
+    steps, seconds, mean, taken = tried[-1]
+    reached = mean >= bar
+    print(f"time to quality: atlas {'reaches' if reached else 'does not reach'} Lucent's {LUCENT_STEPS}-step "
+          f"activation {'with a budget of ' + str(steps) + ' steps' if reached else 'within ' + str(steps)} "
+          f"in {seconds:.1f} s, against Lucent's {lucent_s:.1f} s", flush=True)
+    return {"speedup_vs_lucent_to_quality": lucent_s / seconds, "quality_at_224": mean / bar,
+            "to_quality_reached": reached, "to_quality_budget": steps, "to_quality_steps_taken": taken,
+            "to_quality_atlas_s": seconds, "to_quality_lucent_s": lucent_s, "to_quality_bar": bar}

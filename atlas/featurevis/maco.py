@@ -230,4 +230,4 @@ def over_crops(objective: Objective, count: int) -> Objective:
         b = next(iter(acts.values())).shape[0] // count
         return torch.stack([objective({k: v[j * b:(j + 1) * b] for k, v in acts.items()})
                             for j in range(count)]).mean(0)
-    return Objective(fn, f"{objective.name}, mean over {count} crops", objective.layers)
+    return Objective(fn, f"{objective.name}, mean over {count} crops", objective.layers, objective.separable)

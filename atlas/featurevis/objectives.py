@@ -27,25 +27,28 @@ class Objective:
     fn: Callable[[Acts], torch.Tensor]  # activations -> value per image [B]
     name: str
     layers: frozenset[str]
+    # each image's value depends on that image alone; then an image may leave the batch early
+    # (the renderer's per-image stopping), which an objective comparing images with each other forbids
+    separable: bool = True
 
     def __call__(self, acts: Acts) -> torch.Tensor:
         return self.fn(acts)
 
     def __add__(self, other: Objective) -> Objective:
         return Objective(lambda a: self(a) + other(a), f"{self.name} + {other.name}",
-                         self.layers | other.layers)
+                         self.layers | other.layers, self.separable and other.separable)
 
     def __sub__(self, other: Objective) -> Objective:
         return Objective(lambda a: self(a) - other(a), f"{self.name} - {other.name}",
-                         self.layers | other.layers)
+                         self.layers | other.layers, self.separable and other.separable)
 
     def __mul__(self, k: float) -> Objective:
-        return Objective(lambda a: k * self(a), f"{k:g} * ({self.name})", self.layers)
+        return Objective(lambda a: k * self(a), f"{k:g} * ({self.name})", self.layers, self.separable)
 
     __rmul__ = __mul__
 
     def __neg__(self) -> Objective:
-        return Objective(lambda a: -self(a), f"-({self.name})", self.layers)
+        return Objective(lambda a: -self(a), f"-({self.name})", self.layers, self.separable)
 
 
 def _per_image(channels: int | Sequence[int], acts: torch.Tensor) -> torch.Tensor:
@@ -155,4 +158,4 @@ def diversity(layer: str, groups: Sequence[int] | None = None) -> Objective:
         ids = torch.zeros(b, device=x.device) if groups is None else torch.as_tensor(list(groups), device=x.device)
         same = (ids[:, None] == ids[None, :]) & ~torch.eye(b, dtype=torch.bool, device=x.device)
         return -(sim * same).sum(1)
-    return Objective(fn, f"diversity {layer}", frozenset({layer}))
+    return Objective(fn, f"diversity {layer}", frozenset({layer}), separable=False)

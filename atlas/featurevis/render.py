@@ -27,6 +27,34 @@ from atlas.models import Preprocess
 
 
 @dataclass(frozen=True)
+class Plateau:
+    """Per-image stopping: an image leaves the batch once its objective has stopped rising.
+
+    Every `window` steps, the slope of the image's objective over its last two windows (a least-squares
+    line through the per-step values, which the random transforms make noisy) is extrapolated over the
+    steps left; where that projected gain is below `tol` of the objective's recent level, the image is
+    done. Its picture is the one it had then; the batch goes on without it, so its forward and backward
+    passes are saved. Growth that slows (as Adam's on these objectives does) makes the projection an
+    overestimate, so a stopped image ends within about `tol` of where the full run would take it.
+    """
+
+    window: int = 16  # steps per window
+    tol: float = 0.01  # the projected gain that is too small to go on for, as a fraction of the objective
+
+    def done(self, trace: torch.Tensor, step: int, steps: int, after: int) -> torch.Tensor:
+        """Which images have plateaued, from the per-step values `trace` [B, step + 1] (bool [B]); only at
+        the end of a window, and only once two windows have passed since step `after`."""
+        seen = step + 1
+        if seen % self.window or seen - after < 2 * self.window:
+            return torch.zeros(trace.shape[0], dtype=torch.bool)
+        recent = trace[:, seen - 2 * self.window:seen].double()
+        t = torch.arange(2 * self.window, dtype=torch.float64) - (2 * self.window - 1) / 2
+        slope = (recent * t).sum(1) / (t * t).sum()
+        level = recent[:, self.window:].mean(1).abs()
+        return slope * (steps - seen) <= self.tol * level
+
+
+@dataclass(frozen=True)
 class RenderSettings:
     size: int = 128  # image side (pixels)
     steps: int = 512  # Adam steps
@@ -40,6 +68,9 @@ class RenderSettings:
     # Lucid recipe: the model sees the transformed frame resized up to its input size, as Lucent feeds it 224 px,
     # so a unit is driven at the scale of the photos it learned from (and of its dataset examples)
     upsample: bool = True
+    # coarse to fine: the first steps the model sees the frame at its own side, before `upsample` takes over
+    coarse_steps: int = 0
+    plateau: Plateau | None = None  # per-image stopping (separable objectives only); None: every image runs all steps
 
     @property
     def view(self) -> int:
@@ -53,12 +84,17 @@ class RenderSettings:
         return self.size if self.param == "fourier" else 2 * round(self.view * maco.CANVAS_PER_VIEW / 2)
 
     def provenance(self) -> dict:
+        stop = {"stopping": "every image runs all steps" if self.plateau is None else
+                f"per image, once the gain projected over the steps left is below {self.plateau.tol:g} of the "
+                f"objective (slope over the last {2 * self.plateau.window} steps)"}
         if self.param == "fourier":
+            view = "the frame as it is" if not self.upsample else "resized up to the model's input side" + (
+                f" after {self.coarse_steps} steps at the frame's own side" if self.coarse_steps else "")
             return {"size": self.size, "steps": self.steps, "lr": self.lr, "optimizer": "Adam",
                     "parameterization": "fourier 1/f, decorrelated colour, sigmoid",
                     "transforms": self.robustness.describe(), "redirected_relu_steps": self.redirect_steps,
-                    "model_view": "resized up to the model's input side" if self.upsample else "the frame as it is"}
-        return {"size": self.size, "canvas": self.canvas, "view": self.view, "steps": self.steps, "lr": maco.LR,
+                    "model_view": view, **stop}
+        return {**stop, "size": self.size, "canvas": self.canvas, "view": self.view, "steps": self.steps, "lr": maco.LR,
                 "optimizer": "NAdam", "parameterization": "MACO: fourier phase only (standardized), magnitude of "
                 "natural photos in decorrelated colour, image standardized, colour recorrelated, sigmoid",
                 "transforms": self.crops.describe(), "redirected_relu_steps": self.redirect_steps,
@@ -73,6 +109,7 @@ class Rendered:
     finite: np.ndarray  # bool [B], False where the objective became NaN or infinite
     acts: dict[str, torch.Tensor]  # the objective's layers on the final images, without transforms
     alpha: np.ndarray | None = None  # uint8 [B, S, S]: MACO's transparency (gradient energy), 255 the most
+    steps: np.ndarray | None = None  # int32 [B]: the steps each image took (fewer where it stopped early)
 
 
 def _checkpoints(steps: int, points: int) -> dict[int, int]:
@@ -96,7 +133,7 @@ def render(model: nn.Module, preprocess: Preprocess, objective: Objective, seeds
             same transforms as the images, for objectives that compare with them (`objectives.dot`).
 
     Returns:
-        The images, their final objective values and loss curves (MACO: and transparency).
+        The images, their final objective values, loss curves and steps taken (MACO: and transparency).
     """
     start = start.to(device) if start is not None else None
     params, to_rgb, optimizer = _parameterize(settings, seeds, device, preprocess, start)
@@ -113,6 +150,13 @@ def render(model: nn.Module, preprocess: Preprocess, objective: Objective, seeds
         raise ValueError(f"objective: {objective.name!r} compares with the start images; pass `start`")
     twins = [torch.Generator().manual_seed(s ^ 0x5EED5EED) for s in seeds]  # gens' twins: the start images' draws
     start_view = None
+    b = len(seeds)
+    stopping = settings.plateau is not None and objective.separable
+    active = torch.ones(b, dtype=torch.bool)
+    taken = np.full(b, settings.steps, np.int32)
+    trace = torch.zeros(b, settings.steps) if stopping else None
+    last = torch.zeros(b)  # each image's latest objective, for the loss curve of a stopped one
+    kept = None  # the parameters of stopped images, as they were when they stopped
     with Capture(model, hooked, stop=True, fn=_as_float) as capture:
         for step in range(settings.steps):
             image = to_rgb(params)
@@ -124,20 +168,42 @@ def render(model: nn.Module, preprocess: Preprocess, objective: Objective, seeds
                                                                preprocess))
                 view = view + maco.noise(view.shape, gens, settings.crops).to(view)
             else:
+                fine = step >= settings.coarse_steps
                 view = _model_input(preprocess, _model_side(random_affine(image, gens, settings.robustness),
-                                                            preprocess, settings))
+                                                            preprocess, settings, fine))
                 if compared:
                     start_view = _model_input(preprocess, _model_side(
-                        random_affine(start, twins, settings.robustness), preprocess, settings))
+                        random_affine(start, twins, settings.robustness), preprocess, settings, fine))
+            rows = _rows(active, view.shape[0] // b)
             with redirected_relus(model, step < settings.redirect_steps), _autocast(device):
-                values = seen(_with_start(capture, view, start_view))
+                values = seen(_with_start(capture, view, start_view, rows))
             optimizer.zero_grad(set_to_none=True)
-            (-values.sum()).backward()
+            (-values[active.to(values.device)].sum()).backward()
             if is_maco:
                 energy = image.grad.abs().sum(1) if energy is None else energy + image.grad.abs().sum(1)
             optimizer.step()
+            now = values.detach().float().cpu()
+            last = torch.where(active, now, last)
+            if kept is not None:  # Adam's momentum would still move a stopped image
+                with torch.no_grad():
+                    params[~active.to(params.device)] = kept[~active.to(params.device)]
             if step in marks:
-                loss[:, marks[step]] = values.detach().float().cpu().numpy()
+                loss[:, marks[step]] = last.numpy()
+            if stopping:
+                trace[:, step] = last
+                after = max(settings.redirect_steps, settings.coarse_steps if settings.upsample else 0)
+                ended = settings.plateau.done(trace, step, settings.steps, after) & active
+                if ended.any():
+                    kept = params.detach().clone() if kept is None else kept
+                    with torch.no_grad():
+                        kept[ended.to(params.device)] = params[ended.to(params.device)]
+                    taken[ended.numpy()] = step + 1
+                    active &= ~ended
+                    if not active.any():
+                        for later, column in marks.items():
+                            if later > step:
+                                loss[:, column] = last.numpy()
+                        break
         with torch.no_grad(), _autocast(device):
             image = to_rgb(params)
             # MACO's canvas is judged on its centre crop at the crops' mean size, and stored whole at `size`
@@ -155,16 +221,33 @@ def render(model: nn.Module, preprocess: Preprocess, objective: Objective, seeds
                        side)
     pixels = (image.detach().permute(0, 2, 3, 1).clamp(0, 1) * 255).round().byte().cpu().numpy()
     finite = np.isfinite(final) & np.isfinite(loss).all(axis=1)
-    return Rendered(pixels, final.astype(np.float32), loss, finite, acts, alpha if is_maco else None)
+    return Rendered(pixels, final.astype(np.float32), loss, finite, acts, alpha if is_maco else None, taken)
 
 
-def _with_start(capture: Capture, view: torch.Tensor, start_view: torch.Tensor | None) -> dict:
+def _rows(active: torch.Tensor, per_image: int) -> torch.Tensor | None:
+    """The rows of a view batch [per_image * B] (image-major blocks of B, as MACO's crop-major views) that
+    belong to active images; None while every image is active."""
+    if bool(active.all()):
+        return None
+    b = active.shape[0]
+    return (torch.arange(per_image)[:, None] * b + active.nonzero()[:, 0][None]).flatten()
+
+
+def _with_start(capture: Capture, view: torch.Tensor, start_view: torch.Tensor | None,
+                rows: torch.Tensor | None = None) -> dict:
     """The captured activations of `view`; with `start_view` (the start images, seen alike), also theirs,
-    without gradient, under each layer's `on_start` name."""
-    acts = capture.run(view)
+    without gradient, under each layer's `on_start` name. With `rows`, only those rows go through the
+    model; the others' activations are zeros (their images have left the batch)."""
+    def run(x: torch.Tensor) -> dict:
+        if rows is None:
+            return capture.run(x)
+        index = rows.to(x.device)
+        return {name: act.new_zeros((x.shape[0], *act.shape[1:])).index_copy(0, index, act)
+                for name, act in capture.run(x[index]).items()}
+    acts = run(view)
     if start_view is not None:
         with torch.no_grad():
-            acts.update({on_start(name): act for name, act in capture.run(start_view).items()})
+            acts.update({on_start(name): act for name, act in run(start_view).items()})
     return acts
 
 
@@ -174,13 +257,15 @@ def _resize(images: torch.Tensor, side: int) -> torch.Tensor:
     return F.interpolate(images, size=(side, side), mode="bilinear", align_corners=False, antialias=True)
 
 
-def _model_side(frame: torch.Tensor, preprocess: Preprocess, settings: RenderSettings) -> torch.Tensor:
+def _model_side(frame: torch.Tensor, preprocess: Preprocess, settings: RenderSettings,
+                fine: bool = True) -> torch.Tensor:
     """The Lucid recipe's frame as the model sees it: resized up to the model's input side where smaller
-    and `settings.upsample` asks for it (bilinear, corners aligned, as Lucent's upsampling)."""
+    and `settings.upsample` asks for it (bilinear, corners aligned, as Lucent's upsampling); not during
+    the coarse steps (`fine` False)."""
     side = preprocess.size
     if preprocess.fixed:
         return fixed_side(frame, preprocess)
-    if not settings.upsample or frame.shape[-1] >= side:
+    if not settings.upsample or not fine or frame.shape[-1] >= side:
         return frame
     return F.interpolate(frame, size=(side, side), mode="bilinear", align_corners=True)
 

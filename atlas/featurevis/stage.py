@@ -30,7 +30,7 @@ from atlas.featurevis.activation_atlas import consolidate_atlas, is_atlas_key, r
 from atlas.featurevis.caricatures import consolidate_caricatures, is_caricature_key, run_caricatures
 from atlas.featurevis.facets import consolidate_facets, is_facet_key, run_facets
 from atlas.featurevis.param import unit_seed
-from atlas.featurevis.render import Rendered, RenderSettings, render
+from atlas.featurevis.render import Plateau, Rendered, RenderSettings, render
 from atlas.featurevis.transforms import Robustness
 from atlas.store import Store
 from atlas.store.schema import FEATUREVIS, LAYERS, TOPK, VIEW_ARRAYS, VIEWS, view_dataset
@@ -46,7 +46,9 @@ def settings_of(config) -> RenderSettings:
     robustness = Robustness().scaled(min(1.0, config.fv_size / LUCID_SIZE))
     return RenderSettings(size=config.fv_size, steps=config.fv_steps, lr=config.fv_lr,
                           loss_points=config.fv_loss_points, redirect_steps=config.fv_redirect_steps,
-                          param=config.fv_param, robustness=robustness, upsample=config.fv_upsample)
+                          param=config.fv_param, robustness=robustness, upsample=config.fv_upsample,
+                          coarse_steps=config.fv_coarse_steps,
+                          plateau=Plateau(tol=config.fv_plateau) if config.fv_plateau > 0 else None)
 
 
 def images_per_channel(view: str, config) -> int:
@@ -218,7 +220,8 @@ def _arrays(result: Rendered, seeds: list[int], channels: list[int], k: int, lay
     def shape(a: np.ndarray) -> np.ndarray:
         return a.reshape(n, *a.shape[1:]) if k == 1 else a.reshape(n, k, *a.shape[1:])
     out = {"images": shape(result.images), "objective": shape(result.objective), "loss": shape(result.loss),
-           "seed": shape(np.array(seeds, np.int64)), "peak": shape(peak), "finite": result.finite.reshape(n, k).all(1)}
+           "seed": shape(np.array(seeds, np.int64)), "peak": shape(peak), "finite": result.finite.reshape(n, k).all(1),
+           "steps": shape(result.steps)}
     if result.alpha is not None:  # MACO's transparency
         out["alpha"] = shape(result.alpha)
     return out
@@ -268,6 +271,8 @@ def _create(group: h5py.Group, view: str, channels: int, part: h5py.File) -> Non
     group.create_dataset(view_dataset(view, "seed"), (channels, *extra), np.int64)
     group.create_dataset(view_dataset(view, "peak"), (channels, *extra), np.float32, fillvalue=np.nan)
     group.create_dataset(view_dataset(view, "finite"), (channels,), bool)
+    if "steps" in part:  # the steps each image took (fewer where it stopped early)
+        group.create_dataset(view_dataset(view, "steps"), (channels, *extra), np.int32)
     if "alpha" in part:
         group.create_dataset(view_dataset(view, "alpha"), (channels, *per[:-1]), np.uint8, chunks=(1, *per[:-1]),
                              compression="gzip", compression_opts=1)

@@ -289,7 +289,8 @@ def unit_context(model: Model, i: int, c: int, arrays: dict, dataset: dict | Non
     if layer.has_fv and (done is None or done[c]):
         loss = _at(arrays, "featurevis/channel_loss", c)
         fv = {"src": f"{c}.{img.PICTURE_EXT}", "objective": _at(arrays, "featurevis/channel_objective", c),
-              "seed": _at(arrays, "featurevis/channel_seed", c), "text": VIEW_TEXT["channel"],
+              "seed": _at(arrays, "featurevis/channel_seed", c), "steps": _at(arrays, "featurevis/channel_steps", c),
+              "text": VIEW_TEXT["channel"],
               "loss": plots.loss_points(loss) if loss is not None else ""}
     stats = [(label, arrays[f"stats/{key}"][c]) for key, label in STATS if f"stats/{key}" in arrays]
     top = _examples("topk", c, arrays, dataset, strip)

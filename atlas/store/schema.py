@@ -71,7 +71,7 @@ VIEWS = ("channel", "negative", "neuron", "diversity")
 SECONDARY_VIEWS = VIEWS[1:]  # shown together in one strip on a unit's page
 # A view's datasets in /layers/<layer>/featurevis/: the part's array name -> the suffix after the view's name.
 VIEW_ARRAYS = {"images": "", "objective": "_objective", "loss": "_loss", "seed": "_seed", "peak": "_peak",
-               "finite": "_done", "alpha": "_alpha"}  # alpha: MACO's transparency, only in its renders
+               "finite": "_done", "alpha": "_alpha", "steps": "_steps"}  # alpha: MACO's transparency, only in its renders
 
 
 def view_dataset(view: str, array: str) -> str:
