@@ -227,7 +227,10 @@ def bench_options(f):
     """The model and device options every benchmark takes."""
     for option in reversed([
         click.option("--model", default="resnet50", show_default=True),
-        click.option("--weights", default="random", show_default=True, help="a state dict, or random"),
+        click.option("--weights", default="random", show_default=True,
+                     callback=lambda _ctx, _param, value: None if value == "default" else value,
+                     help="a state dict, random, or default: the model's own (efficientnet_lite0's embedded "
+                          "ImageNet weights)"),
         click.option("--device", default="cpu", show_default=True),
     ]):
         f = option(f)
