@@ -61,6 +61,7 @@ from torch import nn
 
 from atlas import models
 from atlas.bench.common import best_time, timed
+from atlas.bench.lucent_tokens import grid_views
 from atlas.errors import AtlasError
 from atlas.featurevis.objectives import channel
 from atlas.featurevis.param import unit_seed
@@ -123,6 +124,8 @@ def activation(loaded: LoadedModel, pixels: np.ndarray, layer: str, chans: list[
     """Mean activation of channel chans[i] of `layer` for image i of uint8 [B, S, S, 3] pixels,
     optionally upsampled to `size` first (bilinearly, as Lucent does)."""
     x = torch.as_tensor(pixels).permute(0, 3, 1, 2).float().div(255).to(device)
+    if loaded.preprocess.fixed:  # a model of one input side (a ViT) reads every image at that side
+        size = loaded.input_size
     if size is not None and size != x.shape[-1]:
         x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=True)
     with torch.no_grad(), Capture(loaded.model, [layer], stop=True) as cap:
@@ -136,10 +139,11 @@ def _lucent_call(lucent, model: nn.Module, objective, size: int, steps: int, bat
     _, param, lucent_render = lucent
     torch.manual_seed(seed)  # Lucent's start image
     np.random.seed(seed % 2**32)  # Lucent's transforms
-    images = lucent_render.render_vis(
-        model, objective, param_f=lambda: param.image(size, batch=batch),
-        optimizer=lambda p: torch.optim.Adam(p, lr=LR), thresholds=(steps,),
-        show_image=False, progress=False, fixed_image_size=model_size)
+    with grid_views(model):  # token and channels-last layers as Atlas sees them (no-op on conv maps)
+        images = lucent_render.render_vis(
+            model, objective, param_f=lambda: param.image(size, batch=batch),
+            optimizer=lambda p: torch.optim.Adam(p, lr=LR), thresholds=(steps,),
+            show_image=False, progress=False, fixed_image_size=model_size)
     return images[-1]
 
 
@@ -253,6 +257,8 @@ def run(model: str = "resnet50", weights: str = models.RANDOM, channels: int = 1
     dev = torch.device(device)
     loaded = models.load(model, weights).to(dev)
     units = pick_units(loaded, channels, dev)
+    if loaded.preprocess.fixed and lucent_size is None:  # Lucent's default 224 px would be refused
+        lucent_size = loaded.input_size
     print(f"{model} ({loaded.weights_id}), {channels} units, {size} px, {steps} steps, Adam lr {LR}, "
           f"{torch.get_num_threads()} threads, {dev}", flush=True)
     print("units: " + "; ".join(f"{l} {c}" for l, c in units.items()), flush=True)
@@ -276,7 +282,9 @@ def run(model: str = "resnet50", weights: str = models.RANDOM, channels: int = 1
     print(f"  lucent batched (all {len(flat)} units, one param, summed objective): {batched_total:.1f} s",
           flush=True)
     deepest = list(units)[-1]
-    seen = max(settings.view, loaded.input_size) if upsample else settings.view  # the side the model sees
+    # the side the model sees
+    seen = loaded.input_size if loaded.preprocess.fixed else \
+        max(settings.view, loaded.input_size) if upsample else settings.view
     fb = _forward_backward(loaded, len(units[deepest]), seen, dev)
     per_image_step = atlas_s[deepest] / (steps * len(units[deepest]))
     result = {
@@ -311,7 +319,7 @@ def run(model: str = "resnet50", weights: str = models.RANDOM, channels: int = 1
           f"{len(units[deepest])}); plain forward+backward at {seen} px {result['forward_backward_ms_per_image']:.1f} "
           f"ms per image", flush=True)
     if quality:
-        result.update(to_quality(loaded, lucent, units, size, dev))
+        result.update(to_quality(loaded, lucent, units, size, dev, lucent_size))
     return result
 
 
@@ -333,7 +341,7 @@ def recipe(size: int, steps: int) -> RenderSettings:
 
 
 def to_quality(loaded: LoadedModel, lucent, units: Units, size: int, device: torch.device,
-               budgets: tuple[int, ...] = BUDGETS) -> dict:
+               lucent_size: int | None = None, budgets: tuple[int, ...] = BUDGETS) -> dict:
     """Lucent's 512 steps against Atlas's time to the same mean activation at 224 px, on the same units.
 
     Returns:
@@ -346,7 +354,7 @@ def to_quality(loaded: LoadedModel, lucent, units: Units, size: int, device: tor
     print(f"time to quality: Lucent, {LUCENT_STEPS} steps per unit, one documented call each", flush=True)
     for layer, c in flat:
         pixels, seconds = _lucent_one(lucent, loaded.model, layer, c, size, LUCENT_STEPS,
-                                      unit_seed(loaded.name, layer, c), None)
+                                      unit_seed(loaded.name, layer, c), lucent_size)
         lucent_s += seconds
         lucent_q += activation(loaded, pixels, layer, [c], device, 224).tolist()
         print(f"  lucent {layer}:{c}: {seconds:.1f} s, activation at 224 px {lucent_q[-1]:.4g}", flush=True)
