@@ -15,7 +15,7 @@ MAX_LINES = 400
 # the top level of the package: change this together with docs/architecture.md
 TOP_LEVEL = {
     "__init__.py", "__main__.py", "cli.py", "config.py", "pipeline.py", "preflight.py", "distributed.py",
-    "devices.py", "errors.py", "layers.py", "fused.py",
+    "devices.py", "errors.py", "layers.py", "layouts.py", "fused.py",
     "models/", "store/", "featurevis/", "dataset/", "attribution/", "site/", "compare/", "bench/", "testing/",
 }
 
