@@ -24,6 +24,9 @@ def build(cwd: Path, store: str, *extra: str, ranks: int = 1, timeout: int = 300
     command = [sys.executable, "-m", "atlas"] if ranks == 1 else \
         [TORCHRUN, "--standalone", "--nproc-per-node", str(ranks), "-m", "atlas"]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
+    # one thread, as torchrun gives each rank: a convolution sums in another order with another thread
+    # count, and the adaptive IG rule's interval errors (differences of nearby logits) carry that through
+    env["OMP_NUM_THREADS"] = "1"
     return subprocess.run([*command, "build", *ARGS, "--data", "images", "--store-dir", store,
                            "--out", f"site-{store}", *extra], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=timeout)
