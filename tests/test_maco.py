@@ -134,8 +134,11 @@ def test_a_maco_image_is_the_same_alone_or_in_a_batch(tiny):
     batch = render(tiny.model, tiny.preprocess, O.channel("conv2", [0, 1, 2]), [4, 5, 6], SETTINGS)
     alone = render(tiny.model, tiny.preprocess, O.channel("conv2", [1]), [5], SETTINGS)
     # the crops and noise are the same numbers in both; the convolutions are not bit-identical across
-    # batch sizes (the CPU kernels block a batch differently), and the steps carry that float noise into a
-    # pixel's rounding now and then: a level or two, never a picture of its own
+    # batch sizes (the CPU kernels block a batch differently, and differently on each CPU), and the steps
+    # carry that float noise into a pixel's rounding now and then: a few levels at a few pixels, never a
+    # picture of its own, which differs from this one by tens of levels everywhere
     diff = np.abs(batch.images[1].astype(int) - alone.images[0].astype(int))
-    assert diff.max() <= 3 and diff.mean() < 0.5
+    other = np.abs(batch.images[0].astype(int) - alone.images[0].astype(int))
+    assert diff.mean() < 0.5 and (diff > 2).mean() < 0.01 and diff.max() <= 16
+    assert other.mean() > 10 * max(diff.mean(), 0.1)
     np.testing.assert_allclose(batch.objective[1], alone.objective[0], rtol=1e-4, atol=1e-5)
