@@ -17,6 +17,15 @@ rule is nested, where Gauss-Legendre starts over when its count changes), so
 refinement goes where the integrand turns or jumps (on ReLU networks, the
 stretch just off the baseline) and nowhere else. The new points of every path
 still refining go through the model together, in shared chunks.
+
+The rule's first point is not the baseline itself but a point just off it,
+alpha = EDGE. A flat baseline such as black is the one input on the path
+where every max-pool window and many rectifiers sit on ties, and the gradient
+autograd picks there is one of many: on ResNet-50 it differs from its limit
+just off the baseline by a third, and the trapezoid would weigh that single
+point by half an interval. The stretch [0, EDGE] is taken as a rectangle at
+EDGE, and f(x') comes from a forward pass (one per distinct baseline; a black
+baseline is the same for every image), so every error above stays exact.
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ import torch
 from atlas.attribution.base import layout
 
 MIN_WIDTH = 2.0 ** -24  # intervals narrower than this are not halved (float32 alphas stop being distinct)
+EDGE = 2.0 ** -10  # the first point, just off the baseline (see above)
 
 
 @dataclass
@@ -39,7 +49,8 @@ class RefinedPath:
     Attributes:
         image: the path's image in the batch.
         start: its baseline [3, H, W].
-        alphas: the points, sorted, 0 and 1 included.
+        origin: f(x'), from a forward pass.
+        alphas: the points, sorted, from EDGE to 1.
         values: f at each point.
         slopes: g at each point, the summed integrand sum((x - x') * grad f).
         grads: (x - x') * grad f at each point [3, H, W].
@@ -47,6 +58,7 @@ class RefinedPath:
 
     image: int
     start: torch.Tensor
+    origin: float = float("nan")
     alphas: list[float] = field(default_factory=list)
     values: list[float] = field(default_factory=list)
     slopes: list[float] = field(default_factory=list)
@@ -61,12 +73,16 @@ class RefinedPath:
     @property
     def delta(self) -> float:
         """f(x) - f(x')."""
-        return self.values[-1] - self.values[0]
+        return self.values[-1] - self.origin
 
     def errors(self) -> np.ndarray:
-        """The signed error of the summed map on each interval [n - 1]."""
+        """The signed error of the summed map on each interval between points [n - 1]."""
         a, f, g = (np.asarray(v, np.float64) for v in (self.alphas, self.values, self.slopes))
         return np.diff(a) / 2 * (g[:-1] + g[1:]) - np.diff(f)
+
+    def edge_error(self) -> float:
+        """The signed error of the summed map on [0, first point], a rectangle at the first point."""
+        return self.alphas[0] * self.slopes[0] - (self.values[0] - self.origin)
 
     def midpoints(self, tolerance: float, budget: int) -> list[float]:
         """The midpoints of the intervals to halve next; none once the error is within tolerance.
@@ -75,7 +91,7 @@ class RefinedPath:
         the tolerance, at most `budget` of them.
         """
         e = self.errors()
-        excess = abs(e.sum()) - tolerance * abs(self.delta)
+        excess = abs(e.sum() + self.edge_error()) - tolerance * abs(self.delta)
         picked, covered = [], 0.0
         for k in np.argsort(-np.abs(e), kind="stable"):
             if excess <= covered or len(picked) >= budget:
@@ -87,9 +103,10 @@ class RefinedPath:
         return picked
 
     def integral(self) -> torch.Tensor:
-        """The trapezoid rule over the points: the path's map [3, H, W]."""
+        """The trapezoid rule over the points, and the rectangle before them: the path's map [3, H, W]."""
         a = np.asarray(self.alphas, np.float64)
         weights = np.zeros_like(a)
+        weights[0] += a[0]
         weights[:-1] += np.diff(a) / 2
         weights[1:] += np.diff(a) / 2
         total = torch.zeros_like(self.grads[0])
@@ -107,20 +124,42 @@ def refine(method, inputs: torch.Tensor, target: torch.Tensor, paths: list[Refin
         inputs: the batch [B, 3, H, W].
         target: one class per image [B].
         paths: fresh paths (no points yet), each with its image and baseline.
-        start: equal intervals every path begins with (start + 1 points).
+        start: equal intervals every path begins with (start + 1 points, the first at EDGE).
         tolerance: relative completeness error each path stops at.
         max_points: the most points a path may have.
 
     Returns:
         The number of rounds of points evaluated.
     """
-    todo = [(p, a) for p in paths for a in np.linspace(0, 1, min(start, max_points - 1) + 1).tolist()]
+    _origins(method, inputs, target, paths)
+    first = np.linspace(0, 1, min(start, max_points - 1) + 1)
+    first[0] = EDGE
+    todo = [(p, a) for p in paths for a in first.tolist()]
     rounds = 0
     while todo:
         _evaluate(method, inputs, target, todo)
         rounds += 1
         todo = [(p, a) for p in paths for a in p.midpoints(tolerance, max_points - len(p.alphas))]
     return rounds
+
+
+def _origins(method, inputs: torch.Tensor, target: torch.Tensor, paths: list[RefinedPath]) -> None:
+    """Sets f(x') of every path, one forward row per distinct baseline, in the rows' own precision."""
+    distinct: list[torch.Tensor] = []
+    which = []
+    for p in paths:
+        k = next((k for k, s in enumerate(distinct) if s is p.start or torch.equal(s, p.start)), len(distinct))
+        if k == len(distinct):
+            distinct.append(p.start)
+        which.append(k)
+    rows = torch.stack(distinct).contiguous(memory_format=layout(inputs))
+
+    def run(a: int, b: int) -> torch.Tensor:
+        with torch.no_grad():
+            return method.model(rows[a:b])
+    logits = torch.cat(method.chunked(run, rows.shape[0]))
+    for p, k in zip(paths, which):
+        p.origin = float(logits[k, target[p.image]])
 
 
 def _evaluate(method, inputs: torch.Tensor, target: torch.Tensor, todo: list[tuple[RefinedPath, float]]) -> None:

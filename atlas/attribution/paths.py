@@ -186,7 +186,7 @@ class IntegratedGradients(_PathMethod):
 
     def __init__(self, model, space=None, batch: int = 64, steps: int = 50, baseline: str = "black",
                  draws: int = 4, rule: str = "gauss_legendre", tolerance: float = 0.01,
-                 max_steps: int = 400, seed: int = 0, start: int = 4):
+                 max_steps: int = 400, seed: int = 0, start: int = 2):
         super().__init__(model, space, batch)
         if baseline not in BASELINES:
             raise ValueError(f"baseline: expected one of {', '.join(BASELINES)}, got {baseline!r}")

@@ -7,7 +7,9 @@ Gauss-Legendre rule is fixed, so each image gets the smallest point count of
 Captum's time is the sum over images of its run at that count (one image per
 call, `internal_batch_size` = the chunk): Captum is given each image's minimal
 count, found by a search that is not timed against it. Atlas runs its adaptive
-rule once over all images together. Evaluations are forward + backward rows.
+rule once over all images together. Evaluations are forward + backward rows;
+forward-only rows are timed but not counted (Captum's two per call for its
+convergence delta, Atlas's one for f(x') of the black baseline all images share).
 
 SmoothGrad, accuracy = Spearman rank correlation of the map summed over colour
 (what the site shows) with a 200-draw map from independent noise. Captum's
