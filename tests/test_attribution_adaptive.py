@@ -110,7 +110,7 @@ def test_adaptive_ig_does_not_weigh_the_tie_at_a_flat_baseline():
     winner = F.max_unpool2d(*F.max_pool2d(d, 2, return_indices=True), 2) != 0
     expected = winner * d * F.interpolate(model[2].weight[0].view(1, 3, 2, 2), scale_factor=2)
     assert found.info["evaluations"].tolist() == [3, 3]  # f is linear on (0, 1]: the first points are exact
-    torch.testing.assert_close(found.maps, expected, rtol=1e-6, atol=1e-9)  # within EDGE of the exact map
+    torch.testing.assert_close(found.maps, expected, rtol=1e-6, atol=1e-9)  # the rectangle at EDGE is exact too
     assert found.info["completeness"].max() < 1e-9
 
 
