@@ -9,12 +9,14 @@ of the consolidated .h5 from its parts. The site reads only that .h5.
 from __future__ import annotations
 
 import datetime
+import functools
 import platform
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
 import torch
+from torch import nn
 from tqdm import tqdm
 
 import atlas
@@ -23,6 +25,7 @@ from atlas.config import Config
 from atlas.devices import keep_host_memory, resolve_device
 from atlas.errors import AtlasError
 from atlas.layers import LayerInfo, discover, select
+from atlas.models.fold import fold_batchnorm
 from atlas.store import Store
 from atlas.store.schema import STAGES
 
@@ -40,6 +43,14 @@ class Context:
     store: Store
     progress: bool = True
     ranks: distributed.Ranks = distributed.Ranks()  # this process among torchrun's, if several
+
+    @functools.cached_property
+    def gradient_model(self) -> nn.Module:
+        """The model for feature visualization and gradient attributions: each BatchNorm folded into the
+        convolution before it where the selected layers' outputs stay the same (`models.fold`); the
+        loaded model itself where none folds. Weight-level work (checks, kernels, LRP) uses the loaded one."""
+        keep = frozenset(layer.module for layer in self.layers)
+        return fold_batchnorm(self.loaded.model, keep)[0]
 
     def bar(self, total: int, desc: str, unit: str) -> tqdm:
         return tqdm(total=total, desc=desc, unit=unit, disable=not self.progress, dynamic_ncols=True,

@@ -36,11 +36,17 @@ from atlas.attribution.methods import check, get, settings
 from atlas.attribution.units import UnitAttribution, unit_maps
 from atlas.dataset.reader import DatasetImages, source_records, top_examples
 from atlas.errors import AtlasError
-from atlas.store.schema import ATTRIBUTION, RANDOM_CONTROL
+from atlas.models.fold import fold_batchnorm
+from atlas.store.schema import ALL_METHODS, ATTRIBUTION, RANDOM_CONTROL
 
 STAGE = ATTRIBUTION
 UNIT_CHANNELS = 128  # channels per unit-attribution work unit
 KERNEL = "kernel/"  # the kernel slices' parts: kernel/<layer>
+# The methods that read only the model's input and output (Guided Backprop also its ReLU modules, which
+# folding keeps) run on the build's folded model; Grad-CAM and rollout read inner layers of their own
+# choosing, LRP the weights of each layer, so they run on the loaded model.
+ON_FOLDED = frozenset(ALL_METHODS) - {"grad_cam", "guided_grad_cam", "attention_rollout", "lrp_epsilon_plus_flat",
+                                      "lrp_epsilon_gamma_box"}
 
 
 def run(ctx) -> None:
@@ -82,14 +88,17 @@ def make_method(ctx, name: str, images: DatasetImages | None, model=None,
     """The method `name` configured from the build config (Expected Gradients gets its references).
 
     Args:
-        model: the network to bind it to; default the loaded model (the checks pass randomized copies).
+        model: the network to bind it to; default the build's gradient model for the methods that read
+            only the input and the output (`ON_FOLDED`), the loaded model for the others (the checks
+            pass randomized copies).
         fixed_steps: path methods keep their first step count (no completeness-driven increase, and
             Gauss-Legendre points where the adaptive rule is configured): the checks compare maps, and
             a randomized network's path integral may never converge.
     """
     cfg, loaded = ctx.config, ctx.loaded
     fixed = {"tolerance": float("inf"), "ig_rule": "gauss_legendre"} if fixed_steps else {}
-    method = get(name, model or loaded.model, InputSpace.of(loaded.preprocess), chunk(ctx),
+    model = model or (ctx.gradient_model if name in ON_FOLDED else loaded.model)
+    method = get(name, model, InputSpace.of(loaded.preprocess), chunk(ctx),
                  **{**settings(cfg), **fixed, "input_size": loaded.input_size})
     if images is not None and hasattr(method, "set_references"):
         method.set_references(images.references())
@@ -111,7 +120,7 @@ def _run_units(ctx, images: DatasetImages, done: set[str]) -> None:
             bar.set_postfix_str(layer.name)
             index, boxes, _ = examples[layer.name]
             k = min(cfg.attr_unit_topk, index.shape[1])
-            method = UnitAttribution(ctx.loaded.model, layer, chunk(ctx), source[layer.name])
+            method = UnitAttribution(ctx.gradient_model, layer, chunk(ctx), source[layer.name])
             maps, inputs = unit_maps(method, images.inputs, index[first:end, :k], boxes[first:end, :k],
                                      range(first, end), cfg.attr_unit_size)
             peak = np.nanmax(np.abs(maps), axis=(2, 3), initial=0) if maps.size else np.zeros(maps.shape[:2])
@@ -163,7 +172,8 @@ def _run_checks(ctx, images: DatasetImages, todo: list[str]) -> None:
                 result = sanity.run_controls(ctx.loaded.model, x, target, points=cfg.attr_check_points,
                                              seed=cfg.seed, batch=chunk(ctx))
             else:
-                def make(model, name=name):
+                def make(model, name=name):  # the trained model or a randomized copy, folded where it may be
+                    model = fold_batchnorm(model)[0] if name in ON_FOLDED else model
                     return make_method(ctx, name, images, model, fixed_steps=True)
                 result = sanity.run_checks(make, ctx.loaded.model, x, target, n_classes=len(ctx.loaded.class_names),
                                            groups_count=cfg.attr_check_groups, points=cfg.attr_check_points,

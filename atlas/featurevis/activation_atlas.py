@@ -332,7 +332,7 @@ def render_cells(ctx, settings: RenderSettings, layer: str, cells: list[int],
     batch = max(1, ctx.config.fv_batch)
     for a in range(0, n, batch):
         seeds = [unit_seed(ctx.loaded.spec, layer, c, ctx.config.seed, "atlas") for c in cells[a:a + batch]]
-        result = render(ctx.loaded.model, ctx.loaded.preprocess,
+        result = render(ctx.gradient_model, ctx.loaded.preprocess,
                         O.direction(layer, torch.as_tensor(unit[a:a + batch])), seeds, settings, ctx.device)
         out["images"][a:a + batch], out["objective"][a:a + batch] = result.images, result.objective
         out["done"][a:a + batch] = result.finite

@@ -119,7 +119,7 @@ def run_caricatures(ctx) -> None:
             seeds = [unit_seed(ctx.loaded.spec, layer, int(i), cfg.seed, "caricature") for i in index]
             pieces = []
             for a in range(0, len(index), batch):
-                pieces.append(caricatures(ctx.loaded.model, ctx.loaded.preprocess, layer, originals[a:a + batch],
+                pieces.append(caricatures(ctx.gradient_model, ctx.loaded.preprocess, layer, originals[a:a + batch],
                                           seeds[a:a + batch], settings, ctx.device))
                 bar.update(len(pieces[-1]["images"]))
             arrays = {k: np.concatenate([p[k] for p in pieces]) for k in pieces[0]}

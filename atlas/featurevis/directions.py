@@ -65,7 +65,7 @@ def _render_groups(ctx, settings, groups: GroupDirections, bar) -> dict[str, np.
         vectors = torch.as_tensor(np.stack([groups.directions[i, j] for i, j in pairs]))
         seeds = [unit_seed(ctx.loaded.spec, groups.layer, int(groups.index[i]) * g + j, ctx.config.seed, "direction")
                  for i, j in pairs]
-        result = render(ctx.loaded.model, ctx.loaded.preprocess, O.direction(groups.layer, vectors), seeds,
+        result = render(ctx.gradient_model, ctx.loaded.preprocess, O.direction(groups.layer, vectors), seeds,
                         settings, ctx.device)
         for k, (i, j) in enumerate(pairs):
             out["images"][i, j], out["objective"][i, j] = result.images[k], result.objective[k]

@@ -77,7 +77,7 @@ def _render(ctx, settings, facets: FacetDirections, classifier: str, bar) -> dic
             f"scaled {classifier} alignment", frozenset({classifier}))
         seeds = [unit_seed(ctx.loaded.spec, facets.layer, c * 4 + int(f), ctx.config.seed, "facet")
                  for c, f in zip(channels, facets.facet[rows])]
-        result = render(ctx.loaded.model, ctx.loaded.preprocess, objective, seeds, settings, ctx.device)
+        result = render(ctx.gradient_model, ctx.loaded.preprocess, objective, seeds, settings, ctx.device)
         out["images"][rows], out["objective"][rows] = result.images, result.objective
         out["done"][rows] = result.finite
         out["alignment"][rows] = _alignment(ctx, classifier, steer, result.images)

@@ -27,16 +27,20 @@ from atlas.fused import Fused
 
 def _redirected_gradient(x: torch.Tensor, grad: torch.Tensor, upper: float) -> torch.Tensor:
     """The clamp's ordinary gradient for images it reaches; the redirected one for the others."""
-    ordinary = grad * ((x > 0) & (x < upper))
-    alive = ordinary.flatten(1).abs().amax(1) > 0  # per image: does any gradient get through?
+    inside = (x > 0) & (x < upper)
+    # per image: does any gradient get through? (reduced over the dimensions as they lie: flattening a
+    # channels-last tensor would copy it)
+    alive = (inside & (grad != 0)).any(dim=tuple(range(1, grad.dim())))
     # grad is d(loss)/d(output); the optimizer steps against it, so grad > 0 lowers x
     lowering_below = (x <= 0) & (grad > 0)
     raising_above = (x >= upper) & (grad < 0)
-    redirected = grad.masked_fill(lowering_below | raising_above, 0)
-    return torch.where(alive.view(-1, *([1] * (grad.dim() - 1))), ordinary, redirected)
+    dead = ~alive.view(-1, *([1] * (grad.dim() - 1)))
+    # alive: the ordinary gradient (inside only); dead: the redirected one (which keeps inside too)
+    return torch.where(inside | (dead & ~(lowering_below | raising_above)), grad, grad.new_zeros(()))
 
 
-# one fused pass per clamp instead of about ten: 3-5x faster, and no wait for a device-to-host flag
+# one fused pass per clamp instead of about ten, and no wait for a device-to-host flag: on a CPU about
+# twice the time of the plain clamp's backward, where eager mode takes thirty times
 _GRADIENT = Fused(_redirected_gradient, "redirected gradient")
 
 

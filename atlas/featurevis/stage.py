@@ -160,7 +160,7 @@ class _Renderer:
         before = torch.cuda.memory_allocated(self.ctx.device)
         probe = RenderSettings(size=self.settings.size, steps=1, lr=self.settings.lr, loss_points=1,
                                param=self.settings.param, upsample=self.settings.upsample)
-        render(self.ctx.loaded.model, self.ctx.loaded.preprocess, O.channel(layer, [0, 0]), [0, 1], probe,
+        render(self.ctx.gradient_model, self.ctx.loaded.preprocess, O.channel(layer, [0, 0]), [0, 1], probe,
                self.ctx.device)
         per_image = max(1, (torch.cuda.max_memory_allocated(self.ctx.device) - before) // 2)
         free, _ = torch.cuda.mem_get_info(self.ctx.device)
@@ -193,7 +193,7 @@ class _Renderer:
     def _run(self, view: str, layer: str, channels: list[int], attempt: int) -> tuple[Rendered, list[int]]:
         seeds = self._seeds(view, layer, channels, attempt)
         objective = objective_of(view, layer, channels, self.cfg, self.pres[layer])
-        return render(self.ctx.loaded.model, self.ctx.loaded.preprocess, objective, seeds, self.settings,
+        return render(self.ctx.gradient_model, self.ctx.loaded.preprocess, objective, seeds, self.settings,
                       self.ctx.device), seeds
 
     def _render(self, view: str, layer: str, channels: list[int]) -> dict[str, np.ndarray]:
