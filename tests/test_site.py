@@ -198,6 +198,27 @@ def test_writer_refuses_paths_outside_its_folder(tmp_path):
     assert writer.path("a/b.html") == tmp_path / "a" / "b.html"
 
 
+def test_writer_finishes_what_its_workers_encode_and_passes_on_their_errors(tmp_path):
+    writer = SiteWriter(tmp_path, env=None, depth=0, search=[])  # type: ignore[arg-type]
+    n = writer._workers * writer.PENDING_PER_WORKER * 3  # more than may be queued at once
+    for i in range(n):
+        writer.write_later(f"d/{i}.bin", lambda i=i: bytes([i % 256]) * (i + 1), "featurevis")
+    writer.write("d/page.html", b"<p>", "html")
+    writer.wait()
+    assert writer.bytes == {"featurevis": n * (n + 1) // 2, "html": 3}
+    assert writer.changed == n + 1 and len(writer.kept) == n + 1
+    assert (tmp_path / "d" / f"{n - 1}.bin").read_bytes() == bytes([(n - 1) % 256]) * n
+    with pytest.raises(AtlasError):
+        writer.write_later("../x.bin", lambda: b"", "featurevis")
+
+    def broken() -> bytes:
+        raise ValueError("codec failed")
+    writer.write_later("d/bad.bin", broken, "featurevis")
+    with pytest.raises(ValueError, match="codec failed"):
+        writer.wait()
+    assert not (tmp_path / "d" / "bad.bin").exists()
+
+
 def test_not_a_store_is_a_clear_error(tmp_path):
     with pytest.raises(AtlasError, match="no store file"):
         render(tmp_path / "missing.h5", tmp_path / "site", progress=False)

@@ -161,6 +161,7 @@ def _render_model(f: h5py.File, model: Model, w: SiteWriter, others: int,
     checks = read_checks(f)
     if dataset is not None:
         _render_images(f, model, dataset, checks, w)
+    w.wait()
     plan = plan_views(f, model, others + sum(w.bytes.values()), budget)
     note = plan.describe(_stored_side(model))
     views_line = pages.views_line(model, note)
@@ -194,6 +195,7 @@ def _render_model(f: h5py.File, model: Model, w: SiteWriter, others: int,
             "search")
     summary = about.summary(model, extra)
     w.write("summary.json", json.dumps(summary, indent=1, sort_keys=True).encode(), "html")
+    w.wait()
     return plan, note
 
 
@@ -235,9 +237,9 @@ def _render_pictures(layer: Layer, arrays: dict, stored: dict[str, h5py.Dataset]
     for n, start in enumerate(range(0, layer.channels, img.SHEET_UNITS)):
         chunk, ok = stored["channel"][start:start + img.SHEET_UNITS], done[start:start + img.SHEET_UNITS]
         for j in np.flatnonzero(ok):
-            w.write(f"{layer.slug}/{start + j}.{ext}", img.encode(chunk[j]), "featurevis")
+            w.write_later(f"{layer.slug}/{start + j}.{ext}", lambda p=chunk[j]: img.encode(p), "featurevis")
         pixels, sheet = img.sprite_sheet(chunk, ok)
-        w.write(f"{layer.slug}/sprite-{n}.{ext}", img.encode(pixels, "sprite"), "sprites")
+        w.write_later(f"{layer.slug}/sprite-{n}.{ext}", lambda p=pixels: img.encode(p, "sprite"), "sprites")
         sheets.append({"href": f"sprite-{n}.{ext}", "size": sheet.css_size()})
         if start == 0:
             w.write(f"{layer.slug}/preview.{ext}", img.encode(img.preview_strip(chunk, ok), "sprite"),
@@ -291,7 +293,8 @@ def _examples_strip(layer: Layer, c: int, stored: dict[str, np.ndarray], arrays:
         first[name], total = total, total + len(tiles)
     side = min(side or 10**6, next(iter(lists.values())).shape[1])
     src = f"{c}-examples.{img.PICTURE_EXT}"
-    w.write(f"{layer.slug}/{src}", img.encode(img.examples_strip(list(lists.values()), side), "crops"), "examples")
+    tiles = list(lists.values())
+    w.write_later(f"{layer.slug}/{src}", lambda: img.encode(img.examples_strip(tiles, side), "crops"), "examples")
     return {"src": src, "total": total, "first": first}
 
 
@@ -302,7 +305,7 @@ def _unit_strip(layer: Layer, c: int, maps: np.ndarray, w: SiteWriter) -> dict |
     if pixels is None:
         return None
     src = f"{c}-attribution.{img.PICTURE_EXT}"
-    w.write(f"{layer.slug}/{src}", img.encode(pixels, "heat"), "attributions")
+    w.write_later(f"{layer.slug}/{src}", lambda: img.encode(pixels, "heat"), "attributions")
     return {"src": src, "scale": scale, "finite": [bool(np.isfinite(m).any()) for m in maps]}
 
 

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
-from collections import Counter
+import threading
+from collections import Counter, deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable
 
 import jinja2
 from tqdm import tqdm
@@ -14,7 +17,14 @@ from atlas.site.checks import STRIPS
 
 
 class SiteWriter:
-    """Writes files under one folder, counting pages and bytes per part of the site."""
+    """Writes files under one folder, counting pages and bytes per part of the site.
+
+    Pictures can be encoded on worker threads (`write_later`): the image codecs
+    release the GIL, so on a 2-core machine the site's AVIF encoding, most of its
+    time, runs beside the page rendering. `wait` collects them.
+    """
+
+    PENDING_PER_WORKER = 8  # encodings queued ahead per worker: bounds the pixels held in memory
 
     def __init__(self, base: Path, env: jinja2.Environment, depth: int, search: list[str],
                  bar: tqdm | None = None):
@@ -31,6 +41,10 @@ class SiteWriter:
         self.pages = self.changed = 0
         self.kept: set[str] = set()  # every file written or found identical
         self._folders: set[Path] = set()
+        self._lock = threading.Lock()
+        self._workers = max(1, min(4, os.cpu_count() or 1))
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: deque[Future] = deque()
 
     def path(self, rel: str) -> Path:
         """The file for a relative path; refuses anything that could leave `base`."""
@@ -46,8 +60,9 @@ class SiteWriter:
         any other is replaced atomically.
         """
         path = self.path(rel)
-        self.bytes[part] += len(data)
-        self.kept.add(rel)
+        with self._lock:
+            self.bytes[part] += len(data)
+            self.kept.add(rel)
         try:
             if path.stat().st_size == len(data) and path.read_bytes() == data:
                 return
@@ -55,11 +70,36 @@ class SiteWriter:
             pass  # not there yet
         if path.parent not in self._folders:
             path.parent.mkdir(parents=True, exist_ok=True)
-            self._folders.add(path.parent)
+            with self._lock:
+                self._folders.add(path.parent)
         tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_bytes(data)
         os.replace(tmp, path)
-        self.changed += 1
+        with self._lock:
+            self.changed += 1
+
+    def write_later(self, rel: str, make: Callable[[], bytes], part: str) -> None:
+        """Writes `make()` to `rel` as `write` does, computed on a worker thread; `wait` before
+        reading the counts. The oldest pending files are finished first once too many are queued."""
+        self.path(rel)  # refuse a bad path now, not on the worker
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="site-encode")
+        while len(self._pending) >= self._workers * self.PENDING_PER_WORKER:
+            self._pending.popleft().result()
+        self._pending.append(self._pool.submit(lambda: self.write(rel, make(), part)))
+
+    def wait(self) -> None:
+        """Finishes every file given to `write_later`; raises the first error one met."""
+        try:
+            while self._pending:
+                self._pending.popleft().result()
+        finally:
+            for f in self._pending:
+                f.cancel()
+            self._pending.clear()
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+                self._pool = None
 
     def remove_others(self, keep: str | None = None) -> int:
         """Deletes every file under `base` that this writer did not write, except under the folder
