@@ -121,15 +121,19 @@ def _remainder(bn: _BatchNorm) -> nn.Module:
 
 @torch.no_grad()
 def _absorb(conv: _ConvNd, bn: _BatchNorm) -> None:
-    """Scales `conv`'s weight and sets its bias so that it computes bn(conv(x))."""
+    """Scales `conv`'s weight and sets its bias so that it computes bn(conv(x)).
+
+    The arithmetic is float64 on the CPU (not every device has float64), the result in the weight's
+    dtype, device and layout."""
     w = conv.weight
-    var, mean = bn.running_var.double(), bn.running_mean.double()
-    gamma = bn.weight.double() if bn.weight is not None else torch.ones_like(var)
-    beta = bn.bias.double() if bn.bias is not None else torch.zeros_like(var)
+
+    def exact(t: torch.Tensor | None, default: float) -> torch.Tensor:
+        return t.detach().cpu().double() if t is not None else torch.full((bn.num_features,), default).double()
+    var, mean = exact(bn.running_var, 1.0), exact(bn.running_mean, 0.0)
+    gamma, beta, bias = exact(bn.weight, 1.0), exact(bn.bias, 0.0), exact(conv.bias, 0.0)
     scale = gamma / torch.sqrt(var + bn.eps)
-    bias = conv.bias.double() if conv.bias is not None else torch.zeros_like(var)
     layout = torch.channels_last if w.dim() == 4 and w.is_contiguous(memory_format=torch.channels_last) \
         and not w.is_contiguous() else torch.contiguous_format
-    weight = (w.double() * scale.view(-1, *([1] * (w.dim() - 1)))).to(w.dtype)
+    weight = (exact(w, 0.0) * scale.view(-1, *([1] * (w.dim() - 1)))).to(w.device, w.dtype)
     conv.weight = nn.Parameter(weight.contiguous(memory_format=layout), requires_grad=False)
-    conv.bias = nn.Parameter(((bias - mean) * scale + beta).to(w.dtype), requires_grad=False)
+    conv.bias = nn.Parameter(((bias - mean) * scale + beta).to(w.device, w.dtype), requires_grad=False)
