@@ -123,3 +123,14 @@ def chunked(fn: Callable[[int, int], T], total: int, batch: int,
         if fitted < first:
             size = fitted
     return out, size
+
+
+def has_bfloat16_units(device: torch.device) -> bool:
+    """Whether `device` multiplies bfloat16 matrices natively (CUDA from Ampere on, CPUs with AMX),
+    where bfloat16 autocast makes passes several times cheaper rather than emulating it."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device)[0] >= 8
+    if device.type == "cpu":
+        amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+        return bool(amx and amx())
+    return False

@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 
 from atlas import models
+from atlas.attribution.base import PRECISIONS
 from atlas.attribution.methods import check as check_method
 from atlas.config import Config
 from atlas.dataset.images import first_image, list_images
@@ -75,6 +76,9 @@ def check(config: Config) -> None:
     check_weights(config.weights)
     for method in config.attr_methods:
         check_method(method)
+    if config.attr_smoothgrad_precision not in PRECISIONS:
+        raise AtlasError(f"attr_smoothgrad_precision must be one of {', '.join(PRECISIONS)}, "
+                         f"got {config.attr_smoothgrad_precision!r}")
     check_data(config.data, config.labels)
     check_output(config.store_dir, "--store-dir")
     check_output(config.site_dir, "--out")

@@ -79,6 +79,25 @@ def test_smoothgrad_noise_is_keyed_by_seed_plus_position(convnet):
     assert not torch.allclose(together[1:], SmoothGrad(convnet, samples=4, noise=0.1, seed=7).attribute(x[1:], 3))
 
 
+def test_smoothgrad_in_bfloat16_autocasts_the_passes_and_keeps_the_average(convnet):
+    """bfloat16 rounding is one more noise: the map stays close to float32's from the same draws."""
+    x, target = images(2, 32), torch.tensor([3, 5])
+    full = SmoothGrad(convnet, samples=16, noise=0.1, seed=3)
+    half = SmoothGrad(convnet, samples=16, noise=0.1, seed=3, precision="bfloat16")
+    seen = []
+    hook = convnet.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    try:
+        a, b = full.attribute(x, target), half.attribute(x, target)
+    finally:
+        hook.remove()
+    assert set(seen) == {torch.float32, torch.bfloat16}  # the second method's passes ran in bfloat16
+    assert b.dtype == torch.float32 and not torch.equal(a, b)
+    assert torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1] > 0.98
+    assert half.params["precision"] == "bfloat16" and "precision" not in full.params
+    with pytest.raises(ValueError, match="precision"):
+        SmoothGrad(convnet, precision="float16")
+
+
 class Rectified(nn.Module):
     """Every way a network rectifies: in-place module, F.relu, torch.relu_ (return value
     ignored), Tensor.relu, nn.ReLU6 (with inputs above 6). `hooked` swaps them all for

@@ -152,6 +152,12 @@ def test_numbers_the_command_line_does_not_set_are_checked_too():
         preflight.check_numbers(Config(explain=0))
 
 
+def test_a_precision_the_methods_do_not_know_is_refused():
+    from atlas.config import Config
+    with pytest.raises(AtlasError, match="attr_smoothgrad_precision must be one of float32, bfloat16, got 'half'"):
+        preflight.check(Config(attr_smoothgrad_precision="half"))
+
+
 def test_a_missing_data_folder_fails_within_seconds_from_a_shell(tmp_path, run_atlas):
     start = time.perf_counter()
     proc = run_atlas("build", "--data", "/nonexistent/folder", "--store-dir", str(tmp_path / "store"),

@@ -26,6 +26,7 @@ from atlas.devices import chunked
 from atlas.store.schema import METHODS
 
 T = TypeVar("T")
+PRECISIONS = ("float32", "bfloat16")  # of a method's model passes (`Attribution.precision`)
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,7 @@ class Attribution(abc.ABC):
 
     name = "base"  # the method's key: its properties (family, signed, path method) are schema.METHODS[name]
     needs_layer = False  # Grad-CAM and unit attributions work on a layer
+    precision = "float32"  # of the model's passes: or "bfloat16", autocast (methods that average noise)
 
     def __init__(self, model: nn.Module, space: InputSpace | None = None, batch: int = 64):
         if batch < 1:
@@ -166,7 +168,7 @@ class Attribution(abc.ABC):
     def output(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """The target logit of each row of `x` (chunked, no gradient): [B]."""
         def run(a: int, b: int) -> torch.Tensor:
-            return self.model(x[a:b]).gather(1, target[a:b, None])[:, 0].float()
+            return self.logits(x[a:b]).gather(1, target[a:b, None])[:, 0].float()
         return torch.cat(self.chunked(run, x.shape[0]))
 
     def grad(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -181,9 +183,16 @@ class Attribution(abc.ABC):
     def _grad(self, x: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = x.detach().requires_grad_(True)
         with torch.enable_grad():
-            picked = self.model(x).gather(1, target[:, None])[:, 0]
+            picked = self.logits(x).gather(1, target[:, None])[:, 0]
             (g,) = torch.autograd.grad(picked.sum(), x)
         return g, picked.detach().float()
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The model's output for `x`, computed in the method's `precision`, in x's dtype."""
+        if self.precision == "float32":
+            return self.model(x)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16):
+            return self.model(x).to(x.dtype)
 
     def chunked(self, fn: Callable[[int, int], T], total: int, batch: int | None = None) -> list[T]:
         """Calls `fn(a, b)` over [0, total) in chunks of at most `batch` rows (see `chunked`).

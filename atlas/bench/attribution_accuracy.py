@@ -17,7 +17,10 @@ NoiseTunnel draws 50 samples, one image a call in batches of the chunk (its
 `nt_samples_batch_size` counts draws per image, so a call over all images
 would put images x chunk rows through the model at once, far slower per row
 on a CPU); Atlas's adaptive rule stops each image by its own estimate,
-without the reference; both correlations are printed per image.
+without the reference; both correlations are printed per image. Atlas runs
+in float32 and with its gradients in bfloat16 (`attr_smoothgrad_precision`);
+the summary takes bfloat16 where the device has bfloat16 matrix units (AMX
+CPUs, CUDA from Ampere on), as the README recommends there, float32 elsewhere.
 
 Each side runs the network as its users run it: Captum the model as given,
 Atlas the model its build passes gradients through, with every BatchNorm
@@ -31,8 +34,10 @@ from __future__ import annotations
 
 import torch
 
+from atlas.attribution.base import PRECISIONS
 from atlas.attribution.gradients import SmoothGrad
 from atlas.attribution.paths import IntegratedGradients
+from atlas.devices import has_bfloat16_units
 from atlas.models.fold import fold_batchnorm
 
 TOLERANCE = 0.01
@@ -84,15 +89,23 @@ def _smoothgrad(captum, net, folded, space, x, target, chunk, noise, timed) -> d
                                            nt_samples_batch_size=chunk, target=target[i:i + 1], abs=False))
             for i in range(x.shape[0])]
     theirs, t_captum = torch.cat([m for m, _ in runs]), sum(t for _, t in runs)
-    ours = SmoothGrad(folded, space, chunk, samples=SAMPLES, noise=noise, adaptive=True)
-    found, t_ours = timed(lambda: ours.explain(x, target))
-    rho_captum, rho_ours = _spearman(theirs, reference), _spearman(found.maps, reference)
-    print(f"smoothgrad to the rank correlation of {SAMPLES} draws with a {REFERENCE_SAMPLES}-draw map: captum "
-          f"{t_captum:.2f} s, correlations " + " ".join(f"{r:.3f}" for r in rho_captum.tolist())
-          + f"; atlas {t_ours:.2f} s, draws {found.info['samples'].tolist()}, correlations "
-          + " ".join(f"{r:.3f}" for r in rho_ours.tolist())
-          + f"; mean {rho_captum.mean():.3f} vs {rho_ours.mean():.3f}", flush=True)
-    return {"smoothgrad_speedup_vs_captum": t_captum / t_ours}
+    rho_captum = _spearman(theirs, reference)
+    print(f"smoothgrad to the rank correlation of {SAMPLES} draws with a {REFERENCE_SAMPLES}-draw float32 map: "
+          f"captum {t_captum:.2f} s, correlations " + " ".join(f"{r:.3f}" for r in rho_captum.tolist())
+          + f" (mean {rho_captum.mean():.3f})", flush=True)
+    times = {}
+    for precision in PRECISIONS:
+        ours = SmoothGrad(folded, space, chunk, samples=SAMPLES, noise=noise, adaptive=True, precision=precision)
+        found, times[precision] = timed(lambda: ours.explain(x, target))
+        rho = _spearman(found.maps, reference)
+        print(f"  atlas in {precision}: {times[precision]:.2f} s ({t_captum / times[precision]:.2f}x), draws "
+              f"{found.info['samples'].tolist()}, correlations " + " ".join(f"{r:.3f}" for r in rho.tolist())
+              + f" (mean {rho.mean():.3f})", flush=True)
+    # the summary takes the precision the README recommends on this device
+    chosen = "bfloat16" if has_bfloat16_units(x.device) else "float32"
+    print(f"  summary: atlas in {chosen} ({'this device has' if chosen == 'bfloat16' else 'no'} "
+          "bfloat16 matrix units)", flush=True)
+    return {"smoothgrad_speedup_vs_captum": t_captum / times[chosen]}
 
 
 def _spearman(maps: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
