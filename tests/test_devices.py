@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from atlas import devices
-from atlas.devices import chunked, fit, is_oom, keep_host_memory, resolve_device
+from atlas.devices import chunked, fit, has_bfloat16_units, is_oom, keep_host_memory, resolve_device
 from atlas.errors import AtlasError
 
 
@@ -151,3 +151,8 @@ def test_freed_host_memory_is_reused_without_page_faults():
         del b, c
         faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
     assert sum(faults[-3:]) < 1000, f"page faults per round: {faults}"
+
+
+def test_bfloat16_units_are_read_from_the_cpu_and_absent_elsewhere():
+    assert has_bfloat16_units(torch.device("cpu")) == torch.cpu._is_amx_tile_supported()
+    assert has_bfloat16_units(torch.device("meta")) is False
