@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from atlas.config import MAX_SITE_MB, PRESETS, Config, preset
+from atlas.config import MAX_SITE_MB, PRECISIONS, PRESETS, Config, preset
 from atlas.errors import AtlasError
 
 
@@ -71,7 +71,7 @@ def build_options(f):
         click.option("--workers", type=int, help="image-decoding processes (default: the machine's cores; "
                      "0: decode in the main process)"),
         click.option("--methods", multiple=True, help="attribution methods, comma-separated"),
-        click.option("--smoothgrad-precision", type=click.Choice(["float32", "bfloat16"]),
+        click.option("--smoothgrad-precision", type=click.Choice(PRECISIONS),
                      help="precision of SmoothGrad's noisy gradients (bfloat16: autocast, several times faster "
                      "on CPUs with AMX and on recent GPUs; default float32)"),
         click.option("--quiet", "-q", is_flag=True, help="no progress bars"),

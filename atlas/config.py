@@ -17,6 +17,7 @@ from atlas.store.schema import ALL_METHODS, METHODS, VIEWS
 # black (several draws each) and Extremal Perturbations (hundreds of optimizer steps).
 QUICK_METHODS = tuple(m for m in ALL_METHODS if not METHODS[m].costly)
 
+PRECISIONS = ("float32", "bfloat16")  # of an attribution method's model passes (`Attribution.precision`)
 MAX_SITE_MB = 1000.0  # the site's size budget: GitHub Pages publishes sites of up to 1 GB
 
 

@@ -16,9 +16,8 @@ import tempfile
 from pathlib import Path
 
 from atlas import models
-from atlas.attribution.base import PRECISIONS
 from atlas.attribution.methods import check as check_method
-from atlas.config import Config
+from atlas.config import PRECISIONS, Config
 from atlas.dataset.images import first_image, list_images
 from atlas.dataset.labels import read_ground_truth
 from atlas.errors import AtlasError

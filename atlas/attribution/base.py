@@ -26,7 +26,6 @@ from atlas.devices import chunked
 from atlas.store.schema import METHODS
 
 T = TypeVar("T")
-PRECISIONS = ("float32", "bfloat16")  # of a method's model passes (`Attribution.precision`)
 
 
 @dataclass(frozen=True)
@@ -99,7 +98,7 @@ class Attribution(abc.ABC):
 
     name = "base"  # the method's key: its properties (family, signed, path method) are schema.METHODS[name]
     needs_layer = False  # Grad-CAM and unit attributions work on a layer
-    precision = "float32"  # of the model's passes: or "bfloat16", autocast (methods that average noise)
+    precision = "float32"  # of the model's passes: config.PRECISIONS ("bfloat16" autocasts; noise-averaging methods)
 
     def __init__(self, model: nn.Module, space: InputSpace | None = None, batch: int = 64):
         if batch < 1:

@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from atlas.attribution.base import PRECISIONS, Attribution, Explanation
+from atlas.attribution.base import Attribution, Explanation
+from atlas.config import PRECISIONS
 from atlas.errors import AtlasError
 
 

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import torch
 
-from atlas.attribution.base import PRECISIONS
+from atlas.config import PRECISIONS
 from atlas.attribution.gradients import SmoothGrad
 from atlas.attribution.paths import IntegratedGradients
 from atlas.devices import has_bfloat16_units
