@@ -5,6 +5,11 @@ written one).
     atlas render atlas-data/efficientnet_lite0.h5 --out site
     python docs/screenshots/make.py site docs/screenshots
 
+One page of any site, from a section down (a CSS selector) where one is given; the README's ViT unit page:
+
+    python docs/screenshots/make.py --page site/vit_b_16/encoder.layers.encoder_layer_11/0.html \
+        docs/screenshots/vit-unit.png section.fv
+
 Needs the `playwright` package and a system Chromium (/usr/bin/chromium, or
 $ATLAS_CHROMIUM). Each PNG is a 1000x700 view reduced to a palette of at most 256 colours
 (and scaled down where a busy page needs it) so it stays under 150 KB.
@@ -65,23 +70,35 @@ def optimize(png: bytes) -> bytes:
     return out.getvalue()
 
 
-def main(site: Path, out: Path) -> None:
+def shoot(shots: dict[str, Path | tuple[Path, str]], out: Path, root: Path) -> None:
+    """Writes `out/<name>.png` for each (page, optional section to scroll to) of `shots`."""
     from playwright.sync_api import sync_playwright
 
     out.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as p:
         browser = launch(p)
         page = browser.new_page(viewport=SIZE)
-        for name, where in pages(site).items():
+        for name, where in shots.items():
             path, section = where if isinstance(where, tuple) else (where, None)
-            page.goto(path.as_uri(), wait_until="load")
+            page.goto(path.resolve().as_uri(), wait_until="load")
             if section is not None:
                 page.evaluate(f"document.querySelector({json.dumps(section)}).scrollIntoView()")
             data = optimize(page.screenshot())
             (out / f"{name}.png").write_bytes(data)
-            print(f"{name}.png {len(data) // 1024} KB  ({path.relative_to(site)})")
+            print(f"{name}.png {len(data) // 1024} KB  ({path.resolve().relative_to(root.resolve())})")
         browser.close()
 
 
+def main(argv: list[str]) -> None:
+    if argv[:1] == ["--page"]:
+        if len(argv) not in (3, 4) or not Path(argv[1]).is_file():
+            sys.exit("usage: make.py --page PAGE.html OUT.png [SELECTOR] (PAGE.html: a page of a rendered site)")
+        page, png = Path(argv[1]), Path(argv[2])
+        shoot({png.stem: (page, argv[3]) if len(argv) == 4 else page}, png.parent, page.parent)
+        return
+    site = Path(argv[0] if argv else "site")
+    shoot(pages(site), Path(argv[1] if len(argv) > 1 else "docs/screenshots"), site)
+
+
 if __name__ == "__main__":
-    main(Path(sys.argv[1] if len(sys.argv) > 1 else "site"), Path(sys.argv[2] if len(sys.argv) > 2 else "docs/screenshots"))
+    main(sys.argv[1:])
