@@ -82,7 +82,11 @@ def shoot(shots: dict[str, Path | tuple[Path, str]], out: Path, root: Path) -> N
             path, section = where if isinstance(where, tuple) else (where, None)
             page.goto(path.resolve().as_uri(), wait_until="load")
             if section is not None:
-                page.evaluate(f"document.querySelector({json.dumps(section)}).scrollIntoView()")
+                found = page.evaluate(f"(e => e && (e.scrollIntoView(), true))"
+                                      f"(document.querySelector({json.dumps(section)}))")
+                if not found:  # a site without that section (a one-layer atlas has no circuits)
+                    print(f"{name}.png skipped: no {section} on {path.name}")
+                    continue
             data = optimize(page.screenshot())
             (out / f"{name}.png").write_bytes(data)
             print(f"{name}.png {len(data) // 1024} KB  ({path.resolve().relative_to(root.resolve())})")
